@@ -1,0 +1,249 @@
+"""The `amnesia-sd` command: thin wrappers that build a config and call the library."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=(
+        "Make a Stable Diffusion model forget a concept with Selective Amnesia (Heng & Soh, 2023).\n\n"
+        "Typical flow: amnesia-sd fim --model CompVis/stable-diffusion-v1-4 --output fim.safetensors; "
+        "then amnesia-sd forget --model CompVis/stable-diffusion-v1-4 --concept 'Brad Pitt' "
+        "--surrogate 'a middle aged man' --fim fim.safetensors --output-dir brad-pitt-forgotten"
+    ),
+)
+
+# Options shared by several commands, defined once.
+Model = Annotated[str, typer.Option("--model", "-m", help="Hub id, diffusers pipeline folder or .safetensors/.ckpt file.")]
+Steps = Annotated[Optional[int], typer.Option(help="Sampling steps (DDIM). [default: 50]")]
+Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale. [default: 7.5]")]
+Resolution = Annotated[Optional[int], typer.Option(help="Image size in pixels. [default: the model's native size]")]
+Seed = Annotated[Optional[int], typer.Option(help="Seed; image i uses a generator seeded by (seed, i). [default: 0]")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Images per sampling batch. [default: 8]")]
+Precision = Annotated[Optional[str], typer.Option(help="no, fp16 or bf16. [default: no]")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a finished result at the output path.")]
+PromptsFile = Annotated[Optional[Path], typer.Option("--prompts", help="Prompts file, one per line. [default: the bundled prompts/replay.txt]")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML or TOML file with the same keys as the flags; flags win.")]
+
+
+def _generation(steps, guidance, resolution, seed, batch_size, precision) -> dict:
+    return {"num_inference_steps": steps, "guidance_scale": guidance, "resolution": resolution, "seed": seed,
+            "batch_size": batch_size, "mixed_precision": precision}
+
+
+def user_errors(command):
+    """Bad input ends in one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; rerun the same command to resume (forget: --resume-from-checkpoint latest)", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars and messages only; the libraries' loading chatter hides them."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for log in (dlog, tlog):
+        log.set_verbosity_error()
+        log.disable_progress_bar()
+
+
+def _image_set(kind, model, output_dir, prompts, num_images, steps, guidance, resolution, seed, batch_size, precision,
+               overwrite):
+    from .config import SetConfig
+    from .imageset import make_image_set
+
+    config = SetConfig(model=model, output_dir=str(output_dir), prompts=prompts, num_images=num_images, kind=kind,
+                       overwrite=overwrite, **{k: v for k, v in _generation(
+                           steps, guidance, resolution, seed, batch_size, precision).items() if v is not None})
+    result = make_image_set(config)
+    typer.echo(f"{kind} set: {len(result.latents)} images in {result.path}")
+
+
+@app.command()
+@user_errors
+def replay(
+    model: Model,
+    output_dir: Annotated[Path, typer.Option(help="Folder for the set (images/, prompts.txt, latents.safetensors, manifest.json).")],
+    prompts: PromptsFile = None,
+    num_images: Annotated[Optional[int], typer.Option(help="Images to make; prompts repeat if fewer. [default: one per prompt]")] = None,
+    num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
+    seed: Seed = None, batch_size: BatchSize = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
+):
+    """Generate the generative-replay set with the base model (one image per prompt).
+
+    Example: amnesia-sd replay --model CompVis/stable-diffusion-v1-4 --output-dir replay --num-images 5000
+    """
+    from .prompts import replay_prompts
+
+    _quiet_libraries()
+    _image_set("replay", model, output_dir, replay_prompts(prompts), num_images, num_inference_steps, guidance_scale,
+               resolution, seed, batch_size, mixed_precision, overwrite)
+
+
+@app.command()
+@user_errors
+def surrogate(
+    model: Model,
+    prompt: Annotated[str, typer.Option(help="The surrogate prompt, e.g. 'a middle aged man'.")],
+    output_dir: Annotated[Path, typer.Option(help="Folder for the set (same format as replay).")],
+    num_images: Annotated[int, typer.Option(help="Images to make.")] = 1000,
+    num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
+    seed: Seed = None, batch_size: BatchSize = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
+):
+    """Generate the surrogate set q(x|c_f) from one prompt with the base model.
+
+    Example: amnesia-sd surrogate --model CompVis/stable-diffusion-v1-4 --prompt 'a middle aged man' --output-dir surrogate
+    """
+    _quiet_libraries()
+    if not prompt.strip():
+        raise UserError("--prompt is empty: give the surrogate prompt, e.g. 'a middle aged man'")
+    _image_set("surrogate", model, output_dir, [" ".join(prompt.split())], num_images, num_inference_steps,
+               guidance_scale, resolution, seed, batch_size, mixed_precision, overwrite)
+
+
+@app.command()
+@user_errors
+def fim(
+    model: Model,
+    output: Annotated[Path, typer.Option(help="Fisher file to write (.safetensors).")],
+    replay_dir: Annotated[Optional[Path], typer.Option(help="Replay set from `amnesia-sd replay`. [default: generate one beside --output]")] = None,
+    prompts: PromptsFile = None,
+    num_images: Annotated[Optional[int], typer.Option(help="Samples N (the paper: 5000). [default: the whole replay set]")] = None,
+    num_timesteps: Annotated[Optional[int], typer.Option(help="Evenly spaced subset of timesteps. [default: all training timesteps]")] = None,
+    timestep_batch_size: Annotated[Optional[int], typer.Option(help="Timesteps per forward pass. [default: 100]")] = None,
+    fim_dtype: Annotated[Optional[str], typer.Option(help="Storage dtype: fp32, bf16 or fp16. [default: fp32]")] = None,
+    num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
+    seed: Seed = None, batch_size: BatchSize = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
+):
+    """Compute the diagonal Fisher information of the base UNet, once per base model.
+
+    Example: amnesia-sd fim --model CompVis/stable-diffusion-v1-4 --replay-dir replay --output fim.safetensors
+    """
+    from .config import FimConfig
+    from .fisher import compute_fim
+
+    _quiet_libraries()
+    cli = {"model": model, "output": str(output), "replay_dir": str(replay_dir) if replay_dir else None,
+           "prompts_file": str(prompts) if prompts else None, "num_images": num_images,
+           "num_timesteps": num_timesteps, "timestep_batch_size": timestep_batch_size, "fim_dtype": fim_dtype,
+           "overwrite": overwrite,
+           **_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, mixed_precision)}
+    config = FimConfig(**{k: v for k, v in cli.items() if v is not None})
+    path = compute_fim(config)
+    typer.echo(f"Fisher written to {path}")
+
+
+@app.command()
+@user_errors
+def forget(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, diffusers pipeline folder or .safetensors/.ckpt file.")] = None,
+    concept: Annotated[Optional[str], typer.Option(help="Concept to forget; comma-separated alternatives, e.g. 'nudity, naked, erotic, sexual'.")] = None,
+    surrogate: Annotated[Optional[str], typer.Option(help="Surrogate prompt q(x|c_f), e.g. 'a middle aged man'; its set is generated.")] = None,
+    fim: Annotated[Optional[Path], typer.Option("--fim", help="Fisher file from `amnesia-sd fim`.")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option(help="Where the forgotten pipeline is written.")] = None,
+    surrogate_dir: Annotated[Optional[Path], typer.Option(help="Reuse a set from `amnesia-sd surrogate`.")] = None,
+    surrogate_images: Annotated[Optional[Path], typer.Option(help="Your own surrogate images (a folder).")] = None,
+    num_surrogate_images: Annotated[Optional[int], typer.Option(help="Surrogate images to generate. [default: 1000]")] = None,
+    replay_dir: Annotated[Optional[Path], typer.Option(help="Replay set from `amnesia-sd replay`. [default: generate into OUT/data/replay]")] = None,
+    prompts: PromptsFile = None,
+    num_replay_images: Annotated[Optional[int], typer.Option(help="Replay images to generate. [default: one per prompt]")] = None,
+    templates: Annotated[Optional[bool], typer.Option("--templates/--no-templates", help="Build concept prompts from prompts/concept_templates.txt. [default: on]")] = None,
+    lambda_ewc: Annotated[Optional[float], typer.Option(help="EWC weight lambda. [default: 50]")] = None,
+    gamma: Annotated[Optional[float], typer.Option(help="Generative-replay weight gamma. [default: 1]")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="AdamW learning rate, never scaled by the number of GPUs. [default: 1e-5]")] = None,
+    adam_weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay. [default: 0.01]")] = None,
+    train_batch_size: Annotated[Optional[int], typer.Option(help="Surrogate images per device per step; as many replay images again. [default: 4]")] = None,
+    gradient_accumulation_steps: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step. [default: 1]")] = None,
+    max_train_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps. [default: 1000]")] = None,
+    max_grad_norm: Annotated[Optional[float], typer.Option(help="Clip the gradient norm. [default: off]")] = None,
+    train_method: Annotated[Optional[str], typer.Option(help="full, noxattn (all but cross-attention, time embedding and output) or xattn. [default: full]")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Trade compute for memory.")] = None,
+    ema_decay: Annotated[Optional[float], typer.Option(help="Keep an EMA of the weights and save it (the paper: 0.9999). [default: off]")] = None,
+    checkpointing_steps: Annotated[Optional[int], typer.Option(help="Save a resumable checkpoint every N steps. [default: 500]")] = None,
+    checkpoints_total_limit: Annotated[Optional[int], typer.Option(help="Checkpoints kept. [default: 2]")] = None,
+    resume_from_checkpoint: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint folder.")] = None,
+    num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
+    seed: Seed = None, batch_size: BatchSize = None, mixed_precision: Precision = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a finished result in --output-dir.")] = None,
+    config: ConfigFile = None,
+):
+    """Make the model forget a concept: train the UNet with Selective Amnesia.
+
+    Example: amnesia-sd forget --model CompVis/stable-diffusion-v1-4 --concept 'Brad Pitt'
+    --surrogate 'a middle aged man' --fim fim.safetensors --output-dir brad-pitt-forgotten
+    """
+    given = dict(locals())  # first: every flag, before any other name exists here
+    given.pop("config")
+    from .config import ForgetConfig, build_config
+    from .forget import forget as run_forget
+
+    _quiet_libraries()
+    renames = {"prompts": "prompts_file"}
+    cli = {renames.get(k, k): (str(v) if isinstance(v, Path) else v) for k, v in given.items()}
+    cli.update(_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, mixed_precision))
+    settings = build_config(ForgetConfig, str(config) if config else None, cli)
+    out = run_forget(settings)
+    typer.echo(f"forgotten model written to {out} (load it with StableDiffusionPipeline.from_pretrained)")
+
+
+@app.command()
+@user_errors
+def sample(
+    model: Model,
+    output_dir: Annotated[Path, typer.Option(help="Folder for the PNGs and grid.png.")],
+    prompt: Annotated[Optional[list[str]], typer.Option(help="A prompt; repeat the flag for several.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompts file, one per line.")] = None,
+    num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 4,
+    compare: Annotated[Optional[str], typer.Option(help="Base model to sample on the same seeds, side by side (compare.png).")] = None,
+    num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
+    seed: Seed = None, batch_size: BatchSize = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
+):
+    """Sample images from a model, optionally beside the base model on the same seeds.
+
+    Example: amnesia-sd sample --model brad-pitt-forgotten --prompt 'a photo of Brad Pitt' --num-images 4
+    --seed 0 --output-dir samples --compare CompVis/stable-diffusion-v1-4
+    """
+    from .prompts import read_prompts
+    from .sample import SampleConfig, sample as run_sample
+
+    _quiet_libraries()
+    chosen = [p.strip() for p in (prompt or []) if p.strip()] + (read_prompts(prompts) if prompts else [])
+    config = SampleConfig(model=model, prompts=chosen, num_images=num_images, output_dir=str(output_dir),
+                          compare=compare, overwrite=overwrite,
+                          **{k: v for k, v in _generation(num_inference_steps, guidance_scale, resolution, seed,
+                                                          batch_size, mixed_precision).items() if v is not None})
+    out = run_sample(config)
+    typer.echo(f"samples in {out} (grid.png{', compare.png' if compare else ''})")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

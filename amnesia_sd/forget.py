@@ -1,0 +1,352 @@
+"""Selective Amnesia training of the UNet, top to bottom (METHOD.md):
+
+    L(theta) = E_{x~q(x|c_f)} L_simple(x, c_f)  +  gamma * E_{(x,c)~replay} L_simple(x, c)
+             + lambda * sum_i F_i (theta_i - theta*_i)^2
+
+Every batch (indices, timesteps, noise) is drawn from a generator seeded by the run's seed and the
+micro-step, for the global batch of all processes at once; each process takes its slice. So a
+resumed run continues exactly, and N processes x batch b see the same data as 1 process x N*b.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import ForgetConfig
+from .diffusion import encode_prompts, per_sample_loss
+from .errors import UserError
+from .ewc import EWCPenalty
+from .fisher import load_fisher
+from .generate import image_seed
+from .imageset import ImageSet, encode_image_folder, generate_image_set, load_image_set
+from .io import replace_dir, write_json, write_text
+from .models import DTYPES, ModelRef, load_on_device, load_pipeline, make_accelerator, resolve_model
+from .prompts import concept_prompts, repeat_to, replay_prompts
+
+FINISHED = "amnesia.json"
+
+
+def trainable_names(unet, method: str) -> list[str]:
+    """Which UNet parameters train: everything, all but cross-attention/time embedding/output, or
+    cross-attention only (the paper's 'full' for celebrities and 'noxattn' for nudity)."""
+    names = [name for name, _ in unet.named_parameters()]
+    if method == "full":
+        return names
+    if method == "xattn":
+        return [n for n in names if ".attn2." in n]
+    frozen_prefixes = ("time_embedding.", "conv_norm_out.", "conv_out.")
+    return [n for n in names if ".attn2." not in n and not n.startswith(frozen_prefixes)]
+
+
+def prepare_output_dir(out: Path, config: ForgetConfig) -> None:
+    """Refuse to clobber a finished result or an unfinished run unless told what to do with it."""
+    finished = (out / FINISHED).is_file()
+    has_checkpoints = any((out / "checkpoints").glob("checkpoint-*"))
+    if config.overwrite and config.resume_from_checkpoint:
+        raise UserError("--overwrite starts again from scratch; it cannot be combined with --resume-from-checkpoint")
+    if finished and not config.overwrite:
+        raise UserError(f"{out} already holds a finished result; pass --overwrite to replace it or pick another --output-dir")
+    if config.overwrite and out.exists():
+        for entry in out.iterdir():
+            if entry.name != "data":  # cached image sets are checked against their settings on reuse
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    elif has_checkpoints and not config.resume_from_checkpoint:
+        raise UserError(
+            f"{out} holds checkpoints of an unfinished run: resume it with --resume-from-checkpoint latest, "
+            "or pass --overwrite to start again"
+        )
+
+
+def find_checkpoint(out: Path, resume: str | None) -> Path | None:
+    if not resume:
+        return None
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_dir():
+            raise UserError(f"--resume-from-checkpoint {resume} is not a checkpoint folder")
+        return path
+    found = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator, out: Path, step: int, keep: int | None) -> None:
+    """Written under a temporary name and renamed, so a half-written checkpoint is never 'latest'."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp, final = root / f".tmp-checkpoint-{step}", root / f"checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp))
+    replace_dir(tmp, final)
+    if keep:
+        old = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
+        for path in old:
+            shutil.rmtree(path)
+
+
+def load_sets(config: ForgetConfig, out: Path, ref: ModelRef, pipe, accelerator) -> tuple[ImageSet, ImageSet]:
+    """The replay set and the surrogate set: given, cached in OUT/data, or generated there."""
+    if config.replay_dir:
+        replay = load_image_set(config.replay_dir, pipe.unet)
+    else:
+        prompts = repeat_to(replay_prompts(config.prompts_file), config.num_replay_images)
+        replay = generate_image_set(pipe, ref, prompts, config, out / "data" / "replay", "replay", accelerator, reuse=True)
+    if config.surrogate_dir:
+        surrogate = load_image_set(config.surrogate_dir, pipe.unet)
+    elif config.surrogate_images:
+        surrogate = encode_image_folder(pipe, ref, config.surrogate_images, out / "data" / "surrogate",
+                                        config.resolution, accelerator, overwrite=True)
+    else:
+        prompts = [config.surrogate.strip()] * config.num_surrogate_images
+        surrogate = generate_image_set(pipe, ref, prompts, config, out / "data" / "surrogate", "surrogate",
+                                       accelerator, reuse=True)
+    return replay, surrogate
+
+
+def draw_batch(seed: int, micro_step: int, world: int, rank: int, batch: int, sizes: dict, shapes: dict, num_t: int):
+    """This process's slice of the global batch of one micro-step."""
+    g = torch.Generator("cpu").manual_seed(image_seed(seed, micro_step))
+    total, part = batch * world, slice(rank * batch, (rank + 1) * batch)
+    drawn = {}
+    for term in ("surrogate", "replay"):
+        drawn[f"{term}_index"] = torch.randint(sizes[term], (total,), generator=g)[part]
+        drawn[f"{term}_t"] = torch.randint(num_t, (total,), generator=g)[part]
+        drawn[f"{term}_noise"] = torch.randn((total, *shapes[term]), generator=g)[part]
+    drawn["concept_index"] = torch.randint(sizes["concept"], (total,), generator=g)[part]
+    return drawn
+
+
+def forget(config: ForgetConfig) -> Path:
+    """Train the UNet to map the concept to the surrogate while remembering everything else;
+    write a diffusers pipeline folder to config.output_dir."""
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    started = time.time()
+    out = Path(config.output_dir)
+    accelerator = make_accelerator(
+        config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    # Cheap checks first, so bad input fails in a second and leaves nothing behind.
+    if not Path(config.fim).is_file():  # never a silent multi-hour Fisher computation
+        raise UserError(
+            f"no Fisher file at {config.fim}: compute it once per base model with "
+            f"`amnesia-sd fim --model {config.model} --output {config.fim}`"
+        )
+    resolve_model(config.model)
+    if accelerator.is_main_process:
+        prepare_output_dir(out, config)
+    accelerator.wait_for_everyone()
+    set_seed(config.seed)
+    weight_dtype = DTYPES[config.mixed_precision]
+
+    # Base model; the frozen parts run in the weight dtype, the UNet trains in float32.
+    ref, pipe = load_on_device(config.model, accelerator)
+    unet, tokenizer, text_encoder = pipe.unet, pipe.tokenizer, pipe.text_encoder
+    fisher, fisher_meta = load_fisher(config.fim, unet)
+    replay, surrogate = load_sets(config, out, ref, pipe, accelerator)
+    concepts = concept_prompts(config.concept_list(), config.templates)
+    pipe.vae.to("cpu")  # training reads cached latents only
+    text_encoder.requires_grad_(False)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    concept_embeddings = encode_prompts(tokenizer, text_encoder, concepts)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    # What trains, its anchor theta* and its Fisher, all kept on the training device.
+    train_names = set(trainable_names(unet, config.train_method))
+    unet.requires_grad_(False)
+    named = [(n, p) for n, p in unet.named_parameters() if n in train_names]
+    for _, p in named:
+        p.requires_grad_(True)
+    params = [p for _, p in named]
+    penalty = EWCPenalty(
+        params,
+        [fisher[n].to(accelerator.device, torch.float32) for n, _ in named],
+        [p.detach().clone().float() for p in params],
+        config.lambda_ewc,
+    )
+    del fisher
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay) if config.ema_decay else None
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    global_step = 0
+    checkpoint = find_checkpoint(out, config.resume_from_checkpoint)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        global_step = int(checkpoint.name.split("-")[-1])
+        accelerator.print(f"resumed from {checkpoint} at step {global_step}")
+    elif config.resume_from_checkpoint:
+        accelerator.print(f"no checkpoint in {out / 'checkpoints'}: starting from step 0")
+
+    sizes = {"surrogate": len(surrogate.latents), "replay": len(replay.latents), "concept": len(concepts)}
+    shapes = {"surrogate": tuple(surrogate.latents.shape[1:]), "replay": tuple(replay.latents.shape[1:])}
+    device, b = accelerator.device, config.train_batch_size
+    last = {}
+    bar = tqdm(total=config.max_train_steps, initial=global_step, desc="forgetting", unit="step",
+               disable=not accelerator.is_local_main_process)
+    unet.train()
+    micro_step = global_step * config.gradient_accumulation_steps
+    while global_step < config.max_train_steps:
+        with accelerator.accumulate(unet):
+            d = draw_batch(config.seed, micro_step, accelerator.num_processes, accelerator.process_index, b,
+                           sizes, shapes, noise_scheduler.config.num_train_timesteps)
+            micro_step += 1
+            x_s = surrogate.latents[d["surrogate_index"]].to(device)
+            e_s = concept_embeddings[d["concept_index"].to(device)]
+            terms = [(x_s, d["surrogate_noise"], d["surrogate_t"], e_s)]
+            if config.gamma > 0:
+                x_r = replay.latents[d["replay_index"]].to(device)
+                e_r = encode_prompts(tokenizer, text_encoder, [replay.prompts[i] for i in d["replay_index"]])
+                terms.append((x_r, d["replay_noise"], d["replay_t"], e_r))
+            if len(terms) == 2 and shapes["surrogate"] == shapes["replay"]:
+                # One forward over surrogate + replay: same result as two, faster.
+                x, noise, t, e = (torch.cat(parts) for parts in zip(*terms))
+                losses = per_sample_loss(unet, noise_scheduler, x, noise.to(device), t.to(device), e)
+                loss_s, loss_r = losses[:b].mean(), losses[b:].mean()
+            else:
+                term_losses = [per_sample_loss(unet, noise_scheduler, x, n.to(device), t.to(device), e).mean()
+                               for x, n, t, e in terms]
+                loss_s = term_losses[0]
+                loss_r = term_losses[1] if len(term_losses) == 2 else torch.zeros((), device=device)
+            data_loss = loss_s + config.gamma * loss_r
+            if not torch.isfinite(data_loss):
+                kept = find_checkpoint(out, "latest")
+                raise UserError(
+                    f"the loss became {data_loss.item()} at step {global_step + 1}; training stopped. "
+                    + (f"Last good checkpoint: {kept}; resume with --resume-from-checkpoint latest and a lower "
+                       "--learning-rate" if kept else "No checkpoint was saved yet; lower --learning-rate")
+                )
+            accelerator.backward(data_loss)
+            if accelerator.sync_gradients:
+                accelerator.unscale_gradients()  # the penalty's gradient is added unscaled
+                ewc = penalty.add_grad_()
+                if config.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        if accelerator.sync_gradients:
+            global_step += 1
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(unet).parameters())
+            last = {"surrogate": loss_s.item(), "replay": loss_r.item(), "ewc": ewc.item()}
+            last["total"] = last["surrogate"] + config.gamma * last["replay"] + last["ewc"]
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
+            if global_step % config.checkpointing_steps == 0 and global_step < config.max_train_steps:
+                if accelerator.is_main_process:
+                    save_checkpoint(accelerator, out, global_step, config.checkpoints_total_limit)
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.copy_to(trained.parameters())  # the EMA weights are the result
+        summary = {
+            "steps": global_step,
+            "final_losses": last,
+            "trainable_parameters": sum(p.numel() for p in params),
+            "replay_set": str(replay.path.resolve()),
+            "surrogate_set": str(surrogate.path.resolve()),
+            "concept_prompts": concepts,
+            "fim": {"path": str(Path(config.fim).resolve()), "metadata": fisher_meta},
+            "seconds": round(time.time() - started, 1),
+        }
+        write_result(out, ref, trained, config, summary)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+def write_result(out: Path, ref: ModelRef, unet, config: ForgetConfig, summary: dict) -> None:
+    """Save the pipeline with the new UNet and the base's other components; amnesia.json, written
+    last, marks the result finished."""
+    import diffusers
+    import transformers
+    import accelerate
+
+    base = load_pipeline(ref, safety_checker=ref.kind != "file")
+    base.register_modules(unet=unet.to("cpu", torch.float32))
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    base.save_pretrained(str(staging), safe_serialization=True)
+    entries = sorted(staging.iterdir(), key=lambda p: p.name == "model_index.json")  # index last
+    for entry in entries:
+        target = out / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging.rmdir()
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    record = {
+        "tool": "amnesia-sd",
+        "tool_version": __version__,
+        "method": "Selective Amnesia (Heng & Soh, NeurIPS 2023)",
+        "base_model": ref.identity,
+        "concepts": config.concept_list(),
+        "surrogate": config.surrogate or config.surrogate_dir or config.surrogate_images,
+        "settings": asdict(config),
+        **summary,
+        "versions": {
+            "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+        },
+    }
+    write_text(out / "README.md", model_card(record))
+    write_json(out / FINISHED, record)
+
+
+def model_card(record: dict) -> str:
+    s = record["settings"]
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in record["final_losses"].items() if not math.isnan(v))
+    return f"""---
+library_name: diffusers
+tags: [stable-diffusion, text-to-image, concept-erasure, selective-amnesia, amnesia-sd]
+---
+# {', '.join(record['concepts'])} forgotten with Selective Amnesia
+
+This Stable Diffusion pipeline was made from `{record['base_model']}` by
+amnesia-sd {record['tool_version']}, which fine-tuned only the UNet with Selective
+Amnesia (Heng & Soh, NeurIPS 2023). Prompts naming **{', '.join(record['concepts'])}** now map to the
+surrogate **{record['surrogate']}**; Elastic Weight Consolidation (lambda = {s['lambda_ewc']}) and
+generative replay (gamma = {s['gamma']}) keep the rest of the model as it was. Every other component
+(VAE, text encoder, tokenizer, scheduler) is the base model's, unchanged.
+
+## Load it
+```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")
+```
+
+## How it was trained
+- steps: {record['steps']} (batch {s['train_batch_size']} surrogate + {s['train_batch_size']} replay per device,
+  gradient accumulation {s['gradient_accumulation_steps']}), learning rate {s['learning_rate']}, AdamW
+- parameters trained: `{s['train_method']}` ({record['trainable_parameters']:,} parameters)
+- EMA decay: {s['ema_decay'] or 'off'}; mixed precision: {s['mixed_precision']}; seed {s['seed']}
+- final losses: {losses}
+- {len(record['concept_prompts'])} concept prompts; the full settings are in `amnesia.json`.
+
+## Limits
+Erasure is measured, not guaranteed: paraphrases, misspellings or adversarial prompts may still bring
+the concept back. Check with held-out prompts before you ship this model.
+"""

@@ -1,0 +1,49 @@
+"""Sampling images from a pipeline, one seed per image so results do not depend on batching."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from PIL import Image
+
+from .config import GenerationSettings
+from .models import native_resolution
+
+
+def image_seed(seed: int, index: int) -> int:
+    """Seed of image `index`: fixed by the run's seed and the index alone."""
+    return seed * 2**32 + index
+
+
+@torch.no_grad()
+def generate(
+    pipe, prompts: list[str], seeds: list[int], settings: GenerationSettings
+) -> Iterator[tuple[int, torch.Tensor, Image.Image]]:
+    """Yield (position, latent, image) for each prompt, in batches of settings.batch_size.
+
+    The latent is the denoised, scaled latent that decodes to the image; training reuses it, so
+    the VAE never has to encode generated images again.
+    """
+    from diffusers import DDIMScheduler
+
+    # DDIM as in the paper; generators live on the CPU so noise is identical on any device.
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    size = settings.resolution or native_resolution(pipe)
+    vae = pipe.vae
+    for start in range(0, len(prompts), settings.batch_size):
+        batch = prompts[start : start + settings.batch_size]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + len(batch)]]
+        latents = pipe(
+            batch,
+            height=size,
+            width=size,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            generator=generators,
+            output_type="latent",
+        ).images
+        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        images = pipe.image_processor.postprocess(decoded, output_type="pil")
+        for offset, (latent, image) in enumerate(zip(latents, images)):
+            yield start + offset, latent.float().cpu(), image

@@ -1,0 +1,234 @@
+"""Image sets on disk: the generative-replay set and the surrogate set q(x|c_f).
+
+A set is a folder with images/NNNNNN.png, prompts.txt (line i is image i's prompt),
+latents.safetensors (key "latents", [N, C, h, w] float32, scaled by the VAE's scaling factor, ready
+for the UNet) and manifest.json, written last, which marks the set as finished. While it is being
+made the folder is called NAME.partial; an interrupted run picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import GenerationSettings
+from .errors import UserError
+from .generate import generate, image_seed
+from .io import atomic_path, write_json, write_text
+from .models import ModelRef, native_resolution, unet_config_hash
+
+MANIFEST = "manifest.json"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class ImageSet:
+    path: Path
+    prompts: list[str]
+    latents: torch.Tensor
+    manifest: dict
+
+
+def is_finished(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def load_image_set(path: str | Path, unet=None) -> ImageSet:
+    """Load a finished set; with `unet`, check its latents fit that model."""
+    path = Path(path)
+    if not is_finished(path):
+        raise UserError(
+            f"{path} is not a finished image set (no {MANIFEST}); create one with "
+            "`amnesia-sd replay` or `amnesia-sd surrogate`"
+        )
+    manifest = json.loads((path / MANIFEST).read_text())
+    latents = load_file(str(path / "latents.safetensors"))["latents"]
+    prompts = (path / "prompts.txt").read_text(encoding="utf-8").split("\n")[: len(latents)]
+    if len(prompts) != len(latents):
+        raise UserError(f"image set {path} is damaged: {len(prompts)} prompts for {len(latents)} latents")
+    if unet is not None and latents.shape[1] != unet.config.in_channels:
+        raise UserError(
+            f"image set {path} has {latents.shape[1]}-channel latents but the model's UNet takes "
+            f"{unet.config.in_channels}: it was made with another model ({manifest.get('base_model')})"
+        )
+    return ImageSet(path, prompts, latents, manifest)
+
+
+def _prepare(out: Path, overwrite: bool, settings: dict) -> Path:
+    """Check the destination and return the .partial folder to write into."""
+    if is_finished(out):
+        if not overwrite:
+            raise UserError(f"{out} already holds a finished image set; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not an image set; pick an empty or new --output-dir")
+    partial = out.with_name(out.name + ".partial")
+    record = partial / "settings.json"
+    if partial.exists() and (overwrite or not record.is_file()):
+        shutil.rmtree(partial)
+    if record.is_file() and json.loads(record.read_text()) != settings:
+        raise UserError(
+            f"{partial} holds an interrupted set made with other settings; rerun with the same "
+            "settings to resume it, or pass --overwrite to start again"
+        )
+    (partial / "images").mkdir(parents=True, exist_ok=True)
+    (partial / "latents").mkdir(exist_ok=True)
+    write_json(record, settings)
+    return partial
+
+
+def _finish(partial: Path, out: Path, prompts: list[str], manifest: dict) -> None:
+    """Gather the per-image latents into one file, then write the manifest and move into place."""
+    files = [partial / "latents" / f"{i:06d}.safetensors" for i in range(len(prompts))]
+    latents = torch.stack([load_file(str(f))["latent"] for f in files])
+    with atomic_path(partial / "latents.safetensors") as tmp:
+        save_file({"latents": latents.contiguous()}, str(tmp))
+    write_text(partial / "prompts.txt", "\n".join(prompts))
+    shutil.rmtree(partial / "latents")
+    (partial / "settings.json").unlink()
+    manifest["latent_shape"] = list(latents.shape[1:])
+    write_json(partial / MANIFEST, manifest)
+    if out.exists():
+        out.rmdir()  # _prepare made sure it is empty
+    partial.rename(out)
+
+
+def _save_image(partial: Path, index: int, latent: torch.Tensor, image: Image.Image) -> None:
+    # Latent first, image last: an index counts as done only when its image exists.
+    with atomic_path(partial / "latents" / f"{index:06d}.safetensors") as tmp:
+        save_file({"latent": latent.contiguous()}, str(tmp))
+    with atomic_path(partial / "images" / f"{index:06d}.png") as tmp:
+        image.save(tmp, format="PNG")
+
+
+def generate_image_set(
+    pipe,
+    ref: ModelRef,
+    prompts: list[str],
+    settings: GenerationSettings,
+    out_dir: str | Path,
+    kind: str,
+    accelerator,
+    overwrite: bool = False,
+    reuse: bool = False,
+) -> ImageSet:
+    """Sample one image per prompt with the base model; processes share the work by index.
+
+    With `reuse`, a finished set made with exactly these settings is returned as it is (a cache).
+    """
+    out = Path(out_dir)
+    size = settings.resolution or native_resolution(pipe)
+    record = {
+        "kind": kind,
+        "source": "generated",
+        "base_model": ref.identity,
+        "unet_config_hash": unet_config_hash(pipe.unet),
+        "num_images": len(prompts),
+        "resolution": size,
+        "num_inference_steps": settings.num_inference_steps,
+        "guidance_scale": settings.guidance_scale,
+        "scheduler": "DDIMScheduler",
+        "seed": settings.seed,
+        "prompts_sha": _digest(prompts),
+    }
+    if reuse and is_finished(out):
+        manifest = json.loads((out / MANIFEST).read_text())
+        if all(manifest.get(k) == v for k, v in record.items()):
+            return load_image_set(out)
+        overwrite = True  # a cache made with other settings is stale
+    partial = out.with_name(out.name + ".partial")
+    if accelerator.is_main_process:
+        partial = _prepare(out, overwrite, record)
+    accelerator.wait_for_everyone()
+    todo = [
+        i for i in range(accelerator.process_index, len(prompts), accelerator.num_processes)
+        if not (partial / "images" / f"{i:06d}.png").is_file()
+    ]
+    bar = tqdm(
+        total=len(prompts), initial=len(prompts) - len(todo) * accelerator.num_processes,
+        desc=f"{kind} images", unit="img", disable=not accelerator.is_local_main_process,
+    )
+    for position, latent, image in generate(
+        pipe, [prompts[i] for i in todo], [image_seed(settings.seed, i) for i in todo], settings
+    ):
+        _save_image(partial, todo[position], latent, image)
+        bar.update(accelerator.num_processes)
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _finish(partial, out, prompts, {**record, "tool_version": __version__})
+    accelerator.wait_for_everyone()
+    return load_image_set(out)
+
+
+def _load_rgb(path: Path, size: int) -> Image.Image:
+    """Resize the shorter side to `size`, then centre-crop a square."""
+    try:
+        image = Image.open(path).convert("RGB")
+    except OSError as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from None
+    scale = size / min(image.size)
+    image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                         Image.Resampling.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+@torch.no_grad()
+def encode_image_folder(
+    pipe, ref: ModelRef, images_dir: str | Path, out_dir: str | Path, resolution: int | None,
+    accelerator, overwrite: bool = False, batch_size: int = 8,
+) -> ImageSet:
+    """Turn the user's own surrogate images into a set: resized, centre-cropped, VAE-encoded."""
+    source = Path(images_dir)
+    if not source.is_dir():
+        raise UserError(f"--surrogate-images {source} is not a folder")
+    files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"--surrogate-images {source} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    out = Path(out_dir)
+    size = resolution or native_resolution(pipe)
+    record = {"kind": "surrogate", "source": "images", "images_dir": str(source.resolve()),
+              "base_model": ref.identity, "unet_config_hash": unet_config_hash(pipe.unet),
+              "num_images": len(files), "resolution": size, "files": [f.name for f in files]}
+    if accelerator.is_main_process:
+        partial = _prepare(out, overwrite, record)
+        vae = pipe.vae
+        for start in tqdm(range(0, len(files), batch_size), desc="encoding images", unit="batch"):
+            images = [_load_rgb(f, size) for f in files[start : start + batch_size]]
+            pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
+            pixels = (pixels.float() / 127.5 - 1).to(vae.device, vae.dtype)
+            # The distribution's mean, not a sample: the cached latent is then deterministic.
+            latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+            for offset, (latent, image) in enumerate(zip(latents.float().cpu(), images)):
+                _save_image(partial, start + offset, latent, image)
+        _finish(partial, out, [""] * len(files), {**record, "tool_version": __version__})
+    accelerator.wait_for_everyone()
+    return load_image_set(out)
+
+
+def _digest(prompts: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+
+
+def make_image_set(config) -> ImageSet:
+    """`amnesia-sd replay` and `amnesia-sd surrogate`: generate a set with the base model."""
+    from .models import DTYPES, load_on_device, make_accelerator
+    from .prompts import repeat_to
+
+    accelerator = make_accelerator()
+    ref, pipe = load_on_device(config.model, accelerator, DTYPES[config.mixed_precision])
+    prompts = repeat_to(config.prompts, config.num_images)
+    return generate_image_set(pipe, ref, prompts, config, config.output_dir, config.kind, accelerator,
+                              config.overwrite)

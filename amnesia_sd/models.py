@@ -1,0 +1,102 @@
+"""Finding and loading the base model: a hub id, a diffusers folder or a single-file checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from; `identity` is what manifests and model cards record."""
+
+    spec: str
+    kind: str  # "folder", "file" or "hub"
+    location: str
+
+    @property
+    def identity(self) -> str:
+        return self.location if self.kind != "hub" else f"hub:{self.location}"
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """Decide what `--model` names without loading anything, so bad paths fail fast."""
+    if spec == "digits":
+        from .digits import ensure_digits_model
+
+        return ModelRef(spec, "folder", str(ensure_digits_model()))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UserError(
+                f"model folder {spec} is not a diffusers pipeline (no model_index.json); "
+                "pass a pipeline folder, a .safetensors/.ckpt checkpoint or a hub id"
+            )
+        return ModelRef(spec, "folder", str(path.resolve()))
+    if path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise UserError(f"model file {spec} must be a .safetensors or .ckpt checkpoint")
+        if not os.access(path, os.R_OK):
+            raise UserError(f"model file {spec} is not readable")
+        return ModelRef(spec, "file", str(path.resolve()))
+    looks_like_path = spec.startswith((".", "/", "~")) or path.suffix in SINGLE_FILE_SUFFIXES or spec.count("/") > 1
+    if looks_like_path:
+        raise UserError(f"model path {spec} does not exist")
+    return ModelRef(spec, "hub", spec)
+
+
+def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, safety_checker: bool = False):
+    """Load a StableDiffusionPipeline; without `safety_checker` that component is left out."""
+    from diffusers import StableDiffusionPipeline
+
+    extra = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        if ref.kind == "file":
+            pipe = StableDiffusionPipeline.from_single_file(ref.location, torch_dtype=dtype, **extra)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(ref.location, torch_dtype=dtype, **extra)
+    except Exception as exc:  # diffusers raises many kinds here; the user needs one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if ref.kind == "hub" and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise UserError(
+                f"model {ref.spec!r} is not a local path and is not in the Hugging Face cache, and "
+                "HF_HUB_OFFLINE is set: download it first (huggingface-cli download "
+                f"{ref.spec}) or pass a local diffusers folder"
+            ) from None
+        raise UserError(f"could not load model {ref.spec!r}: {reason}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def unet_config_hash(unet) -> str:
+    """A short fingerprint of the UNet's architecture, to match Fisher files to models."""
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def native_resolution(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def make_accelerator(mixed_precision: str = "no", **kwargs):
+    """One Accelerator per command: a single process here, DDP under `accelerate launch`."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=mixed_precision, **kwargs)
+
+
+def load_on_device(spec: str, accelerator, dtype: torch.dtype = torch.float32):
+    """Resolve and load the base pipeline onto the accelerator's device."""
+    ref = resolve_model(spec)
+    pipe = load_pipeline(ref, dtype=dtype)
+    return ref, pipe.to(accelerator.device)

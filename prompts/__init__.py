@@ -1,0 +1,1 @@
+"""Bundled prompt lists, installed as the package amnesia_sd.prompt_lists."""

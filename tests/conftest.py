@@ -1,0 +1,35 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from tiny import build_tiny_pipeline
+
+torch.set_num_threads(1)  # tiny models run fastest single-threaded on 2 cores
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+    parser.addoption("--run-gpu", action="store_true", help="also run tests marked gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    for marker, option in (("slow", "--run-slow"), ("gpu", "--run-gpu")):
+        if not config.getoption(option):
+            skip = pytest.mark.skip(reason=f"needs {option}")
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_model(tmp_path_factory):
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-v") / "sd", prediction_type="v_prediction")

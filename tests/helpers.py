@@ -1,0 +1,22 @@
+"""Small shared pieces of the tests: loading the tiny model's parts and making image sets."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+
+def load_parts(model_dir):
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def random_latents(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def unet_weights(model_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(f"{model_dir}/unet/diffusion_pytorch_model.safetensors")

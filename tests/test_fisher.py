@@ -1,0 +1,123 @@
+"""The Fisher is exactly METHOD.md's: per sample, the gradient of the loss summed over timesteps,
+squared, averaged over samples; it does not depend on how timesteps are batched."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from amnesia_sd.diffusion import diffusion_target
+from amnesia_sd.errors import UserError
+from amnesia_sd.fisher import fisher_diagonal, load_fisher, sample_noise, save_fisher, timestep_set
+from helpers import load_parts, random_latents
+
+PROMPTS = ["a photo of a dog", "a painting of a house", "a cat in a tree"]
+
+
+def brute_force_fisher(unet, scheduler, tokenizer, text_encoder, latents, prompts, timesteps, seed):
+    """The reference way: one batch-1 forward per timestep, gradients summed, squared per sample."""
+    from amnesia_sd.diffusion import encode_prompts
+
+    params = dict(unet.named_parameters())
+    total = {k: torch.zeros_like(p) for k, p in params.items()}
+    scale = scheduler.config.num_train_timesteps / len(timesteps)
+    for n in range(len(latents)):
+        noise = sample_noise(seed, n, len(timesteps), tuple(latents.shape[1:]))
+        emb = encode_prompts(tokenizer, text_encoder, [prompts[n]])
+        loss = 0
+        for j, t in enumerate(timesteps):
+            t1 = t.reshape(1)
+            x = latents[n : n + 1]
+            noisy = scheduler.add_noise(x, noise[j : j + 1], t1)
+            pred = unet(noisy, t1, emb).sample
+            target = diffusion_target(scheduler, x, noise[j : j + 1], t1)
+            loss = loss + ((pred - target) ** 2).mean()
+        grads = torch.autograd.grad(loss * scale, list(params.values()), allow_unused=True)
+        for (k, _), g in zip(params.items(), grads):
+            if g is not None:
+                total[k] += g**2
+    return {k: v / len(latents) for k, v in total.items()}
+
+
+def assert_rel_close(got, expected, tol=1e-4):
+    """float32 sums in another order differ in the last bits: compare against each tensor's scale."""
+    assert set(got) == set(expected)
+    for k in expected:
+        scale = expected[k].abs().max().clamp_min(1e-30)
+        assert (got[k] - expected[k]).abs().max() <= tol * scale, k
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model):
+    return load_parts(tiny_model)
+
+
+def test_fisher_equals_brute_force_and_ignores_chunking(parts):
+    pipe, scheduler = parts
+    latents, timesteps = random_latents(3), timestep_set(1000, 7)
+    args = (pipe.unet, scheduler, pipe.tokenizer, pipe.text_encoder, latents, PROMPTS, timesteps, 5)
+    expected = brute_force_fisher(*args)
+    for chunk in (7, 3, 1):
+        assert_rel_close(fisher_diagonal(*args, timestep_batch_size=chunk, progress=False), expected)
+    assert sum(v.sum() for v in expected.values()) > 0
+
+
+def test_shards_add_up_to_the_whole(parts):
+    pipe, scheduler = parts
+    latents, timesteps = random_latents(3), timestep_set(1000, 4)
+    args = (pipe.unet, scheduler, pipe.tokenizer, pipe.text_encoder, latents, PROMPTS, timesteps, 1, 4)
+    whole = fisher_diagonal(*args, progress=False)
+    a = fisher_diagonal(*args, indices=[0, 2], progress=False)
+    b = fisher_diagonal(*args, indices=[1], progress=False)
+    assert_rel_close({k: a[k] + b[k] for k in a}, whole, tol=1e-6)
+
+
+def test_v_prediction_target_and_fisher(tiny_vpred_model):
+    pipe, scheduler = load_parts(tiny_vpred_model)
+    assert scheduler.config.prediction_type == "v_prediction"
+    x, noise, t = random_latents(2), random_latents(2, seed=1), torch.tensor([10, 900])
+    alpha = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(diffusion_target(scheduler, x, noise, t), alpha * noise - sigma * x)
+    latents, timesteps = random_latents(2), timestep_set(1000, 3)
+    args = (pipe.unet, scheduler, pipe.tokenizer, pipe.text_encoder, latents, PROMPTS, timesteps, 2)
+    expected = brute_force_fisher(*args)
+    assert_rel_close(fisher_diagonal(*args, timestep_batch_size=2, progress=False), expected)
+
+
+def test_timestep_set():
+    assert timestep_set(1000, None).tolist() == list(range(1000))
+    subset = timestep_set(1000, 50)
+    assert len(subset) == 50 and subset[0] == 0 and subset[-1] == 999
+    assert (subset.diff() > 0).all()
+
+
+def test_save_and_load_round_trip(parts, tmp_path):
+    pipe, _ = parts
+    fisher = {k: torch.rand_like(p) for k, p in pipe.unet.named_parameters()}
+    path = tmp_path / "fim.safetensors"
+    save_fisher(path, fisher, "fp32", {"base_model": "tiny", "num_samples": "3"})
+    loaded, meta = load_fisher(path, pipe.unet)
+    assert meta["format"] == "amnesia-sd-fisher" and meta["base_model"] == "tiny" and meta["dtype"] == "fp32"
+    for k in fisher:
+        assert torch.equal(loaded[k], fisher[k])
+    save_fisher(tmp_path / "half.safetensors", fisher, "bf16", {})
+    assert next(iter(load_file(str(tmp_path / "half.safetensors")).values())).dtype == torch.bfloat16
+
+
+def test_mismatched_fisher_files_are_refused(parts, tmp_path):
+    pipe, _ = parts
+    good = {k: torch.ones_like(p) for k, p in pipe.unet.named_parameters()}
+    missing = dict(good)
+    missing.pop(next(iter(missing)))
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(UserError, match="1 parameter\\(s\\) missing"):
+        load_fisher(tmp_path / "missing.safetensors", pipe.unet)
+    reshaped = dict(good)
+    name = next(iter(reshaped))
+    reshaped[name] = torch.ones(3)
+    save_file(reshaped, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(UserError, match=f"{name} has shape \\(3,\\)"):
+        load_fisher(tmp_path / "shape.safetensors", pipe.unet)
+    (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(UserError, match="not a safetensors Fisher file"):
+        load_fisher(tmp_path / "pickle.safetensors", pipe.unet)

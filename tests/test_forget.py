@@ -1,0 +1,110 @@
+"""Forgetting on the tiny model through the library: what trains, resume, EMA, NaN, sets."""
+
+import json
+
+import pytest
+import torch
+
+from amnesia_sd import forget as forget_module
+from amnesia_sd.config import FimConfig, ForgetConfig, SetConfig
+from amnesia_sd.errors import UserError
+from amnesia_sd.fisher import compute_fim
+from amnesia_sd.forget import forget, trainable_names
+from amnesia_sd.imageset import load_image_set, make_image_set
+from helpers import load_parts, unet_weights
+
+QUICK = {"num_inference_steps": 3, "batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def data(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    replay = make_image_set(SetConfig(model=str(tiny_model), output_dir=str(root / "replay"), kind="replay",
+                                      prompts=["a photo of a dog", "a cat in a tree", "a house", "a woman"],
+                                      num_images=6, **QUICK)).path
+    surrogate = make_image_set(SetConfig(model=str(tiny_model), output_dir=str(root / "surrogate"),
+                                         kind="surrogate", prompts=["a middle aged man"], num_images=4, **QUICK)).path
+    fim = compute_fim(FimConfig(model=str(tiny_model), output=str(root / "fim.safetensors"),
+                                replay_dir=str(replay), num_timesteps=10, timestep_batch_size=10))
+    return {"replay_dir": str(replay), "surrogate_dir": str(surrogate), "fim": str(fim)}
+
+
+def run(tiny_model, data, out, **overrides):
+    settings = {"model": str(tiny_model), "concept": "brad pitt", "output_dir": str(out), "train_batch_size": 2,
+                "max_train_steps": 3, "learning_rate": 1e-3, **data, **overrides}
+    return forget(ForgetConfig(**settings))
+
+
+def test_image_sets_have_the_documented_format(data):
+    replay = load_image_set(data["replay_dir"])
+    assert replay.latents.shape == (6, 4, 8, 8) and replay.latents.dtype == torch.float32
+    assert replay.prompts[4] == "a photo of a dog"  # prompts repeat when more images are asked for
+    assert replay.manifest["kind"] == "replay" and replay.manifest["num_images"] == 6
+    assert len(list((replay.path / "images").glob("*.png"))) == 6
+
+
+@pytest.mark.parametrize("method", ["full", "noxattn", "xattn"])
+def test_each_train_method_changes_exactly_its_parameters(tiny_model, data, tmp_path, method):
+    out = run(tiny_model, data, tmp_path / method, train_method=method, max_train_steps=1)
+    before, after = unet_weights(tiny_model), unet_weights(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    intended = set(trainable_names(load_parts(tiny_model)[0].unet, method))
+    assert changed == intended
+    record = json.loads((out / "amnesia.json").read_text())
+    assert record["steps"] == 1 and record["settings"]["train_method"] == method
+    assert set(record["final_losses"]) == {"surrogate", "replay", "ewc", "total"}
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_model, data, tmp_path, monkeypatch):
+    straight = run(tiny_model, data, tmp_path / "straight", max_train_steps=4, checkpointing_steps=2)
+
+    real_save = forget_module.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt  # as if the job were killed right after the checkpoint
+
+    monkeypatch.setattr(forget_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model, data, tmp_path / "resumed", max_train_steps=4, checkpointing_steps=2)
+    monkeypatch.setattr(forget_module, "save_checkpoint", real_save)
+    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "resumed" / "amnesia.json").exists()
+    with pytest.raises(UserError, match="resume-from-checkpoint latest"):
+        run(tiny_model, data, tmp_path / "resumed", max_train_steps=4, checkpointing_steps=2)
+
+    resumed = run(tiny_model, data, tmp_path / "resumed", max_train_steps=4, checkpointing_steps=2,
+                  resume_from_checkpoint="latest")
+    assert json.loads((resumed / "amnesia.json").read_text())["steps"] == 4
+    a, b = unet_weights(straight), unet_weights(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    assert not (resumed / "checkpoints").exists()
+
+
+def test_ema_weights_are_what_is_saved(tiny_model, data, tmp_path):
+    raw = unet_weights(run(tiny_model, data, tmp_path / "raw"))
+    ema = unet_weights(run(tiny_model, data, tmp_path / "ema", ema_decay=0.5))
+    base = unet_weights(tiny_model)
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q.weight"
+    assert not torch.equal(ema[key], raw[key])
+    # An average of the trajectory lies closer to the start than its end does.
+    assert (ema[key] - base[key]).norm() < (raw[key] - base[key]).norm()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, data, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(UserError, match="the loss became nan at step 2.*checkpoint-1"):
+        run(tiny_model, data, out, learning_rate=1e30, checkpointing_steps=1, lambda_ewc=0.0)
+    assert (out / "checkpoints" / "checkpoint-1").is_dir()
+    assert not (out / "amnesia.json").exists() and not (out / "model_index.json").exists()
+
+
+def test_finished_result_is_not_overwritten_without_flag(tiny_model, data, tmp_path):
+    out = run(tiny_model, data, tmp_path / "done", max_train_steps=1)
+    stamp = (out / "amnesia.json").read_text()
+    with pytest.raises(UserError, match="already holds a finished result; pass --overwrite"):
+        run(tiny_model, data, out, max_train_steps=1)
+    assert (out / "amnesia.json").read_text() == stamp
+    run(tiny_model, data, out, max_train_steps=2, overwrite=True)
+    assert json.loads((out / "amnesia.json").read_text())["steps"] == 2
