@@ -1,0 +1,96 @@
+"""The whole flow through the real `amnesia-sd` command, and the result in plain diffusers."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+EXE = str(Path(sys.executable).with_name("amnesia-sd"))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+QUICK = ["--num-inference-steps", "3", "--batch-size", "4"]
+
+
+def cli(*args, cwd):
+    done = subprocess.run([EXE, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+PLAIN_DIFFUSERS_CHECK = textwrap.dedent("""
+    import sys, torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    base = StableDiffusionPipeline.from_pretrained(sys.argv[1])
+    out = StableDiffusionPipeline.from_pretrained(sys.argv[2])
+    unet = UNet2DConditionModel.from_pretrained(sys.argv[2], subfolder="unet")
+    assert "amnesia_sd" not in sys.modules
+    def same(a, b):
+        sa, sb = a.state_dict(), b.state_dict()
+        return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not same(base.unet, out.unet), "UNet unchanged"
+    assert same(out.unet, unet)
+    assert same(base.vae, out.vae) and same(base.text_encoder, out.text_encoder)
+    assert base.tokenizer.get_vocab() == out.tokenizer.get_vocab()
+    assert dict(base.scheduler.config) == dict(out.scheduler.config)
+    image = out("a photo of brad pitt", num_inference_steps=2, output_type="np").images
+    assert image.shape[0] == 1
+    print("PLAIN-DIFFUSERS-OK")
+""")
+
+
+def test_flow_replay_fim_surrogate_forget_sample(tiny_model, tmp_path):
+    model = str(tiny_model)
+    cli("replay", "--model", model, "--output-dir", "replay", "--num-images", "6", *QUICK, cwd=tmp_path)
+    cli("fim", "--model", model, "--replay-dir", "replay", "--output", "fim.safetensors", "--num-timesteps", "10",
+        "--timestep-batch-size", "5", cwd=tmp_path)
+    cli("surrogate", "--model", model, "--prompt", "a middle aged man", "--output-dir", "surrogate",
+        "--num-images", "4", *QUICK, cwd=tmp_path)
+    cli("forget", "--model", model, "--concept", "Brad Pitt", "--surrogate", "a middle aged man",
+        "--num-surrogate-images", "4", "--replay-dir", "replay", "--fim", "fim.safetensors", "--output-dir", "out",
+        "--max-train-steps", "3", "--train-batch-size", "2", "--learning-rate", "1e-3", *QUICK, cwd=tmp_path)
+    cli("sample", "--model", "out", "--prompt", "a photo of brad pitt", "--prompt", "a dog", "--num-images", "2",
+        "--seed", "3", "--output-dir", "samples", "--compare", model, *QUICK, cwd=tmp_path)
+
+    # The Fisher: one fp32 tensor per UNet parameter, same names and shapes, with metadata.
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    with safe_open(str(tmp_path / "fim.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+        params = dict(unet.named_parameters())
+        assert keys == set(params)
+        for k in keys:
+            t = f.get_tensor(k)
+            assert t.shape == params[k].shape and t.dtype.is_floating_point and (t >= 0).all()
+    assert meta["num_samples"] == "6" and meta["num_timesteps"] == "10" and meta["prediction_type"] == "epsilon"
+    assert meta["base_model"] == str(Path(model).resolve()) and len(meta["unet_config_hash"]) == 16
+
+    out = tmp_path / "out"
+    record = json.loads((out / "amnesia.json").read_text())
+    assert record["concepts"] == ["Brad Pitt"] and record["steps"] == 3
+    assert "a photo of Brad Pitt" in record["concept_prompts"]
+    assert record["settings"]["lambda_ewc"] == 50.0 and record["versions"]["diffusers"]
+    assert "Brad Pitt" in (out / "README.md").read_text()
+    assert not list(out.rglob("*.bin")) and list(out.rglob("*.safetensors"))
+    assert sorted(p.name for p in (tmp_path / "samples" / "images").iterdir()) == [
+        "p000_s000.png", "p000_s001.png", "p001_s000.png", "p001_s001.png"]
+    assert (tmp_path / "samples" / "grid.png").is_file() and (tmp_path / "samples" / "compare.png").is_file()
+
+    check = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS_CHECK, model, str(out)], env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert "PLAIN-DIFFUSERS-OK" in check.stdout, check.stderr
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    done = subprocess.run([EXE, "forget", "--model", "./missing-model", "--concept", "x", "--surrogate", "y",
+                           "--fim", "f.safetensors", "--output-dir", "o"], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: no Fisher file at f.safetensors: compute it once per base model with "
+        "`amnesia-sd fim --model ./missing-model --output f.safetensors`"]
+    assert not (tmp_path / "o").exists()
