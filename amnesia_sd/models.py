@@ -73,6 +73,11 @@ def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, safety_chec
                 "HF_HUB_OFFLINE is set: download it first (huggingface-cli download "
                 f"{ref.spec}) or pass a local diffusers folder"
             ) from None
+        if ref.kind == "file":
+            raise UserError(
+                f"could not load checkpoint {ref.spec!r}: {reason} (diffusers converts single-file checkpoints "
+                "with configs it looks up on the hub: run once online, or pass a diffusers folder)"
+            ) from None
         raise UserError(f"could not load model {ref.spec!r}: {reason}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -91,7 +96,11 @@ def native_resolution(pipe) -> int:
 def make_accelerator(mixed_precision: str = "no", **kwargs):
     """One Accelerator per command: a single process here, DDP under `accelerate launch`."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # Library use runs several commands in one process (the demo does): each gets its own
+    # settings. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     return Accelerator(mixed_precision=mixed_precision, **kwargs)
 
 

@@ -62,6 +62,23 @@ def test_unreadable_model_weights(tiny_model, tmp_path, fim):
     assert not (tmp_path / "r").exists()
 
 
+def test_single_file_checkpoints_that_cannot_load(tmp_path, capfd):
+    save_file({"foo": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("UNPICKLED",))
+
+    torch.save({"state_dict": Payload()}, str(tmp_path / "model.ckpt"))
+    for name in ("model.safetensors", "model.ckpt"):
+        fails(["replay", "--model", str(tmp_path / name), "--output-dir", str(tmp_path / "r")],
+              "could not load checkpoint")
+    assert "UNPICKLED" not in capfd.readouterr().out  # torch.load(weights_only=True) refused the payload
+    (tmp_path / "model.bin").write_bytes(b"x")
+    fails(["replay", "--model", str(tmp_path / "model.bin"), "--output-dir", str(tmp_path / "r")],
+          "must be a .safetensors or .ckpt checkpoint")
+
+
 def test_hub_id_offline_and_not_cached(tmp_path, fim):
     fails(forget_args("someone/not-cached-model", tmp_path / "o", fim / "good.safetensors"), "HF_HUB_OFFLINE is set")
 

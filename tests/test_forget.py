@@ -108,3 +108,48 @@ def test_finished_result_is_not_overwritten_without_flag(tiny_model, data, tmp_p
     assert (out / "amnesia.json").read_text() == stamp
     run(tiny_model, data, out, max_train_steps=2, overwrite=True)
     assert json.loads((out / "amnesia.json").read_text())["steps"] == 2
+
+
+def test_generated_replay_and_own_surrogate_images(tiny_model, data, tmp_path):
+    from PIL import Image
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for i in range(3):
+        Image.new("RGB", (24, 24), (80 * i, 30, 90)).save(mine / f"{i}.jpg")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog\na cat\n")
+    out = run(tiny_model, {"fim": data["fim"]}, tmp_path / "out", surrogate_images=str(mine),
+              prompts_file=str(prompts), num_replay_images=3, num_inference_steps=2, max_train_steps=1)
+    replay = load_image_set(out / "data" / "replay")
+    assert replay.prompts == ["a dog", "a cat", "a dog"]
+    assert load_image_set(out / "data" / "surrogate").manifest["source"] == "images"
+    assert json.loads((out / "amnesia.json").read_text())["steps"] == 1
+
+
+def test_gradient_checkpointing_gives_the_same_step(tiny_model, data, tmp_path):
+    plain = unet_weights(run(tiny_model, data, tmp_path / "plain", max_train_steps=2))
+    ckpt = unet_weights(run(tiny_model, data, tmp_path / "ckpt", max_train_steps=2, gradient_checkpointing=True))
+    for k in plain:
+        torch.testing.assert_close(plain[k], ckpt[k], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_mixed_precision_trains(tiny_model, data, tmp_path):
+    out = run(tiny_model, data, tmp_path / "bf16", mixed_precision="bf16", max_train_steps=2)
+    weights = unet_weights(out)
+    assert all(w.dtype == torch.float32 for w in weights.values())  # fp32 master weights are saved
+    losses = json.loads((out / "amnesia.json").read_text())["final_losses"]
+    assert all(v == v and abs(v) < 1e3 for v in losses.values())
+
+
+def test_fim_generates_its_replay_set_when_none_is_given(tiny_model, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a dog\na house\n")
+    fim = compute_fim(FimConfig(model=str(tiny_model), output=str(tmp_path / "f.safetensors"),
+                                prompts_file=str(prompts), num_images=3, num_timesteps=4, num_inference_steps=2))
+    replay = load_image_set(tmp_path / "f-replay")
+    assert len(replay.latents) == 3
+    from safetensors import safe_open
+
+    with safe_open(str(fim), "pt") as f:
+        assert f.metadata()["num_samples"] == "3" and f.metadata()["replay_set"].endswith("f-replay")
