@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -182,6 +183,9 @@ def forget(
     max_grad_norm: Annotated[Optional[float], typer.Option(help="Clip the gradient norm. [default: off]")] = None,
     train_method: Annotated[Optional[str], typer.Option(help="full, noxattn (all but cross-attention, time embedding and output) or xattn. [default: full]")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Trade compute for memory.")] = None,
+    fim_dtype: Annotated[Optional[str], typer.Option(help="dtype of the Fisher and anchor weights on the device: fp32, bf16 or fp16. [default: fp32]")] = None,
+    use_8bit_adam: Annotated[Optional[bool], typer.Option("--use-8bit-adam", help="bitsandbytes' 8-bit AdamW (extra: bitsandbytes).")] = None,
+    enable_xformers: Annotated[Optional[bool], typer.Option("--enable-xformers", help="xformers attention instead of PyTorch SDPA (extra: xformers).")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(help="Keep an EMA of the weights and save it (the paper: 0.9999). [default: off]")] = None,
     checkpointing_steps: Annotated[Optional[int], typer.Option(help="Save a resumable checkpoint every N steps. [default: 500]")] = None,
     checkpoints_total_limit: Annotated[Optional[int], typer.Option(help="Checkpoints kept. [default: 2]")] = None,
@@ -238,6 +242,63 @@ def sample(
                                                           batch_size, mixed_precision).items() if v is not None})
     out = run_sample(config)
     typer.echo(f"samples in {out} (grid.png{', compare.png' if compare else ''})")
+
+
+digits_app = typer.Typer(no_args_is_help=True, help="The built-in digits model (`--model digits`).")
+app.add_typer(digits_app, name="digits")
+
+
+@digits_app.command("build")
+@user_errors
+def digits_build(
+    output_dir: Annotated[Optional[Path], typer.Option(help="Where to build. [default: the cache, where --model digits looks]")] = None,
+    seed: Annotated[int, typer.Option(help="Training seed; the same seed gives the same weights.")] = 0,
+    overwrite: Overwrite = False,
+):
+    """Train the digits model on scikit-learn's bundled handwritten digits (a few minutes on a CPU).
+
+    Example: amnesia-sd digits build
+    """
+    import shutil
+
+    from . import digits
+
+    _quiet_libraries()
+    target = output_dir or digits.default_model_path()
+    if target.exists():
+        if not overwrite:
+            raise UserError(f"{target} already exists; pass --overwrite to build it again")
+        shutil.rmtree(target)
+    path = digits.build_digits_model(target, seed=seed)
+    record = json.loads((path / "digits.json").read_text())["evaluation"]
+    typer.echo(f"digits model written to {path} (lowest per-digit accuracy: train prompts "
+               f"{record['train_prompts']['min_accuracy']:.2f}, held-out prompts "
+               f"{record['heldout_prompts']['min_accuracy']:.2f})")
+
+
+@app.command()
+@user_errors
+def demo(
+    digit: Annotated[int, typer.Option(help="The digit to forget.")] = 0,
+    surrogate: Annotated[str, typer.Option(help="'noise' (uniform noise images, as the paper) or another digit.")] = "noise",
+    output_dir: Annotated[Path, typer.Option(help="Where metrics.json, grid.png, sa/ and naive/ go.")] = Path("demo-output"),
+    samples_per_digit: Annotated[int, typer.Option(help="Evaluation samples per digit.")] = 100,
+    max_train_steps: Annotated[int, typer.Option(help="Forgetting steps (SA and naive alike).")] = 400,
+    seed: Annotated[int, typer.Option(help="Seed of every step.")] = 0,
+    overwrite: Overwrite = False,
+):
+    """Forget one digit of the built-in digits model and measure it: original vs SA vs naive.
+
+    Example: amnesia-sd demo --digit 0 --surrogate noise --output-dir demo-output
+    """
+    from .demo import DemoConfig, format_table, run_demo
+
+    _quiet_libraries()
+    metrics = run_demo(DemoConfig(digit=digit, surrogate=surrogate, output_dir=str(output_dir),
+                                  samples_per_digit=samples_per_digit, max_train_steps=max_train_steps, seed=seed,
+                                  overwrite=overwrite))
+    typer.echo(format_table(metrics))
+    typer.echo(f"{output_dir}/metrics.json, {output_dir}/grid.png ({metrics['seconds']:.0f} s)")
 
 
 def main() -> None:

@@ -125,6 +125,9 @@ class ForgetConfig(GenerationSettings):
     max_grad_norm: float | None = None
     train_method: str = "full"
     gradient_checkpointing: bool = False
+    fim_dtype: str = "fp32"
+    use_8bit_adam: bool = False
+    enable_xformers: bool = False
     ema_decay: float | None = None
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2
@@ -161,6 +164,7 @@ class ForgetConfig(GenerationSettings):
             _check_positive(name, getattr(self, name))
         _check(self.adam_weight_decay >= 0, f"--adam-weight-decay must be >= 0, got {self.adam_weight_decay}")
         _check_choice("train_method", self.train_method, ("full", "noxattn", "xattn"))
+        _check_choice("fim_dtype", self.fim_dtype, ("fp32", "bf16", "fp16"))
         _check(
             self.ema_decay is None or 0 < self.ema_decay < 1,
             f"--ema-decay must be between 0 and 1 (e.g. 0.9999), got {self.ema_decay}",

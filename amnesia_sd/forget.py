@@ -35,6 +35,7 @@ from .models import DTYPES, ModelRef, load_on_device, load_pipeline, make_accele
 from .prompts import concept_prompts, repeat_to, replay_prompts
 
 FINISHED = "amnesia.json"
+LOG_EVERY = 10  # steps between evaluations of the penalty's value (its gradient is added every step)
 
 
 def trainable_names(unet, method: str) -> list[str]:
@@ -113,6 +114,52 @@ def load_sets(config: ForgetConfig, out: Path, ref: ModelRef, pipe, accelerator)
     return replay, surrogate
 
 
+def embed_all(tokenizer, text_encoder, prompts: list[str], progress: bool, batch: int = 64) -> torch.Tensor:
+    """Text embeddings of `prompts`, computed once in batches, kept on the training device."""
+    chunks = [encode_prompts(tokenizer, text_encoder, prompts[i : i + batch])
+              for i in tqdm(range(0, len(prompts), batch), desc="text embeddings", unit="batch", disable=not progress)]
+    return torch.cat(chunks)
+
+
+def enable_xformers(unet) -> None:
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        raise UserError("--enable-xformers needs xformers: pip install 'amnesia-sd[xformers]'") from None
+    unet.enable_xformers_memory_efficient_attention()
+
+
+def make_optimizer(params: list[torch.Tensor], config: ForgetConfig):
+    """AdamW, or bitsandbytes' 8-bit AdamW (optimizer state in a quarter of the memory)."""
+    if not config.use_8bit_adam:
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError("--use-8bit-adam needs bitsandbytes: pip install 'amnesia-sd[bitsandbytes]'") from None
+    return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+
+
+def preflight(unet, params, config: ForgetConfig, replay_embeddings, ema: bool) -> str:
+    """What the run will hold on the accelerator, before the long work starts."""
+    gib = 2**30
+    n_all, n_train = sum(p.numel() for p in unet.parameters()), sum(p.numel() for p in params)
+    store = 2 if config.fim_dtype != "fp32" else 4
+    parts = {
+        "weights": 4 * n_all,
+        "grads": 4 * n_train,
+        "optimizer": (2 if config.use_8bit_adam else 8) * n_train,
+        "fisher+anchor": 2 * store * n_train,
+        "ema": 4 * n_all if ema else 0,
+        "text cache": replay_embeddings.numel() * replay_embeddings.element_size(),
+    }
+    detail = ", ".join(f"{k} {v / gib:.2f}" for k, v in parts.items() if v)
+    return (f"preflight: {n_train / 1e6:.1f}M of {n_all / 1e6:.1f}M UNet parameters train; about "
+            f"{sum(parts.values()) / gib:.2f} GiB before activations ({detail} GiB); "
+            f"{config.max_train_steps} steps x {config.train_batch_size}+{config.train_batch_size} images "
+            f"x {config.gradient_accumulation_steps} accumulation; the progress bar's ETA follows the first steps")
+
+
 def draw_batch(seed: int, micro_step: int, world: int, rank: int, batch: int, sizes: dict, shapes: dict, num_t: int):
     """This process's slice of the global batch of one micro-step."""
     g = torch.Generator("cpu").manual_seed(image_seed(seed, micro_step))
@@ -158,10 +205,17 @@ def forget(config: ForgetConfig) -> Path:
     fisher, fisher_meta = load_fisher(config.fim, unet)
     replay, surrogate = load_sets(config, out, ref, pipe, accelerator)
     concepts = concept_prompts(config.concept_list(), config.templates)
-    pipe.vae.to("cpu")  # training reads cached latents only
+    # Text embeddings of every prompt are computed once; then neither the VAE nor the text
+    # encoder runs during training, and both leave the accelerator.
     text_encoder.requires_grad_(False)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     concept_embeddings = encode_prompts(tokenizer, text_encoder, concepts)
+    replay_texts = sorted(set(replay.prompts))
+    replay_embeddings = embed_all(tokenizer, text_encoder, replay_texts, accelerator.is_local_main_process)
+    position = {text: i for i, text in enumerate(replay_texts)}
+    replay_text_index = torch.tensor([position[p] for p in replay.prompts])
+    pipe.vae.to("cpu")
+    text_encoder.to("cpu")
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     # What trains, its anchor theta* and its Fisher, all kept on the training device.
@@ -171,17 +225,27 @@ def forget(config: ForgetConfig) -> Path:
     for _, p in named:
         p.requires_grad_(True)
     params = [p for _, p in named]
+    # fp16 anchors are lossless for fp16 checkpoints, but Fisher values overflow fp16: bf16 then.
+    anchor_dtype = DTYPES[config.fim_dtype]
+    fisher_dtype = torch.bfloat16 if config.fim_dtype == "fp16" else anchor_dtype
     penalty = EWCPenalty(
         params,
-        [fisher[n].to(accelerator.device, torch.float32) for n, _ in named],
-        [p.detach().clone().float() for p in params],
+        [fisher[n].to(accelerator.device, fisher_dtype) for n, _ in named],
+        [p.detach().to(anchor_dtype, copy=True) for p in params],
         config.lambda_ewc,
     )
+    with torch.no_grad():  # start exactly at the stored anchor (a no-op in fp32): the penalty starts at zero
+        for p, anchor in zip(params, penalty.anchors):
+            p.copy_(anchor)
     del fisher
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    if config.enable_xformers:
+        enable_xformers(unet)
+    optimizer = make_optimizer(params, config)
     ema = EMAModel(unet.parameters(), decay=config.ema_decay) if config.ema_decay else None
+    if accelerator.is_local_main_process:
+        print(preflight(unet, params, config, replay_embeddings, ema is not None), flush=True)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     if ema is not None:
         ema.to(accelerator.device)
@@ -214,7 +278,7 @@ def forget(config: ForgetConfig) -> Path:
             terms = [(x_s, d["surrogate_noise"], d["surrogate_t"], e_s)]
             if config.gamma > 0:
                 x_r = replay.latents[d["replay_index"]].to(device)
-                e_r = encode_prompts(tokenizer, text_encoder, [replay.prompts[i] for i in d["replay_index"]])
+                e_r = replay_embeddings[replay_text_index[d["replay_index"]].to(device)]
                 terms.append((x_r, d["replay_noise"], d["replay_t"], e_r))
             if len(terms) == 2 and shapes["surrogate"] == shapes["replay"]:
                 # One forward over surrogate + replay: same result as two, faster.
@@ -237,7 +301,9 @@ def forget(config: ForgetConfig) -> Path:
             accelerator.backward(data_loss)
             if accelerator.sync_gradients:
                 accelerator.unscale_gradients()  # the penalty's gradient is added unscaled
-                ewc = penalty.add_grad_()
+                if (global_step + 1) % LOG_EVERY == 0 or global_step + 1 == config.max_train_steps or not last:
+                    ewc = penalty.value().item()  # a full pass over the weights: not every step
+                penalty.add_grad_()
                 if config.max_grad_norm:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
@@ -247,7 +313,7 @@ def forget(config: ForgetConfig) -> Path:
             global_step += 1
             if ema is not None:
                 ema.step(accelerator.unwrap_model(unet).parameters())
-            last = {"surrogate": loss_s.item(), "replay": loss_r.item(), "ewc": ewc.item()}
+            last = {"surrogate": loss_s.item(), "replay": loss_r.item(), "ewc": ewc}
             last["total"] = last["surrogate"] + config.gamma * last["replay"] + last["ewc"]
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
@@ -285,7 +351,7 @@ def write_result(out: Path, ref: ModelRef, unet, config: ForgetConfig, summary: 
     import accelerate
 
     base = load_pipeline(ref, safety_checker=ref.kind != "file")
-    base.register_modules(unet=unet.to("cpu", torch.float32))
+    base.register_modules(unet=unet.to("cpu"))  # fp32 master weights
     out.mkdir(parents=True, exist_ok=True)
     staging = out / ".staging"
     shutil.rmtree(staging, ignore_errors=True)

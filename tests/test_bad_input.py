@@ -1,11 +1,14 @@
 """Every bad input: exit code 2, one line naming the problem, no traceback, nothing left behind."""
 
+import sys
+
 import pytest
 import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from amnesia_sd.cli import app
+from amnesia_sd.errors import UserError
 from helpers import load_parts
 
 runner = CliRunner()
@@ -118,6 +121,19 @@ def test_prompts_files(tiny_model, tmp_path):
 def test_bad_settings(tiny_model, tmp_path, fim, overrides, message):
     fails(forget_args(tiny_model, tmp_path / "o", fim / "good.safetensors", **overrides), message)
     assert not (tmp_path / "o").exists()
+
+
+def test_optional_extras_that_are_missing(tiny_model, monkeypatch):
+    from amnesia_sd.config import ForgetConfig
+    from amnesia_sd.forget import enable_xformers, make_optimizer
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "xformers", None)
+    config = ForgetConfig(model="m", concept="c", surrogate="s", fim="f", output_dir="o", use_8bit_adam=True)
+    with pytest.raises(UserError, match=r"--use-8bit-adam needs bitsandbytes: pip install 'amnesia-sd\[bitsandbytes\]'"):
+        make_optimizer([torch.zeros(2, requires_grad=True)], config)
+    with pytest.raises(UserError, match=r"--enable-xformers needs xformers: pip install 'amnesia-sd\[xformers\]'"):
+        enable_xformers(load_parts(tiny_model)[0].unet)
 
 
 def test_finished_output_needs_overwrite(tiny_model, tmp_path, fim):

@@ -153,3 +153,23 @@ def test_fim_generates_its_replay_set_when_none_is_given(tiny_model, tmp_path):
 
     with safe_open(str(fim), "pt") as f:
         assert f.metadata()["num_samples"] == "3" and f.metadata()["replay_set"].endswith("f-replay")
+
+
+def test_text_encoder_runs_before_training_only(tiny_model, data, tmp_path, monkeypatch):
+    calls = []
+    real = forget_module.encode_prompts
+    monkeypatch.setattr(forget_module, "encode_prompts", lambda *a: calls.append(1) or real(*a))
+    run(tiny_model, data, tmp_path / "one", max_train_steps=1)
+    one = len(calls)
+    run(tiny_model, data, tmp_path / "five", max_train_steps=5)
+    assert len(calls) - one == one  # five steps encode exactly what one step did: all up front
+
+
+def test_fisher_and_anchor_in_bf16(tiny_model, data, tmp_path):
+    full = unet_weights(run(tiny_model, data, tmp_path / "fp32", max_train_steps=2))
+    half = unet_weights(run(tiny_model, data, tmp_path / "bf16", max_train_steps=2, fim_dtype="bf16"))
+    base = unet_weights(tiny_model)
+    flat = lambda w: torch.cat([v.flatten() for v in w.values()])  # noqa: E731
+    # The same training, up to the pull towards bf16-rounded anchors (at most bf16's rounding).
+    assert (flat(half) - flat(full)).norm() < 0.5 * (flat(full) - flat(base)).norm()
+    assert torch.isfinite(flat(half)).all()
