@@ -41,12 +41,12 @@ def sample_noise(seed: int, index: int, count: int, shape: tuple[int, ...]) -> t
 
 
 def fisher_diagonal(
-    unet, scheduler, tokenizer, text_encoder, latents: torch.Tensor, prompts: list[str],
-    timesteps: torch.Tensor, seed: int, timestep_batch_size: int, indices: list[int] | None = None,
-    autocast=None, progress: bool = True,
+    unet, scheduler, latents: torch.Tensor, embed, timesteps: torch.Tensor, seed: int,
+    timestep_batch_size: int, indices: list[int] | None = None, autocast=None, progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Sum over `indices` (default: all samples) of the squared per-sample gradients, divided by N.
 
+    `embed(n)` gives sample n's text embedding, [1, tokens, width].
     The gradient of each sample is taken of its loss summed over `timesteps`, scaled by
     num_train_timesteps / len(timesteps) so a timestep subset estimates the full sum.
     With `indices` a subset, the result is this process's share: shares add up to F.
@@ -62,7 +62,7 @@ def fisher_diagonal(
     for n in tqdm(indices, desc="Fisher", unit="sample", disable=not progress):
         x0 = latents[n : n + 1].to(device)
         noise = sample_noise(seed, n, len(timesteps), tuple(latents.shape[1:]))
-        embedding = encode_prompts(tokenizer, text_encoder, [prompts[n]])
+        embedding = embed(n)
         unet.zero_grad(set_to_none=True)
         for start in range(0, len(timesteps), timestep_batch_size):
             t = timesteps[start : start + timestep_batch_size].to(device)
@@ -164,7 +164,8 @@ def compute_fim(config) -> Path:
     pipe.vae.to("cpu")  # latents are cached: the VAE has nothing to do here
     indices = list(range(accelerator.process_index, count, accelerator.num_processes))
     fisher = fisher_diagonal(
-        pipe.unet, scheduler, pipe.tokenizer, pipe.text_encoder, replay.latents[:count], replay.prompts[:count],
+        pipe.unet, scheduler, replay.latents[:count],
+        lambda n: encode_prompts(pipe.tokenizer, pipe.text_encoder, [replay.prompts[n]]),
         timesteps, config.seed, config.timestep_batch_size, indices, autocast=accelerator.autocast,
         progress=accelerator.is_local_main_process,
     )

@@ -13,16 +13,20 @@ from helpers import load_parts, random_latents
 PROMPTS = ["a photo of a dog", "a painting of a house", "a cat in a tree"]
 
 
-def brute_force_fisher(unet, scheduler, tokenizer, text_encoder, latents, prompts, timesteps, seed):
-    """The reference way: one batch-1 forward per timestep, gradients summed, squared per sample."""
+def embedder(pipe, prompts):
     from amnesia_sd.diffusion import encode_prompts
 
+    return lambda n: encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompts[n]])
+
+
+def brute_force_fisher(unet, scheduler, latents, embed, timesteps, seed):
+    """The reference way: one batch-1 forward per timestep, gradients summed, squared per sample."""
     params = dict(unet.named_parameters())
     total = {k: torch.zeros_like(p) for k, p in params.items()}
     scale = scheduler.config.num_train_timesteps / len(timesteps)
     for n in range(len(latents)):
         noise = sample_noise(seed, n, len(timesteps), tuple(latents.shape[1:]))
-        emb = encode_prompts(tokenizer, text_encoder, [prompts[n]])
+        emb = embed(n)
         loss = 0
         for j, t in enumerate(timesteps):
             t1 = t.reshape(1)
@@ -54,7 +58,7 @@ def parts(tiny_model):
 def test_fisher_equals_brute_force_and_ignores_chunking(parts):
     pipe, scheduler = parts
     latents, timesteps = random_latents(3), timestep_set(1000, 7)
-    args = (pipe.unet, scheduler, pipe.tokenizer, pipe.text_encoder, latents, PROMPTS, timesteps, 5)
+    args = (pipe.unet, scheduler, latents, embedder(pipe, PROMPTS), timesteps, 5)
     expected = brute_force_fisher(*args)
     for chunk in (7, 3, 1):
         assert_rel_close(fisher_diagonal(*args, timestep_batch_size=chunk, progress=False), expected)
@@ -64,7 +68,7 @@ def test_fisher_equals_brute_force_and_ignores_chunking(parts):
 def test_shards_add_up_to_the_whole(parts):
     pipe, scheduler = parts
     latents, timesteps = random_latents(3), timestep_set(1000, 4)
-    args = (pipe.unet, scheduler, pipe.tokenizer, pipe.text_encoder, latents, PROMPTS, timesteps, 1, 4)
+    args = (pipe.unet, scheduler, latents, embedder(pipe, PROMPTS), timesteps, 1, 4)
     whole = fisher_diagonal(*args, progress=False)
     a = fisher_diagonal(*args, indices=[0, 2], progress=False)
     b = fisher_diagonal(*args, indices=[1], progress=False)
@@ -79,7 +83,7 @@ def test_v_prediction_target_and_fisher(tiny_vpred_model):
     sigma = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
     torch.testing.assert_close(diffusion_target(scheduler, x, noise, t), alpha * noise - sigma * x)
     latents, timesteps = random_latents(2), timestep_set(1000, 3)
-    args = (pipe.unet, scheduler, pipe.tokenizer, pipe.text_encoder, latents, PROMPTS, timesteps, 2)
+    args = (pipe.unet, scheduler, latents, embedder(pipe, PROMPTS), timesteps, 2)
     expected = brute_force_fisher(*args)
     assert_rel_close(fisher_diagonal(*args, timestep_batch_size=2, progress=False), expected)
 

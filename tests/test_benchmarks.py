@@ -1,0 +1,38 @@
+"""The benchmarks run and report what they promise (their figures are measured, not asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run(script, *args):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, env=ENV, timeout=600, cwd=ROOT / "benchmarks")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout[done.stdout.index("{"):])
+
+
+def test_gpu_benchmark_code_path_on_cpu():
+    report = run("gpu_sd14.py", "--smoke", "--steps", "1")
+    assert report["train_images_per_second"] > 0 and set(report["fisher_seconds_per_image"]) == {"20", "5"}
+
+
+def test_fisher_benchmark_agrees_with_the_reference(tiny_model):
+    report = run("fisher.py", "--model", str(tiny_model), "--samples", "1", "--timesteps", "6",
+                 "--subset-samples", "1", "--threads", "1")
+    assert report["max_rel_diff"] <= 1e-4 and report["speedup"] > 0
+    assert set(report["subset"]) == {"10", "50", "100", "250"}
+
+
+@pytest.mark.slow
+def test_step_benchmark_reports_ratios(tiny_model):
+    report = run("step.py", "--model", str(tiny_model), "--skip-sd14", "--batch", "2", "--steps", "1",
+                 "--threads", "1")
+    assert {"time_ratio", "extra_peak_mem_over_param_bytes", "time_ratio_bf16"} <= set(report)
