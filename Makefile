@@ -1,11 +1,11 @@
-# `make test` sets everything up on a fresh machine and runs the tests.
+# `make test` and `make demo` set everything up on a fresh machine, then test or run the demo.
 # CUDA users: make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install test test-slow clean
+.PHONY: install test test-slow demo benchmark clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ test: install
 
 test-slow: install
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q --run-slow
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/amnesia-sd demo --output-dir demo-output --overwrite
+
+benchmark: install
+	cd benchmarks && HF_HUB_OFFLINE=1 ../$(BIN)/python fisher.py && HF_HUB_OFFLINE=1 ../$(BIN)/python step.py && HF_HUB_OFFLINE=1 ../$(BIN)/python gpu_sd14.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-output

@@ -33,3 +33,12 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_vpred_model(tmp_path_factory):
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-v") / "sd", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="module")
+def isolated_cache(tmp_path_factory):
+    """A fresh amnesia-sd cache for one test module (the shipped digits model is still used)."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("cache")
+        patch.setenv("AMNESIA_SD_CACHE", str(path))
+        yield path

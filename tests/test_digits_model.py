@@ -1,0 +1,163 @@
+"""The embedded digits model: prompts, the evaluation classifier, and building the pipeline."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from amnesia_sd import digits
+
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # the classifier trains once per module
+
+
+@pytest.fixture
+def quick_recipe(monkeypatch):
+    """The real build recipe, cut to a few steps so that it runs in seconds."""
+    for name in ("TEXT_STEPS", "VAE_STEPS", "DENOISER_STEPS"):
+        monkeypatch.setattr(digits, name, 2)
+    monkeypatch.setattr(digits, "BUILD_EVAL_SAMPLES", 1)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return digits.load_digit_classifier()
+
+
+def _names(prompt):
+    return set(re.findall(r"[a-z]+|\d", prompt.lower()))
+
+
+def test_prompts_name_their_digit_and_no_other():
+    for digit in range(10):
+        own = {digits.DIGIT_WORDS[digit], str(digit)}
+        others = {name for d in range(10) if d != digit for name in (digits.DIGIT_WORDS[d], str(d))}
+        for prompt in digits.train_prompts(digit) + digits.heldout_prompts(digit):
+            assert _names(prompt) & own, prompt
+            assert not _names(prompt) & others, prompt
+
+
+def test_heldout_prompts_are_disjoint_from_train_prompts():
+    assert not set(digits.TRAIN_TEMPLATES) & set(digits.HELDOUT_TEMPLATES)
+    for digit in range(10):
+        assert not set(digits.train_prompts(digit)) & set(digits.heldout_prompts(digit))
+        assert len(digits.train_prompts(digit)) == 2 * len(digits.TRAIN_TEMPLATES)
+    assert all(t.count("{}") == 1 for t in digits.TRAIN_TEMPLATES + digits.HELDOUT_TEMPLATES)
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("AMNESIA_SD_CACHE", str(tmp_path / "explicit"))
+    assert digits.cache_dir() == tmp_path / "explicit"
+    assert digits.default_model_path() == tmp_path / "explicit" / "digits-v1"
+    monkeypatch.delenv("AMNESIA_SD_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert digits.cache_dir() == tmp_path / "xdg" / "amnesia-sd"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert digits.cache_dir() == tmp_path / "home" / ".cache" / "amnesia-sd"
+
+
+def test_classifier_heldout_accuracy(classifier):
+    images, labels = digits.load_real_digits()
+    _, heldout = digits.classifier_split(labels)
+    assert len(heldout) > 400
+    with torch.no_grad():
+        accuracy = (classifier(images[heldout]).argmax(1) == labels[heldout]).float().mean().item()
+    assert accuracy >= 0.97
+
+
+def test_classifier_is_cached_as_safetensors(classifier, isolated_cache):
+    from safetensors import safe_open
+
+    path = digits.classifier_path()
+    assert path.parent == isolated_cache and path.suffix == ".safetensors"
+    with safe_open(path, "pt") as f:
+        assert float(f.metadata()["heldout_accuracy"]) >= 0.97
+    reloaded = digits.load_digit_classifier()
+    for a, b in zip(classifier.state_dict().values(), reloaded.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_rendered_real_digits_classify_as_the_originals(classifier):
+    images, labels = digits.load_real_digits()
+    _, heldout = digits.classifier_split(labels)
+    originals = images[heldout[:100]]
+    # As the pipeline returns them: 16x16 RGB with 2x2 pixel blocks, 8-bit.
+    gray = [Image.fromarray((x[0].numpy() * 255).round().astype("uint8")) for x in originals]
+    pils = [g.resize((16, 16), Image.Resampling.NEAREST).convert("RGB") for g in gray]
+    converted = digits.images_to_classifier_input(pils)
+    assert converted.shape == originals.shape
+    assert torch.allclose(converted, originals, atol=1 / 255)
+    with torch.no_grad():
+        expected = classifier(originals).argmax(1)
+    assert torch.equal(digits.classify(pils, classifier).argmax(1), expected)
+    # Plain 8x8 grayscale images go through unchanged too.
+    assert torch.equal(digits.images_to_classifier_input(gray), converted)
+
+
+def test_quick_build_writes_a_plain_diffusers_folder(quick_recipe, tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    folder = digits.build_digits_model(tmp_path / "model", seed=3, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no partial folder left behind
+    weights = sorted(str(p.relative_to(folder).parent) for p in folder.rglob("*.safetensors"))
+    assert weights == ["text_encoder", "unet", "vae"]
+    assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
+    record = json.loads((folder / "digits.json").read_text())
+    assert record["seed"] == 3 and record["version"] == digits.VERSION
+    assert set(record["evaluation"]["heldout_prompts"]["per_digit"]) == {str(d) for d in range(10)}
+    with pytest.raises(FileExistsError):
+        digits.build_digits_model(folder, progress=False)
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
+    config = pipe.scheduler.config
+    assert (config.beta_schedule, config.beta_start, config.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    assert config.num_train_timesteps == 1000 and config.steps_offset == 1
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(["a handwritten digit 3", "seven"], num_inference_steps=2).images
+    assert [im.size for im in images] == [(digits.IMAGE_SIZE, digits.IMAGE_SIZE)] * 2
+    assert digits.classify(images).shape == (2, 10)
+
+
+def test_same_seed_gives_the_same_weights(quick_recipe, tmp_path):
+    from safetensors.torch import load_file
+
+    first = digits.build_digits_model(tmp_path / "a", seed=3, progress=False)
+    second = digits.build_digits_model(tmp_path / "b", seed=3, progress=False)
+    tokenizer = Path("tokenizer", "tokenizer.json")
+    assert (first / tokenizer).read_text() == (second / tokenizer).read_text()
+    for path in first.rglob("*.safetensors"):
+        a, b = load_file(path), load_file(second / path.relative_to(first))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), path
+
+
+def test_shipped_model_meets_the_quality_bar_and_is_the_default(isolated_cache):
+    record = json.loads((digits.SHIPPED_MODEL / "digits.json").read_text())
+    assert record["seed"] == 0 and record["version"] == digits.VERSION
+    for prompts in ("train_prompts", "heldout_prompts"):
+        assert record["evaluation"][prompts]["min_accuracy"] >= 0.85
+    assert not digits.default_model_path().exists()
+    assert digits.ensure_digits_model(progress=False) == digits.SHIPPED_MODEL  # nothing to build
+
+
+@pytest.mark.slow
+def test_build_reproduces_the_shipped_model(tmp_path):
+    """`amnesia-sd digits build` (seed 0) gives the shipped weights, bit for bit, on this machine kind."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    built = digits.build_digits_model(tmp_path / "digits", seed=0, progress=False)
+    for path in digits.SHIPPED_MODEL.rglob("*.safetensors"):
+        a, b = load_file(path), load_file(built / path.relative_to(digits.SHIPPED_MODEL))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path
+    pipe = StableDiffusionPipeline.from_pretrained(built)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(["the number 4"] * 8, generator=torch.Generator().manual_seed(1)).images
+    assert (digits.classify(images).argmax(1) == 4).float().mean() >= 0.75
