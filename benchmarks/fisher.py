@@ -53,11 +53,11 @@ def flat(fisher: dict) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="digits")
-    parser.add_argument("--samples", type=int, default=2, help="samples for the speed comparison")
-    parser.add_argument("--timesteps", type=int, default=200,
+    parser.add_argument("--samples", type=int, default=1, help="samples for the speed comparison")
+    parser.add_argument("--timesteps", type=int, default=1000,
                         help="evenly spaced timesteps for the speed comparison (the reference's cost grows with it)")
     parser.add_argument("--subset-samples", type=int, default=16, help="samples for the subset accuracy part")
-    parser.add_argument("--timestep-batch-size", type=int, default=250)
+    parser.add_argument("--timestep-batch-size", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
