@@ -94,7 +94,7 @@ def sample_and_classify(spec: str, prompts: list[str], seeds: list[int], setting
 def summarize(probs: torch.Tensor, heldout: torch.Tensor, digit: int, per_digit: int) -> dict:
     by_digit = probs.view(10, per_digit, 10)
     forgotten = by_digit[digit]
-    entropy = -(forgotten * forgotten.clamp_min(1e-12).log()).sum(-1)
+    entropy = digits.prediction_entropy(forgotten)
     others = [d for d in range(10) if d != digit]
     correct = torch.stack([by_digit[d].argmax(-1) == d for d in others])
     return {

@@ -252,6 +252,11 @@ def images_to_classifier_input(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays) / 255.0).unsqueeze(1)
 
 
+def prediction_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each row of class probabilities (ln 10 = 2.30 at most)."""
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+
+
 def classify(images: list[Image.Image], classifier: DigitClassifier | None = None) -> torch.Tensor:
     """Class probabilities [N, 10] for the given images."""
     if classifier is None:
@@ -295,7 +300,7 @@ def evaluate_digits(
         bar.update(len(batch))
     bar.close()
     probs = torch.cat(probs).view(10, samples_per_digit, 10)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+    entropy = prediction_entropy(probs)
     return {
         d: {
             "accuracy": (probs[d].argmax(-1) == d).float().mean().item(),

@@ -8,6 +8,7 @@ made the folder is called NAME.partial; an interrupted run picks up where it sto
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -217,8 +218,6 @@ def encode_image_folder(
 
 
 def _digest(prompts: list[str]) -> str:
-    import hashlib
-
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
 
 
