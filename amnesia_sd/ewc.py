@@ -4,61 +4,102 @@ Frozen parameters keep theta = theta*, so they add a constant zero and are left 
 2 * lambda * F * (theta - theta*) is added to .grad directly with multi-tensor (foreach) ops
 instead of building an autograd graph over every weight: no Python loop of per-parameter kernels,
 no saved activations. F and theta* may be stored in bf16/fp16 to halve their memory; the
-arithmetic is float32. Work goes in groups of tensors so temporaries never exceed one group.
+arithmetic is float32.
+
+The penalty is memory-bound: each step streams theta, theta*, F and the gradient once. Work goes
+in groups so the float32 temporaries (theta - theta*, upcast F) of a group stay small; on the CPU,
+tensors are also cut into flat pieces so a group's temporaries stay in the cache instead of
+making another round trip through memory.
 """
 
 from __future__ import annotations
 
 import torch
 
-GROUP_ELEMENTS = 2**24  # about 64 MB of float32 temporaries at most
-GROUP_TENSORS = 64
+# (piece elements, group elements) per device type. Small on the CPU for the cache; on a GPU the
+# kernels are fast and each group costs launches, so groups are large and tensors stay whole.
+LAYOUT = {"cpu": (2**18, 2**20), "cuda": (None, 2**25)}
+GROUP_TENSORS = 256
 
 
-def _groups(params: list[torch.Tensor]) -> list[slice]:
+def _pieces(tensors: list[torch.Tensor], split: list[bool], piece: int | None) -> list[torch.Tensor]:
+    """Flat views of at most `piece` elements of the tensors marked in `split`; the others whole."""
+    if piece is None:
+        return list(tensors)
+    return [v for t, s in zip(tensors, split) for v in (t.view(-1).split(piece) if s else (t,))]
+
+
+def _groups(sizes: list[int], limit: int) -> list[slice]:
     groups, start, size = [], 0, 0
-    for i, p in enumerate(params):
-        if i > start and (size + p.numel() > GROUP_ELEMENTS or i - start >= GROUP_TENSORS):
+    for i, n in enumerate(sizes):
+        if i > start and (size + n > limit or i - start >= GROUP_TENSORS):
             groups.append(slice(start, i))
             start, size = i, 0
-        size += p.numel()
-    if start < len(params):
-        groups.append(slice(start, len(params)))
+        size += n
+    if start < len(sizes):
+        groups.append(slice(start, len(sizes)))
     return groups
 
 
 class EWCPenalty:
     def __init__(self, params: list[torch.Tensor], fisher: list[torch.Tensor], anchors: list[torch.Tensor], lam: float):
         self.params, self.fisher, self.anchors, self.lam = params, fisher, anchors, lam
-        self.groups = _groups(params)
+        device = params[0].device.type if params else "cpu"
+        self.piece, group_elements = LAYOUT.get(device, LAYOUT["cuda"])
+        self.split = [p.is_contiguous() and f.is_contiguous() and a.is_contiguous()
+                      for p, f, a in zip(params, fisher, anchors)]
+        # Pieces of theta, F and theta* are fixed views; the gradient's are made per step (autograd
+        # may hand back a new .grad tensor each time).
+        self._params = _pieces(params, self.split, self.piece)
+        self._fisher = _pieces(fisher, self.split, self.piece)
+        self._anchors = _pieces(anchors, self.split, self.piece)
+        self.groups = _groups([p.numel() for p in self._params], group_elements)
 
     def _diff(self, group: slice) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """theta - theta* and F for one group, in float32 (no copies when already float32)."""
-        diff = torch._foreach_sub([p.float() for p in self.params[group]], [a.float() for a in self.anchors[group]])
-        return diff, [f.float() for f in self.fisher[group]]
+        """theta - theta* and F for one group, in float32 (no copies of F when already float32)."""
+        diff = torch._foreach_sub([p.float() for p in self._params[group]], [a.float() for a in self._anchors[group]])
+        return diff, [f.float() for f in self._fisher[group]]
 
     @torch.no_grad()
     def value(self) -> torch.Tensor:
         """lambda * sum F (theta - theta*)^2, as a float32 scalar."""
-        total = torch.zeros((), dtype=torch.float32, device=self.params[0].device if self.params else "cpu")
+        total = self._zero()
         if self.lam == 0:
             return total
         for group in self.groups:
             diff, fisher = self._diff(group)
-            weighted = torch._foreach_mul(diff, fisher)
-            torch._foreach_mul_(weighted, diff)  # F (theta - theta*)^2, never negative
-            total += torch.stack(torch._foreach_norm(weighted, 1)).sum()
+            total += self._weighted_sum(diff, fisher)
         return total * self.lam
 
     @torch.no_grad()
-    def add_grad_(self) -> None:
-        """Add the penalty's gradient 2 lambda F (theta - theta*) to each parameter's .grad."""
+    def add_grad_(self, with_value: bool = False) -> torch.Tensor | None:
+        """Add the penalty's gradient 2 lambda F (theta - theta*) to each parameter's .grad.
+
+        With `with_value`, also return the penalty's value, computed in the same pass while each
+        group's theta - theta* is still at hand (a separate value() reads every weight again).
+        """
+        total = self._zero() if with_value else None
         if self.lam == 0:
-            return
+            return total
+        for p, split in zip(self.params, self.split):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif split and not p.grad.is_contiguous():  # its flat pieces must be views of the real .grad
+                p.grad = p.grad.contiguous()
+        grads = _pieces([p.grad for p in self.params], self.split, self.piece)
         for group in self.groups:
-            params = self.params[group]
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
             diff, fisher = self._diff(group)
-            torch._foreach_addcmul_([p.grad for p in params], fisher, diff, value=2 * self.lam)
+            torch._foreach_addcmul_(grads[group], fisher, diff, value=2 * self.lam)
+            if with_value:
+                total += self._weighted_sum(diff, fisher)
+        return total * self.lam if with_value else None
+
+    def _zero(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float32, device=self.params[0].device if self.params else "cpu")
+
+    @staticmethod
+    def _weighted_sum(diff: list[torch.Tensor], fisher: list[torch.Tensor]) -> torch.Tensor:
+        """sum F (theta - theta*)^2 of one group; `diff` is used up, F is left alone."""
+        torch._foreach_mul_(diff, diff)
+        torch._foreach_mul_(diff, fisher)  # never negative
+        return torch.stack(torch._foreach_norm(diff, 1)).sum()

@@ -15,7 +15,14 @@ def make_case(count=150, seed=0):
     anchors = [torch.randn(s, generator=g) for s in shapes]
     params = [(a + 0.1 * torch.randn(a.shape, generator=g)).requires_grad_() for a in anchors]
     fisher = [torch.rand(s, generator=g) for s in shapes]
+    params[-1] = params[-1].detach().t().contiguous().t().requires_grad_()  # a non-contiguous parameter
     return params, fisher, anchors
+
+
+@pytest.fixture(autouse=True)
+def small_pieces(monkeypatch):
+    """Pieces and groups far smaller than the tensors, so splitting and grouping are what is tested."""
+    monkeypatch.setitem(ewc.LAYOUT, "cpu", (7, 40))
 
 
 def test_penalty_value_is_exact():
@@ -41,9 +48,12 @@ def test_penalty_gradient_matches_autograd():
     existing = [torch.full_like(p, 0.5) for p in params]  # the data loss's gradient is kept
     for p, e in zip(params, existing):
         p.grad = e.clone()
-    EWCPenalty(params, fisher, anchors, 50.0).add_grad_()
+    params[0].grad = params[0].grad.t().contiguous().t()  # a gradient laid out unlike its parameter
+    value = EWCPenalty(params, fisher, anchors, 50.0).add_grad_(with_value=True)
     for p, e, g in zip(params, existing, expected):
         torch.testing.assert_close(p.grad, e + g, rtol=1e-5, atol=1e-6)
+    # The value read in the same pass is the penalty's value.
+    assert abs(value.item() - reference.item()) <= 1e-5 * reference.item()
 
 
 def test_penalty_is_zero_at_the_anchor_and_with_lambda_zero():
