@@ -47,13 +47,19 @@ def user_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        # Under `accelerate launch` / torchrun every process checks the same input and fails alike
+        # (training's NaN check is agreed across processes): the first process speaks for all.
+        speaks = os.environ.get("RANK", "0") == "0"
         try:
             return command(*args, **kwargs)
         except UserError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            if speaks:
+                typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted; rerun the same command to resume (forget: --resume-from-checkpoint latest)", err=True)
+            if speaks:
+                typer.echo("interrupted; rerun the same command to resume (forget: --resume-from-checkpoint latest)",
+                           err=True)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -175,7 +181,8 @@ def forget(
     templates: Annotated[Optional[bool], typer.Option("--templates/--no-templates", help="Build concept prompts from prompts/concept_templates.txt. [default: on]")] = None,
     lambda_ewc: Annotated[Optional[float], typer.Option(help="EWC weight lambda. [default: 50]")] = None,
     gamma: Annotated[Optional[float], typer.Option(help="Generative-replay weight gamma. [default: 1]")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option(help="AdamW learning rate, never scaled by the number of GPUs. [default: 1e-5]")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="AdamW learning rate, never scaled by the number of GPUs unless --scale-lr. [default: 1e-5]")] = None,
+    scale_lr: Annotated[Optional[bool], typer.Option("--scale-lr", help="Multiply the learning rate by the number of processes (linear scaling for the larger global batch).")] = None,
     adam_weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay. [default: 0.01]")] = None,
     train_batch_size: Annotated[Optional[int], typer.Option(help="Surrogate images per device per step; as many replay images again. [default: 4]")] = None,
     gradient_accumulation_steps: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step. [default: 1]")] = None,

@@ -118,6 +118,7 @@ class ForgetConfig(GenerationSettings):
     lambda_ewc: float = 50.0
     gamma: float = 1.0
     learning_rate: float = 1e-5
+    scale_lr: bool = False
     adam_weight_decay: float = 1e-2
     train_batch_size: int = 4
     gradient_accumulation_steps: int = 1

@@ -167,7 +167,7 @@ def compute_fim(config) -> Path:
         pipe.unet, scheduler, replay.latents[:count],
         lambda n: encode_prompts(pipe.tokenizer, pipe.text_encoder, [replay.prompts[n]]),
         timesteps, config.seed, config.timestep_batch_size, indices, autocast=accelerator.autocast,
-        progress=accelerator.is_local_main_process,
+        progress=accelerator.is_main_process,
     )
     if accelerator.num_processes > 1:
         fisher = {k: accelerator.reduce(v, reduction="sum") for k, v in fisher.items()}

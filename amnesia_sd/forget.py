@@ -35,7 +35,7 @@ from .models import DTYPES, ModelRef, load_on_device, load_pipeline, make_accele
 from .prompts import concept_prompts, repeat_to, replay_prompts
 
 FINISHED = "amnesia.json"
-LOG_EVERY = 10  # steps between evaluations of the penalty's value (its gradient is added every step)
+LOG_EVERY = 10  # steps between readings of the penalty's value (its gradient is added every step)
 
 
 def trainable_names(unet, method: str) -> list[str]:
@@ -50,15 +50,18 @@ def trainable_names(unet, method: str) -> list[str]:
     return [n for n in names if ".attn2." not in n and not n.startswith(frozen_prefixes)]
 
 
-def prepare_output_dir(out: Path, config: ForgetConfig) -> None:
-    """Refuse to clobber a finished result or an unfinished run unless told what to do with it."""
+def prepare_output_dir(out: Path, config: ForgetConfig, clean: bool) -> None:
+    """Refuse to clobber a finished result or an unfinished run unless told what to do with it.
+
+    Every process checks (so all fail alike); only the one given `clean` deletes.
+    """
     finished = (out / FINISHED).is_file()
     has_checkpoints = any((out / "checkpoints").glob("checkpoint-*"))
     if config.overwrite and config.resume_from_checkpoint:
         raise UserError("--overwrite starts again from scratch; it cannot be combined with --resume-from-checkpoint")
     if finished and not config.overwrite:
         raise UserError(f"{out} already holds a finished result; pass --overwrite to replace it or pick another --output-dir")
-    if config.overwrite and out.exists():
+    if config.overwrite and out.exists() and clean:
         for entry in out.iterdir():
             if entry.name != "data":  # cached image sets are checked against their settings on reuse
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -129,15 +132,15 @@ def enable_xformers(unet) -> None:
     unet.enable_xformers_memory_efficient_attention()
 
 
-def make_optimizer(params: list[torch.Tensor], config: ForgetConfig):
+def make_optimizer(params: list[torch.Tensor], config: ForgetConfig, lr: float):
     """AdamW, or bitsandbytes' 8-bit AdamW (optimizer state in a quarter of the memory)."""
     if not config.use_8bit_adam:
-        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=config.adam_weight_decay)
     try:
         import bitsandbytes as bnb
     except ImportError:
         raise UserError("--use-8bit-adam needs bitsandbytes: pip install 'amnesia-sd[bitsandbytes]'") from None
-    return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=config.adam_weight_decay)
 
 
 def preflight(unet, params, config: ForgetConfig, replay_embeddings, ema: bool) -> str:
@@ -176,7 +179,7 @@ def draw_batch(seed: int, micro_step: int, world: int, rank: int, batch: int, si
 def forget(config: ForgetConfig) -> Path:
     """Train the UNet to map the concept to the surrogate while remembering everything else;
     write a diffusers pipeline folder to config.output_dir."""
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
@@ -193,8 +196,13 @@ def forget(config: ForgetConfig) -> Path:
             f"`amnesia-sd fim --model {config.model} --output {config.fim}`"
         )
     resolve_model(config.model)
-    if accelerator.is_main_process:
-        prepare_output_dir(out, config)
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise UserError(
+            f"forget runs under DDP (multi-GPU or multi-node), not {accelerator.distributed_type.value}: the EWC "
+            "gradient is added to each parameter's .grad, which DeepSpeed and FSDP shard away; "
+            "use an accelerate config with distributed_type: MULTI_GPU"
+        )
+    prepare_output_dir(out, config, clean=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     set_seed(config.seed)
     weight_dtype = DTYPES[config.mixed_precision]
@@ -211,7 +219,7 @@ def forget(config: ForgetConfig) -> Path:
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     concept_embeddings = encode_prompts(tokenizer, text_encoder, concepts)
     replay_texts = sorted(set(replay.prompts))
-    replay_embeddings = embed_all(tokenizer, text_encoder, replay_texts, accelerator.is_local_main_process)
+    replay_embeddings = embed_all(tokenizer, text_encoder, replay_texts, accelerator.is_main_process)
     position = {text: i for i, text in enumerate(replay_texts)}
     replay_text_index = torch.tensor([position[p] for p in replay.prompts])
     pipe.vae.to("cpu")
@@ -242,9 +250,12 @@ def forget(config: ForgetConfig) -> Path:
         unet.enable_gradient_checkpointing()
     if config.enable_xformers:
         enable_xformers(unet)
-    optimizer = make_optimizer(params, config)
+    # Never scaled silently by the number of processes (the reference code's pitfall); --scale-lr
+    # opts in to the linear scaling rule for the larger global batch.
+    learning_rate = config.learning_rate * (accelerator.num_processes if config.scale_lr else 1)
+    optimizer = make_optimizer(params, config, learning_rate)
     ema = EMAModel(unet.parameters(), decay=config.ema_decay) if config.ema_decay else None
-    if accelerator.is_local_main_process:
+    if accelerator.is_main_process:
         print(preflight(unet, params, config, replay_embeddings, ema is not None), flush=True)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     if ema is not None:
@@ -265,7 +276,7 @@ def forget(config: ForgetConfig) -> Path:
     device, b = accelerator.device, config.train_batch_size
     last = {}
     bar = tqdm(total=config.max_train_steps, initial=global_step, desc="forgetting", unit="step",
-               disable=not accelerator.is_local_main_process)
+               disable=not accelerator.is_main_process)
     unet.train()
     micro_step = global_step * config.gradient_accumulation_steps
     while global_step < config.max_train_steps:
@@ -291,19 +302,23 @@ def forget(config: ForgetConfig) -> Path:
                 loss_s = term_losses[0]
                 loss_r = term_losses[1] if len(term_losses) == 2 else torch.zeros((), device=device)
             data_loss = loss_s + config.gamma * loss_r
-            if not torch.isfinite(data_loss):
+            # The global batch's losses, averaged over processes: what is logged, and a NaN check
+            # that every process agrees on, so all of them stop together.
+            reported = accelerator.reduce(torch.stack([loss_s.detach(), loss_r.detach()]), reduction="mean")
+            if not torch.isfinite(reported).all():
                 kept = find_checkpoint(out, "latest")
                 raise UserError(
-                    f"the loss became {data_loss.item()} at step {global_step + 1}; training stopped. "
+                    f"the loss became {(reported[0] + config.gamma * reported[1]).item()} at step {global_step + 1}; training stopped. "
                     + (f"Last good checkpoint: {kept}; resume with --resume-from-checkpoint latest and a lower "
                        "--learning-rate" if kept else "No checkpoint was saved yet; lower --learning-rate")
                 )
             accelerator.backward(data_loss)
             if accelerator.sync_gradients:
                 accelerator.unscale_gradients()  # the penalty's gradient is added unscaled
-                if (global_step + 1) % LOG_EVERY == 0 or global_step + 1 == config.max_train_steps or not last:
-                    ewc = penalty.value().item()  # a full pass over the weights: not every step
-                penalty.add_grad_()
+                log_step = (global_step + 1) % LOG_EVERY == 0 or global_step + 1 == config.max_train_steps or not last
+                value = penalty.add_grad_(with_value=log_step)  # the value's .item() syncs: not every step
+                if value is not None:
+                    ewc = value.item()
                 if config.max_grad_norm:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
@@ -313,7 +328,7 @@ def forget(config: ForgetConfig) -> Path:
             global_step += 1
             if ema is not None:
                 ema.step(accelerator.unwrap_model(unet).parameters())
-            last = {"surrogate": loss_s.item(), "replay": loss_r.item(), "ewc": ewc}
+            last = {"surrogate": reported[0].item(), "replay": reported[1].item(), "ewc": ewc}
             last["total"] = last["surrogate"] + config.gamma * last["replay"] + last["ewc"]
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
@@ -331,6 +346,9 @@ def forget(config: ForgetConfig) -> Path:
             "steps": global_step,
             "final_losses": last,
             "trainable_parameters": sum(p.numel() for p in params),
+            "num_processes": accelerator.num_processes,
+            "global_batch_size": config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
+            "learning_rate": learning_rate,
             "replay_set": str(replay.path.resolve()),
             "surrogate_set": str(surrogate.path.resolve()),
             "concept_prompts": concepts,

@@ -156,7 +156,7 @@ def generate_image_set(
     ]
     bar = tqdm(
         total=len(prompts), initial=len(prompts) - len(todo) * accelerator.num_processes,
-        desc=f"{kind} images", unit="img", disable=not accelerator.is_local_main_process,
+        desc=f"{kind} images", unit="img", disable=not accelerator.is_main_process,
     )
     for position, latent, image in generate(
         pipe, [prompts[i] for i in todo], [image_seed(settings.seed, i) for i in todo], settings

@@ -101,7 +101,11 @@ def make_accelerator(mixed_precision: str = "no", **kwargs):
     # Library use runs several commands in one process (the demo does): each gets its own
     # settings. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, **kwargs)
+    # Launched as several processes on a machine without CUDA (CI, CPU clusters): accelerate only
+    # forms a (gloo) process group when told to use the CPU; otherwise each process runs alone.
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = several and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kwargs)
 
 
 def load_on_device(spec: str, accelerator, dtype: torch.dtype = torch.float32):

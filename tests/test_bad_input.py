@@ -131,7 +131,7 @@ def test_optional_extras_that_are_missing(tiny_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "xformers", None)
     config = ForgetConfig(model="m", concept="c", surrogate="s", fim="f", output_dir="o", use_8bit_adam=True)
     with pytest.raises(UserError, match=r"--use-8bit-adam needs bitsandbytes: pip install 'amnesia-sd\[bitsandbytes\]'"):
-        make_optimizer([torch.zeros(2, requires_grad=True)], config)
+        make_optimizer([torch.zeros(2, requires_grad=True)], config, config.learning_rate)
     with pytest.raises(UserError, match=r"--enable-xformers needs xformers: pip install 'amnesia-sd\[xformers\]'"):
         enable_xformers(load_parts(tiny_model)[0].unet)
 

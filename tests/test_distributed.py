@@ -1,0 +1,156 @@
+"""Several processes over gloo on the CPU, launched the ways users launch them (accelerate launch,
+torchrun): results must equal a single process's."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import unet_weights
+
+EXE = str(Path(sys.executable).with_name("amnesia-sd"))
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+QUICK = ["--num-inference-steps", "2", "--batch-size", "2"]
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def command(launcher: str, processes: int, *args) -> list[str]:
+    if launcher == "single":
+        return [EXE, *args]
+    if launcher == "accelerate":
+        # --multi_gpu picks accelerate's multi-process launcher; without CUDA it runs on the CPU over gloo.
+        return [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(), EXE, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_port", free_port(), "-m", "amnesia_sd.cli", *args]
+
+
+def launch(launcher: str, processes: int, *args, cwd, check: bool = True):
+    done = subprocess.run(command(launcher, processes, *args), cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def work(tiny_model, tmp_path_factory):
+    """A replay set, its Fisher and a surrogate set, made by one process (in this one)."""
+    from amnesia_sd.config import FimConfig, SetConfig
+    from amnesia_sd.fisher import compute_fim
+    from amnesia_sd.imageset import make_image_set
+    from amnesia_sd.prompts import replay_prompts
+
+    root = tmp_path_factory.mktemp("dist")
+    quick = {"model": str(tiny_model), "num_inference_steps": 2, "batch_size": 2}
+    make_image_set(SetConfig(output_dir=str(root / "replay"), kind="replay", prompts=replay_prompts(), num_images=5,
+                             **quick))
+    make_image_set(SetConfig(output_dir=str(root / "surrogate"), kind="surrogate", prompts=["a middle aged man"],
+                             num_images=4, **quick))
+    compute_fim(FimConfig(model=str(tiny_model), output=str(root / "fim.safetensors"), replay_dir=str(root / "replay"),
+                          num_timesteps=8, timestep_batch_size=4))
+    return root
+
+
+def test_replay_with_two_processes_equals_one_file_by_file(tiny_model, work):
+    # 5 images over 2 processes: an uneven split.
+    launch("accelerate", 2, "replay", "--model", str(tiny_model), "--output-dir", "replay-2", "--num-images", "5",
+           *QUICK, cwd=work)
+    one, two = work / "replay", work / "replay-2"
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    assert len([f for f in files if f.suffix == ".png"]) == 5
+    for name in files:
+        if name.name == "manifest.json":  # identical but for nothing: compared as data
+            assert json.loads((one / name).read_text()) == json.loads((two / name).read_text())
+        elif name.suffix == ".safetensors":
+            a, b = load_file(str(one / name)), load_file(str(two / name))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        else:
+            assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+def test_fim_with_two_processes_equals_one(tiny_model, work):
+    launch("torchrun", 2, "fim", "--model", str(tiny_model), "--replay-dir", "replay", "--output", "fim-2.safetensors",
+           "--num-timesteps", "8", "--timestep-batch-size", "4", cwd=work)
+    one, two = load_file(str(work / "fim.safetensors")), load_file(str(work / "fim-2.safetensors"))
+    assert one.keys() == two.keys() and len(one) > 10
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6 * one[k].abs().max().item())
+    assert sum(v.sum().item() for v in one.values()) > 0
+
+
+def forget_args(model, out, batch, *extra):
+    return ["forget", "--model", model, "--concept", "Brad Pitt", "--surrogate-dir", "surrogate",
+            "--replay-dir", "replay", "--fim", "fim.safetensors", "--output-dir", out, "--train-batch-size",
+            str(batch), "--learning-rate", "1e-3", "--lambda-ewc", "1e3", *extra]
+
+
+def test_forget_two_processes_of_batch_b_equal_one_process_of_batch_2b(tiny_model, work):
+    model = str(tiny_model)
+    launch("single", 1, *forget_args(model, "one", 2, "--max-train-steps", "1"), cwd=work)
+    launch("accelerate", 2, *forget_args(model, "two", 1, "--max-train-steps", "1"), cwd=work)
+    one = json.loads((work / "one" / "amnesia.json").read_text())
+    two = json.loads((work / "two" / "amnesia.json").read_text())
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    assert one["global_batch_size"] == two["global_batch_size"] == 2
+    assert one["learning_rate"] == two["learning_rate"] == 1e-3  # not scaled by the process count
+    for term in ("surrogate", "replay"):  # the first step's loss over the same global batch
+        assert two["final_losses"][term] == pytest.approx(one["final_losses"][term], rel=1e-5)
+    # Averaged gradients over the same 2 images: the same update, and a loadable pipeline.
+    # (Adam's first step is about lr * sign(g), so an element whose gradient is ~1e-8 may differ.)
+    a, b, base = unet_weights(work / "one"), unet_weights(work / "two"), unet_weights(tiny_model)
+    update_one = torch.cat([(a[k] - base[k]).flatten() for k in base])
+    update_two = torch.cat([(b[k] - base[k]).flatten() for k in base])
+    assert update_one.abs().max() > 1e-4
+    assert (update_two - update_one).norm() <= 1e-3 * update_one.norm()
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(work / "two", safety_checker=None, requires_safety_checker=False)
+    assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], b["conv_in.weight"])
+
+
+def test_forget_with_two_processes_resumes_after_a_kill(tiny_model, work):
+    model = str(tiny_model)
+    args = forget_args(model, "killed", 1, "--max-train-steps", "60", "--checkpointing-steps", "10")
+    # Preemption: the whole launcher and its workers die at once, mid-run.
+    run = subprocess.Popen(command("torchrun", 2, *args), cwd=work, env=ENV, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    checkpoints = work / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    while not (checkpoints / "checkpoint-20").is_dir() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    import psutil
+
+    launcher = psutil.Process(run.pid)
+    workers = launcher.children(recursive=True)  # they may sit in sessions of their own
+    for process in [launcher, *workers]:
+        process.kill()
+    run.wait()
+    psutil.wait_procs(workers, timeout=30)
+    assert not (work / "killed" / "amnesia.json").exists(), "the run finished before it could be killed"
+    kept = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    assert kept and kept[-1] >= 20
+
+    refused = launch("torchrun", 2, *args, cwd=work, check=False)  # neither resumed nor overwritten: refused
+    assert refused.returncode != 0
+    assert refused.stderr.count("--resume-from-checkpoint latest") == 1  # one message for both processes
+    launch("torchrun", 2, *args, "--resume-from-checkpoint", "latest", cwd=work)
+    launch("torchrun", 2, *forget_args(model, "straight", 1, "--max-train-steps", "60"), cwd=work)
+    resumed, straight = unet_weights(work / "killed"), unet_weights(work / "straight")
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6)
+    assert json.loads((work / "killed" / "amnesia.json").read_text())["steps"] == 60
