@@ -1,4 +1,5 @@
-"""Sampling images from a pipeline, one seed per image so results do not depend on batching."""
+"""Sampling images from a pipeline, one seed per image so results do not depend on batching
+(beyond float rounding: kernels may round differently per batch size)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ from .models import native_resolution
 def image_seed(seed: int, index: int) -> int:
     """Seed of image `index`: fixed by the run's seed and the index alone."""
     return seed * 2**32 + index
+
+
+def process_share(count: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """The indices of `count` images that process `rank` of `world` generates: whole batches, batch k
+    to process k mod world. Every image is then computed in the same batch as with one process,
+    so the pixels do not depend on the number of processes (kernels may differ by batch)."""
+    starts = range(rank * batch_size, count, world * batch_size)
+    return [i for start in starts for i in range(start, min(start + batch_size, count))]
 
 
 @torch.no_grad()

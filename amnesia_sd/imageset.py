@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import GenerationSettings
 from .errors import UserError
-from .generate import generate, image_seed
+from .generate import generate, image_seed, process_share
 from .io import atomic_path, write_json, write_text
 from .models import ModelRef, native_resolution, unet_config_hash
 
@@ -150,10 +150,12 @@ def generate_image_set(
     if accelerator.is_main_process:
         partial = _prepare(out, overwrite, record)
     accelerator.wait_for_everyone()
-    todo = [
-        i for i in range(accelerator.process_index, len(prompts), accelerator.num_processes)
-        if not (partial / "images" / f"{i:06d}.png").is_file()
-    ]
+    # A resumed run redoes whole batches, so every image is still made in the batch it would have
+    # been made in without the interruption.
+    b = settings.batch_size
+    mine = process_share(len(prompts), b, accelerator.process_index, accelerator.num_processes)
+    todo = [i for k in range(0, len(mine), b) for i in mine[k : k + b]
+            if not all((partial / "images" / f"{j:06d}.png").is_file() for j in mine[k : k + b])]
     bar = tqdm(
         total=len(prompts), initial=len(prompts) - len(todo) * accelerator.num_processes,
         desc=f"{kind} images", unit="img", disable=not accelerator.is_main_process,

@@ -58,6 +58,8 @@ def sample(config: SampleConfig) -> Path:
     if out.exists() and config.overwrite:
         shutil.rmtree(out)
     accelerator = make_accelerator()
+    if not accelerator.is_main_process:  # a handful of images: one process makes them all
+        return out
     rows = sample_model(config.model, config.prompts, config, out / "images", accelerator)
     with atomic_path(out / "grid.png") as tmp:
         make_grid(rows).save(tmp, format="PNG")

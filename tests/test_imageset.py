@@ -48,8 +48,10 @@ def test_interrupted_set_resumes_where_it_stopped(tiny_model, tmp_path, monkeypa
     monkeypatch.setattr(imageset, "_save_image", lambda partial, index, latent, image: (
         saved.append(index), real_save(partial, index, latent, image)))
     resumed = make(tiny_model, tmp_path / "set")
-    assert sorted(saved) == list(range(5))  # each image made once in all
-    torch.testing.assert_close(resumed.latents, whole.latents, rtol=1e-4, atol=1e-4)
+    # Finished batches are kept; the half-saved batch (2, 3) is made again whole, in the same batch
+    # as without the interruption, so the set is bit for bit the uninterrupted one.
+    assert saved == [0, 1, 2, 2, 3, 4]
+    assert torch.equal(resumed.latents, whole.latents)
     assert not (tmp_path / "set.partial").exists()
     with pytest.raises(UserError, match="already holds a finished image set"):
         make(tiny_model, tmp_path / "set")
@@ -79,3 +81,15 @@ def test_user_images_are_cropped_and_encoded(tiny_model, tmp_path):
     with pytest.raises(UserError, match="holds no images"):
         encode_image_folder(pipe, resolve_model(str(tiny_model)), tmp_path / "set" / "images" / "..",
                             tmp_path / "x", None, make_accelerator())
+
+
+def test_processes_share_whole_batches():
+    from amnesia_sd.generate import process_share
+
+    for count, batch, world in [(5, 2, 2), (17, 4, 3), (3, 8, 2), (10, 1, 4)]:
+        shares = [process_share(count, batch, rank, world) for rank in range(world)]
+        assert sorted(i for s in shares for i in s) == list(range(count))
+        for share in shares:  # each process's batches are exactly the single process's batches
+            for k in range(0, len(share), batch):
+                chunk = share[k : k + batch]
+                assert chunk == list(range(chunk[0], chunk[0] + len(chunk))) and chunk[0] % batch == 0
