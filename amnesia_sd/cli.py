@@ -15,6 +15,7 @@ from .errors import UserError
 
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,  # help texts say "[default: ...]": brackets are text, not markup
     no_args_is_help=True,
     help=(
         "Make a Stable Diffusion model forget a concept with Selective Amnesia (Heng & Soh, 2023).\n\n"
@@ -249,6 +250,41 @@ def sample(
                                                           batch_size, mixed_precision).items() if v is not None})
     out = run_sample(config)
     typer.echo(f"samples in {out} (grid.png{', compare.png' if compare else ''})")
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    model: Model,
+    output_dir: Annotated[Path, typer.Option(help="Folder for report.json, report.html and images/.")],
+    base: Annotated[Optional[str], typer.Option(help="Base model to compare with. [default: base_model in MODEL/amnesia.json]")] = None,
+    concept: Annotated[Optional[str], typer.Option(help="The forgotten concept; comma-separated alternatives. [default: concepts in MODEL/amnesia.json]")] = None,
+    num_images: Annotated[Optional[int], typer.Option(help="Images per prompt set (digits model: per digit). [default: 16; digits model: 100, as the demo]")] = None,
+    detector: Annotated[str, typer.Option(help="auto, nudenet, clip or digits; auto: digits for the digits model, nudenet for nudity words, else clip.")] = "auto",
+    clip_model: Annotated[Optional[str], typer.Option(help="CLIP for zero-shot detection and CLIP score: hub id or local folder. [default: openai/clip-vit-large-patch14]")] = None,
+    nudenet_threshold: Annotated[Optional[float], typer.Option(help="NudeNet score from which a detection counts. [default: 0.6]")] = None,
+    distractor: Annotated[Optional[list[str]], typer.Option(help="Zero-shot alternative to the concept; repeat the flag for several. [default: a person, a landscape, ... and the surrogate]")] = None,
+    prompts_csv: Annotated[Optional[Path], typer.Option(help="Extra prompt set in the I2P CSV format (prompt, sd_seed, sd_guidance_scale columns).")] = None,
+    num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
+    seed: Seed = None, batch_size: BatchSize = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
+):
+    """Measure what a forgotten model forgot and what else changed, against its base on the same seeds.
+
+    Example: amnesia-sd eval --model brad-pitt-forgotten --output-dir brad-pitt-report --num-images 32
+    """
+    from .evaluate import EvalConfig, run_eval
+    from .report import format_summary
+
+    _quiet_libraries()
+    cli = {"model": model, "output_dir": str(output_dir), "base": base, "concept": concept, "num_images": num_images,
+           "detector": detector, "clip_model": clip_model, "nudenet_threshold": nudenet_threshold,
+           "distractors": distractor, "prompts_csv": str(prompts_csv) if prompts_csv else None,
+           "overwrite": overwrite,
+           **_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, mixed_precision)}
+    report = run_eval(EvalConfig(**{k: v for k, v in cli.items() if v is not None}))
+    if report:  # the main process's; the others leave the detectors and the report to it
+        typer.echo(format_summary(report))
+        typer.echo(f"report: {output_dir / 'report.html'} and report.json")
 
 
 digits_app = typer.Typer(no_args_is_help=True, help="The built-in digits model (`--model digits`).")

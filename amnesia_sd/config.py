@@ -172,8 +172,12 @@ class ForgetConfig(GenerationSettings):
         )
 
     def concept_list(self) -> list[str]:
-        """Comma-separated alternatives: 'nudity, naked, erotic, sexual' -> four concepts."""
-        return [c.strip() for c in self.concept.split(",") if c.strip()]
+        return split_concepts(self.concept)
+
+
+def split_concepts(text: str) -> list[str]:
+    """Comma-separated alternatives: 'nudity, naked, erotic, sexual' -> four concepts."""
+    return [c.strip() for c in text.split(",") if c.strip()]
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -91,6 +91,16 @@ def sample_and_classify(spec: str, prompts: list[str], seeds: list[int], setting
     return images, digits.classify(images, classifier)
 
 
+def evaluation_samples(digit: int, per_digit: int, seed: int) -> tuple[list[str], list[int]]:
+    """The demo's evaluation prompts and seeds, in the order summarize() reads them: `per_digit`
+    per digit on training phrasings (digit-major, seeds (seed, i)), then `per_digit` of `digit` on
+    held-out phrasings (seeds (seed + 1, i)). `amnesia-sd eval` samples the same list."""
+    prompts = per_digit_prompts(digits.train_prompts, per_digit, range(10))
+    heldout = per_digit_prompts(digits.heldout_prompts, per_digit, [digit])
+    seeds = [image_seed(seed, i) for i in range(len(prompts))] + [image_seed(seed + 1, i) for i in range(per_digit)]
+    return prompts + heldout, seeds
+
+
 def summarize(probs: torch.Tensor, heldout: torch.Tensor, digit: int, per_digit: int) -> dict:
     by_digit = probs.view(10, per_digit, 10)
     forgotten = by_digit[digit]
@@ -150,18 +160,14 @@ def run_demo(config: DemoConfig) -> dict:
 
     # Every model samples the same prompts with the same seeds.
     n = config.samples_per_digit
-    prompts = per_digit_prompts(digits.train_prompts, n, range(10))
-    heldout_prompts = per_digit_prompts(digits.heldout_prompts, n, [config.digit])
-    seeds = [image_seed(config.seed, i) for i in range(len(prompts))]
-    heldout_seeds = [image_seed(config.seed + 1, i) for i in range(n)]
+    prompts, seeds = evaluation_samples(config.digit, n, config.seed)
     classifier = digits.load_digit_classifier()
     metrics: dict = {"forgotten_digit": config.digit, "surrogate": config.surrogate, "samples_per_digit": n,
                      "base_model_path": str(base)}
     rows: list[list[Image.Image]] = [[] for _ in range(10)]
     for name, spec in zip(MODELS, (str(base), str(out / "sa"), str(out / "naive"))):
-        images, probs = sample_and_classify(spec, prompts + heldout_prompts, seeds + heldout_seeds, settings,
-                                            accelerator, classifier)
-        metrics[name] = summarize(probs[: len(prompts)], probs[len(prompts):], config.digit, n)
+        images, probs = sample_and_classify(spec, prompts, seeds, settings, accelerator, classifier)
+        metrics[name] = summarize(probs[: 10 * n], probs[10 * n :], config.digit, n)
         for d in range(10):
             rows[d].extend(images[d * n : d * n + 4])
     with atomic_path(out / "grid.png") as tmp:

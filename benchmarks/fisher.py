@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--timesteps", type=int, default=1000,
                         help="evenly spaced timesteps for the speed comparison (the reference's cost grows with it)")
     parser.add_argument("--subset-samples", type=int, default=16, help="samples for the subset accuracy part")
-    parser.add_argument("--timestep-batch-size", type=int, default=1000)
+    parser.add_argument("--timestep-batch-size", type=int, default=250)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of ours (median)")
     args = parser.parse_args()

@@ -94,3 +94,8 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
         "error: no Fisher file at f.safetensors: compute it once per base model with "
         "`amnesia-sd fim --model ./missing-model --output f.safetensors`"]
     assert not (tmp_path / "o").exists()
+
+
+def test_help_shows_the_defaults(tmp_path):
+    text = cli("forget", "--help", cwd=tmp_path).stdout
+    assert "[default: 1e-5]" in text and "[default: 50]" in text and "--scale-lr" in text

@@ -59,4 +59,7 @@ def test_every_command_takes_model_digits(tmp_path):
        "--output-dir", str(tmp_path / "o"), "--max-train-steps", "1")
     ok("sample", "--model", "digits", "--prompt", "the number 3", "--num-images", "1", "--output-dir",
        str(tmp_path / "p"), "--compare", str(tmp_path / "o"), *QUICK)
+    ok("eval", "--model", str(tmp_path / "o"), "--base", "digits", "--output-dir", str(tmp_path / "e"),
+       "--num-images", "1", *QUICK)
+    assert json.loads((tmp_path / "e" / "report.json").read_text())["digits"]["forgotten_digit"] == 3
     assert json.loads((tmp_path / "o" / "amnesia.json").read_text())["base_model"] == str(digits.SHIPPED_MODEL)

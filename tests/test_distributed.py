@@ -154,3 +154,17 @@ def test_forget_with_two_processes_resumes_after_a_kill(tiny_model, work):
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6)
     assert json.loads((work / "killed" / "amnesia.json").read_text())["steps"] == 24
+
+
+def test_eval_with_two_processes_equals_one(tiny_model, work):
+    args = ["eval", "--model", str(tiny_model), "--base", str(tiny_model), "--concept", "Brad Pitt",
+            "--num-images", "3", "--num-inference-steps", "2", "--batch-size", "2", "--clip-model", "not/available"]
+    launch("single", 1, *args, "--output-dir", "eval-1", cwd=work)
+    launch("torchrun", 2, *args, "--output-dir", "eval-2", cwd=work)
+    one, two = work / "eval-1", work / "eval-2"
+    images = sorted(p.relative_to(one) for p in one.rglob("*.png"))
+    assert len(images) >= 8 and images == sorted(p.relative_to(two) for p in two.rglob("*.png"))
+    for name in images:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    a, b = (json.loads((d / "report.json").read_text()) for d in (one, two))
+    assert a["sets"] == b["sets"]

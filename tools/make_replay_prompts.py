@@ -1,7 +1,7 @@
-"""Generate prompts/replay.txt and prompts/eval_retain.txt.
+"""Generate prompts/replay.txt and prompts/eval/retain.txt.
 
 Prompts are built from the hand-written lists below. Every fifth subject of
-each list is held out for eval_retain.txt, so the two files differ in content,
+each list is held out for eval/retain.txt, so the two files differ in content,
 not only in wording. Fixed seeds make the output reproducible byte for byte:
 
     python tools/make_replay_prompts.py
@@ -639,8 +639,8 @@ def main():
         check(prompt)
     assert not set(replay) & set(eval_retain)
 
-    PROMPTS_DIR.mkdir(exist_ok=True)
-    for name, prompts in [("replay.txt", replay), ("eval_retain.txt", eval_retain)]:
+    (PROMPTS_DIR / "eval").mkdir(parents=True, exist_ok=True)
+    for name, prompts in [("replay.txt", replay), ("eval/retain.txt", eval_retain)]:
         (PROMPTS_DIR / name).write_text("\n".join(prompts) + "\n", encoding="utf-8")
         print(f"wrote {len(prompts)} prompts to {PROMPTS_DIR / name}")
 

@@ -1,0 +1,466 @@
+"""`amnesia-sd eval`: what a model forgot and what else changed, against its base on the same seeds.
+
+Prompt sets: the concept through the training templates, held-out paraphrases and misspellings
+(prompts/eval/), held-out everyday prompts that the replay set never used (retained), and an
+optional I2P-format CSV with its own seed and guidance per row. Both models sample every prompt
+with the same seeds; processes under `accelerate launch` share the images by index, then the main
+process runs the detectors (detectors.py) and writes the report (report.py).
+
+On the built-in digits model the sets are the demo's: the forgotten digit on its training and
+held-out phrasings and the nine others, sampled and classified exactly as `amnesia-sd demo` does,
+so the same seeds give the demo's numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gc
+import hashlib
+import importlib.util
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__, digits
+from .config import GenerationSettings, _check, _check_choice, _check_positive, split_concepts
+from .demo import DemoConfig, evaluation_samples, summarize
+from .detectors import (
+    DEFAULT_CLIP, DISTRACTORS, ClipDetector, Detector, DigitsDetector, NudeNetDetector, Sample, is_nudity, load_clip,
+    ssim,
+)
+from .errors import UserError
+from .generate import generate, image_seed, process_share
+from .io import atomic_path, replace_dir
+from .models import DTYPES, ModelRef, load_on_device, make_accelerator, native_resolution, resolve_model
+from .prompts import bundled, concept_prompts, read_prompts, repeat_to
+from .report import REPORT_JSON, summary_rows, write_report
+
+ROLES = ("base", "forgotten")
+DETECTORS = ("auto", "nudenet", "clip", "digits")
+CSV_COLUMNS = ("prompt", "sd_seed", "sd_guidance_scale")
+SD_IMAGES_PER_SET = 16
+SD_BATCH_SIZE = GenerationSettings.batch_size
+
+
+@dataclass
+class EvalConfig(GenerationSettings):
+    model: str = ""
+    output_dir: str = ""
+    base: str | None = None  # None: the base_model recorded in MODEL/amnesia.json
+    concept: str | None = None  # None: the concepts recorded in MODEL/amnesia.json
+    num_images: int | None = None  # per prompt set (digits model: per digit); None: 16 (digits: the demo's 100)
+    # None: 8 (digits model: the demo's 250; image pixels depend slightly on the batch, and this
+    # is what makes the demo's numbers repeat exactly)
+    batch_size: int | None = None
+    detector: str = "auto"
+    clip_model: str = DEFAULT_CLIP
+    nudenet_threshold: float = 0.6
+    distractors: list[str] = field(default_factory=list)  # empty: detectors.DISTRACTORS
+    prompts_csv: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(bool(self.model), "--model is required (the forgotten model: an `amnesia-sd forget` output folder)")
+        _check(bool(self.output_dir), "--output-dir is required")
+        _check_positive("num_images", self.num_images)
+        _check_choice("detector", self.detector, DETECTORS)
+        _check(bool(self.clip_model.strip()), "--clip-model is empty: give a hub id or a local CLIP folder")
+        _check(0 < self.nudenet_threshold <= 1, f"--nudenet-threshold must be in (0, 1], got {self.nudenet_threshold}")
+        _check(self.concept is None or bool(split_concepts(self.concept)),
+               "--concept is empty: give the forgotten concept, e.g. --concept 'Brad Pitt'")
+
+
+@dataclass
+class PromptSet:
+    name: str
+    description: str
+    samples: list[Sample] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """The prompt sets, and the blocks in which their images are generated and judged: each block
+    is a list of (set name, index in the set) sampled with one generate() call per guidance scale."""
+
+    sets: dict[str, PromptSet]
+    blocks: list[list[tuple[str, int]]]
+    digit: int | None = None
+    per_digit: int | None = None
+
+
+def misspellings(concept: str) -> list[str]:
+    """Deterministic misspellings that training never saw: in the longest word a letter dropped,
+    two letters swapped and one doubled; the whole name lowercased and without spaces."""
+    words = concept.split()
+    i = max(range(len(words)), key=lambda k: len(words[k]))
+    word, mid = words[i], len(words[i]) // 2
+    edits = []
+    if len(word) >= 3:
+        edits = [word[:mid] + word[mid + 1 :], word[: mid - 1] + word[mid] + word[mid - 1] + word[mid + 1 :],
+                 word[: mid + 1] + word[mid:]]
+    variants = [" ".join([*words[:i], e, *words[i + 1 :]]) for e in edits]
+    variants += [concept.lower(), concept.replace(" ", ""), concept.lower().replace(" ", "")]
+    return [v for v in dict.fromkeys(variants) if v != concept]
+
+
+def spread(prompts: list[str], n: int) -> list[str]:
+    """n prompts evenly spread over the list (every template and every alternative get their
+    turn), cycling when n is larger."""
+    if n >= len(prompts):
+        return repeat_to(prompts, n)
+    return [prompts[i * len(prompts) // n] for i in range(n)]
+
+
+def read_prompts_csv(path: str | Path) -> list[Sample]:
+    """An I2P-format CSV: columns prompt, sd_seed, sd_guidance_scale (others are ignored); each row
+    is sampled with its own seed and guidance."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--prompts-csv {path} not found")
+    samples = []
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise UserError(f"--prompts-csv {path} has no column {', '.join(missing)}: the I2P format needs "
+                                f"{', '.join(CSV_COLUMNS)}")
+            for row in reader:
+                where = f"--prompts-csv {path} line {reader.line_num}"
+                try:
+                    seed = int(row["sd_seed"])
+                except (TypeError, ValueError):
+                    raise UserError(f"{where}: sd_seed {row['sd_seed']!r} is not an integer") from None
+                try:
+                    guidance = float(row["sd_guidance_scale"])
+                except (TypeError, ValueError):
+                    raise UserError(f"{where}: sd_guidance_scale {row['sd_guidance_scale']!r} is not a number") from None
+                if not 0 <= seed < 2**63 or not (math.isfinite(guidance) and guidance >= 0):
+                    raise UserError(f"{where}: sd_seed must be in [0, 2**63) and sd_guidance_scale >= 0")
+                samples.append(Sample((row["prompt"] or "").strip(), seed, guidance))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--prompts-csv {path} is not UTF-8 text: {exc}") from None
+    except csv.Error as exc:
+        raise UserError(f"--prompts-csv {path} is not a valid CSV file: {exc}") from None
+    if not samples:
+        raise UserError(f"--prompts-csv {path} has no rows")
+    return samples
+
+
+def digit_of(concepts: list[str]) -> int:
+    """The one digit that the concepts name, as words or numerals."""
+    found = {d for c in concepts for token in re.findall(r"[a-z]+|\d", c.lower()) for d in range(10)
+             if token in (digits.DIGIT_WORDS[d], str(d))}
+    if len(found) != 1:
+        raise UserError(f"the digits model forgets one digit, but the concept {', '.join(concepts)!r} names "
+                        f"{'none' if not found else 'several'}: pass e.g. --concept zero or --concept 3")
+    return found.pop()
+
+
+def is_digits_model(ref: ModelRef) -> bool:
+    return ref.kind == "folder" and (Path(ref.location) / "digits.json").is_file()
+
+
+def choose_detector(name: str, digits_model: bool, concepts: list[str]) -> str:
+    if name == "auto":
+        return "digits" if digits_model else "nudenet" if is_nudity(concepts) else "clip"
+    if name == "digits" and not digits_model:
+        raise UserError("--detector digits judges the built-in digits model only; use clip or nudenet")
+    return name
+
+
+def _sd_plan(concepts: list[str], n: int, seed: int, guidance: float) -> dict[str, PromptSet]:
+    """Every set uses the seeds (seed, 0..n-1): image i of each set starts from the same noise."""
+    paraphrases = read_prompts(bundled("eval/concept_paraphrases.txt"))
+    candidates = [
+        ("concept", "the concept through the training templates (prompts/concept_templates.txt)",
+         concept_prompts(concepts, True)),
+        ("paraphrase", "held-out phrasings that training never saw (prompts/eval/concept_paraphrases.txt)",
+         [t.format(c) for c in concepts for t in paraphrases]),
+        ("misspelling", "misspelled concept names through the training templates",
+         concept_prompts([m for c in concepts for m in misspellings(c)], True)),
+        ("retained", "held-out everyday prompts, disjoint from the replay prompts (prompts/eval/retain.txt)",
+         read_prompts(bundled("eval/retain.txt"))),
+    ]
+    return {name: PromptSet(name, description, [Sample(p, image_seed(seed, i), guidance)
+                                                for i, p in enumerate(spread(prompts, n))])
+            for name, description, prompts in candidates if prompts}
+
+
+def _digits_plan(digit: int, n: int, seed: int, guidance: float) -> Plan:
+    """The demo's samples in the demo's order, which is also the order they are generated and
+    classified in (pixels and probabilities depend slightly on the batch they are computed in)."""
+    sets = {
+        "concept": PromptSet("concept", f"the digit {digit} on its training phrasings"),
+        "paraphrase": PromptSet("paraphrase", f"the digit {digit} on held-out phrasings that training never saw"),
+        "retained": PromptSet("retained", "the nine other digits on their training phrasings"),
+    }
+    prompts, seeds = evaluation_samples(digit, n, seed)
+    block = []
+    for i, (prompt, s) in enumerate(zip(prompts, seeds)):
+        target = i // n if i < 10 * n else digit
+        name = "paraphrase" if i >= 10 * n else "concept" if target == digit else "retained"
+        block.append((name, len(sets[name].samples)))
+        sets[name].samples.append(Sample(prompt, s, guidance, target))
+    return Plan(sets, [block], digit, n)
+
+
+def make_plan(concepts: list[str], digits_model: bool, n: int, settings: GenerationSettings,
+              csv_samples: list[Sample] | None) -> Plan:
+    if digits_model:
+        plan = _digits_plan(digit_of(concepts), n, settings.seed, settings.guidance_scale)
+    else:
+        sets = _sd_plan(concepts, n, settings.seed, settings.guidance_scale)
+        plan = Plan(sets, [[(name, i) for i in range(len(s.samples))] for name, s in sets.items()])
+    if csv_samples:
+        plan.sets["csv"] = PromptSet("csv", "--prompts-csv rows, each with its own seed and guidance", csv_samples)
+        plan.blocks.append([("csv", i) for i in range(len(csv_samples))])
+    return plan
+
+
+def image_path(set_name: str, role: str, index: int) -> str:
+    """Relative to the report folder."""
+    return f"images/{set_name}/{role}/{index:04d}.png"
+
+
+def unet_digest(unet) -> str:
+    """SHA-256 of the UNet's weights as loaded (names, dtypes and bytes), to tell models apart."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(unet.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _sample_model(spec: str, role: str, plan: Plan, settings: GenerationSettings, folder: Path, accelerator) -> dict:
+    """Generate this process's share of every block with one model; return the model's identity."""
+    ref, pipe = load_on_device(spec, accelerator, DTYPES[settings.mixed_precision])
+    total = sum(len(b) for b in plan.blocks)
+    bar = tqdm(total=total, desc=f"sampling {role}", unit="img", disable=not accelerator.is_main_process)
+    for block in plan.blocks:
+        by_guidance: dict[float, list[tuple[str, int]]] = {}
+        for item in block:
+            by_guidance.setdefault(plan.sets[item[0]].samples[item[1]].guidance_scale, []).append(item)
+        for guidance, items in by_guidance.items():
+            share = process_share(len(items), settings.batch_size, accelerator.process_index, accelerator.num_processes)
+            items = [items[i] for i in share]
+            samples = [plan.sets[name].samples[i] for name, i in items]
+            for position, _, image in generate(pipe, [s.prompt for s in samples], [s.seed for s in samples],
+                                               dataclasses.replace(settings, guidance_scale=guidance)):
+                name, i = items[position]
+                with atomic_path(folder / image_path(name, role, i)) as tmp:
+                    image.save(tmp, format="PNG")
+                bar.update(accelerator.num_processes)
+    bar.close()
+    identity = {"spec": spec, "identity": ref.identity, "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+                "resolution": settings.resolution or native_resolution(pipe)}
+    if accelerator.is_main_process:
+        identity["unet_sha256"] = unet_digest(pipe.unet)
+    del pipe
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return identity
+
+
+def _judge(plan: Plan, detectors: list[Detector], folder: Path) -> dict:
+    """outputs[set][role][detector] = one record per image of the set. Each block is judged in one
+    call, as it was generated."""
+    outputs = {name: {role: {d.name: [None] * len(s.samples) for d in detectors} for role in ROLES}
+               for name, s in plan.sets.items()}
+    total = sum(len(b) for b in plan.blocks)
+    for detector in detectors:
+        for role in ROLES:
+            with tqdm(total=total, desc=f"{detector.name} ({role})", unit="img") as bar:
+                for block in plan.blocks:
+                    samples = [plan.sets[name].samples[i] for name, i in block]
+                    paths = [folder / image_path(name, role, i) for name, i in block]
+                    for (name, i), record in zip(block, detector.detect(paths, samples, bar)):
+                        outputs[name][role][detector.name][i] = record
+    return outputs
+
+
+def _similarity(plan: Plan, clip: ClipDetector | None, folder: Path) -> dict:
+    """similarity[set][measure] = one value per image pair (base, forgotten) on the same seed."""
+    result = {name: {"ssim": []} | ({"clip_image": []} if clip else {}) for name in plan.sets}
+    with tqdm(total=sum(len(s.samples) for s in plan.sets.values()), desc="similarity", unit="pair") as bar:
+        for name, s in plan.sets.items():
+            for i in range(len(s.samples)):
+                pair = [folder / image_path(name, role, i) for role in ROLES]
+                result[name]["ssim"].append(ssim(*pair))
+                if clip is not None:
+                    result[name]["clip_image"].append(clip.similarity(*pair))
+                bar.update(1)
+    return result
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _model_record(identity: dict, record: dict) -> dict:
+    if record:
+        identity["amnesia"] = {k: record.get(k) for k in ("base_model", "concepts", "surrogate", "steps",
+                                                          "tool_version", "final_losses")}
+        identity["amnesia"]["settings"] = {k: record.get("settings", {}).get(k) for k in (
+            "lambda_ewc", "gamma", "learning_rate", "train_method", "max_train_steps", "train_batch_size", "seed")}
+    return identity
+
+
+def _read_record(model: str) -> dict:
+    path = Path(model).expanduser() / "amnesia.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); it should be written by `amnesia-sd forget`") from None
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if (out / REPORT_JSON).is_file():
+        if not overwrite:
+            raise UserError(f"{out} already holds a finished report; pass --overwrite to replace it")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an eval report; pick an empty or new --output-dir")
+
+
+def run_eval(config: EvalConfig) -> dict:
+    """Sample both models on every prompt set, judge the images, write OUT/report.json,
+    OUT/report.html and OUT/images/; return the report (an empty dict on processes other than
+    the main one under `accelerate launch`)."""
+    started = time.time()
+    out = Path(config.output_dir)
+    _check_output(out, config.overwrite)
+    resolve_model(config.model)  # a bad path fails before any work
+    record = _read_record(config.model)
+    base = config.base or str(record.get("base_model") or "").removeprefix("hub:")
+    if not base:
+        raise UserError(f"--base is required: {config.model} has no amnesia.json that names its base model")
+    concepts = split_concepts(config.concept) if config.concept else list(record.get("concepts") or [])
+    if not concepts:
+        raise UserError(f"--concept is required: {config.model} has no amnesia.json that names the concept")
+    digits_model = is_digits_model(resolve_model(base))
+    detector = choose_detector(config.detector, digits_model, concepts)
+    n = config.num_images or (DemoConfig.samples_per_digit if digits_model else SD_IMAGES_PER_SET)
+    batch_size = config.batch_size or (DemoConfig.batch_size if digits_model else SD_BATCH_SIZE)
+    settings = GenerationSettings(num_inference_steps=config.num_inference_steps,
+                                  guidance_scale=config.guidance_scale, resolution=config.resolution,
+                                  seed=config.seed, batch_size=batch_size, mixed_precision=config.mixed_precision)
+    plan = make_plan(concepts, digits_model, n, settings,
+                     read_prompts_csv(config.prompts_csv) if config.prompts_csv else None)
+    if detector == "nudenet" and importlib.util.find_spec("nudenet") is None:
+        raise UserError("the nudenet detector needs the nudenet package: pip install 'amnesia-sd[eval]'")
+    surrogate = (record.get("settings") or {}).get("surrogate")
+    distractors = list(config.distractors or DISTRACTORS) + ([surrogate] if surrogate else [])
+
+    accelerator = make_accelerator()
+    partial = out.with_name(out.name + ".partial")
+    detectors: list[Detector] = []
+    status: dict[str, dict] = {}
+    clip = None
+    if accelerator.is_main_process:
+        # A fresh folder: an interrupted run's images are never mixed with new ones.
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        # Loaded before sampling, so a missing package or model shows at once, not after hours of it.
+        if detector == "digits":
+            detectors.append(DigitsDetector(plan.digit))
+        if detector == "nudenet":
+            detectors.append(NudeNetDetector(config.nudenet_threshold))
+        if detector == "clip" or (detector == "nudenet" and not digits_model):
+            clip, status["clip"] = load_clip(config.clip_model, concepts, distractors)
+            if clip is None:
+                ran = ", ".join([d.name for d in detectors] + ["grayscale SSIM image similarity"])
+                print(f"warning: the clip detector could not be loaded ({config.clip_model}: {status['clip']['reason']}); "
+                      f"pass --clip-model PATH to a local CLIP folder. Still ran: {ran}", file=sys.stderr, flush=True)
+            else:
+                detectors.append(clip)
+        for d in detectors:
+            status[d.name] = {"loaded": True, **status.get(d.name, {})}
+        for name, entry in status.items():
+            entry["headline"] = list(next((d.headline for d in detectors if d.name == name), ()))
+    accelerator.wait_for_everyone()
+
+    models = {role: _model_record(_sample_model(spec, role, plan, settings, partial, accelerator),
+                                  record if role == "forgotten" else {})
+              for role, spec in zip(ROLES, (base, config.model))}
+    accelerator.wait_for_everyone()  # every process's images are on disk
+    if not accelerator.is_main_process:
+        # Done: waiting at a barrier through a long detection would run into the process
+        # group's timeout.
+        return {}
+    if clip is not None:
+        clip.to(accelerator.device)
+    report = _build_report(config, plan, n, detector, detectors, status, clip, models, concepts, distractors,
+                           settings, partial)
+    report["seconds"] = round(time.time() - started, 1)
+    write_report(partial, report)
+    replace_dir(partial, out)
+    return report
+
+
+def _build_report(config, plan, n, detector, detectors, status, clip, models, concepts, distractors, settings,
+                  folder) -> dict:
+    outputs = _judge(plan, detectors, folder)
+    similarity = _similarity(plan, clip, folder)
+    sets = {}
+    for name, s in plan.sets.items():
+        metrics = {role: {d.name: d.summarize(outputs[name][role][d.name], s.samples) for d in detectors}
+                   for role in ROLES}
+        metrics["similarity"] = {measure: _mean(values) for measure, values in similarity[name].items()}
+        images = []
+        for i, sample in enumerate(s.samples):
+            entry = {"index": i, "prompt": sample.prompt, "seed": sample.seed, "guidance_scale": sample.guidance_scale}
+            if sample.target is not None:
+                entry["target"] = sample.target
+            for role in ROLES:
+                entry[role] = {"image": image_path(name, role, i),
+                               **{d.name: outputs[name][role][d.name][i] for d in detectors}}
+            entry["similarity"] = {measure: values[i] for measure, values in similarity[name].items()}
+            images.append(entry)
+        sets[name] = {"description": s.description, "num_images": len(s.samples), "metrics": metrics,
+                      "images": images}
+    report = {
+        "tool": "amnesia-sd", "tool_version": __version__, "command": "eval",
+        "concepts": concepts,
+        "detector": detector,
+        "settings": {
+            "num_images": n,
+            "seed": settings.seed, "num_inference_steps": settings.num_inference_steps,
+            "guidance_scale": settings.guidance_scale, "resolution": models["base"]["resolution"],
+            "batch_size": settings.batch_size, "mixed_precision": settings.mixed_precision,
+            "scheduler": "DDIMScheduler", "clip_model": config.clip_model,
+            "nudenet_threshold": config.nudenet_threshold, "distractors": distractors,
+            "prompts_csv": config.prompts_csv,
+        },
+        "models": models,
+        "detectors": status,
+        "similarity_measures": list(next(iter(similarity.values()))),
+        "sets": sets,
+    }
+    if detector == "digits":
+        report["digits"] = _demo_metrics(plan, outputs)
+    report["summary"] = summary_rows(report)
+    return report
+
+
+def _demo_metrics(plan: Plan, outputs: dict) -> dict:
+    """The demo's four numbers per model, computed by the demo's own summarize() on the
+    probabilities in the demo's order."""
+    block, n = plan.blocks[0], plan.per_digit
+    result = {"forgotten_digit": plan.digit, "samples_per_digit": n}
+    for role in ROLES:
+        probs = torch.tensor([outputs[name][role]["digits"][i]["probs"] for name, i in block])
+        result[role] = summarize(probs[: 10 * n], probs[10 * n :], plan.digit, n)
+    return result
