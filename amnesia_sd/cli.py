@@ -142,7 +142,8 @@ def fim(
     prompts: PromptsFile = None,
     num_images: Annotated[Optional[int], typer.Option(help="Samples N (the paper: 5000). [default: the whole replay set]")] = None,
     num_timesteps: Annotated[Optional[int], typer.Option(help="Evenly spaced subset of timesteps. [default: all training timesteps]")] = None,
-    timestep_batch_size: Annotated[Optional[int], typer.Option(help="Timesteps per forward pass. [default: 100]")] = None,
+    timestep_batch_size: Annotated[Optional[int], typer.Option(help="Timesteps per forward pass; bounds the activation memory. [default: 100]")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Trade compute for memory (large timestep batches at full size).")] = None,
     fim_dtype: Annotated[Optional[str], typer.Option(help="Storage dtype: fp32, bf16 or fp16. [default: fp32]")] = None,
     num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
     seed: Seed = None, batch_size: BatchSize = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
@@ -157,7 +158,8 @@ def fim(
     _quiet_libraries()
     cli = {"model": model, "output": str(output), "replay_dir": str(replay_dir) if replay_dir else None,
            "prompts_file": str(prompts) if prompts else None, "num_images": num_images,
-           "num_timesteps": num_timesteps, "timestep_batch_size": timestep_batch_size, "fim_dtype": fim_dtype,
+           "num_timesteps": num_timesteps, "timestep_batch_size": timestep_batch_size,
+           "gradient_checkpointing": gradient_checkpointing, "fim_dtype": fim_dtype,
            "overwrite": overwrite,
            **_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, mixed_precision)}
     config = FimConfig(**{k: v for k, v in cli.items() if v is not None})

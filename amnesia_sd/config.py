@@ -85,6 +85,7 @@ class FimConfig(GenerationSettings):
     num_images: int | None = None
     num_timesteps: int | None = None  # None: every training timestep
     timestep_batch_size: int = 100
+    gradient_checkpointing: bool = False
     fim_dtype: str = "fp32"
     overwrite: bool = False
 

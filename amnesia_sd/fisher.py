@@ -162,6 +162,8 @@ def compute_fim(config) -> Path:
     timesteps = timestep_set(scheduler.config.num_train_timesteps, config.num_timesteps)
     pipe.text_encoder.requires_grad_(False)
     pipe.vae.to("cpu")  # latents are cached: the VAE has nothing to do here
+    if config.gradient_checkpointing:  # activations of a whole timestep batch: trade compute for memory
+        pipe.unet.enable_gradient_checkpointing()
     indices = list(range(accelerator.process_index, count, accelerator.num_processes))
     fisher = fisher_diagonal(
         pipe.unet, scheduler, replay.latents[:count],

@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--sd14-latent", type=int, default=16)
     parser.add_argument("--sd14-batch", type=int, default=1)
+    parser.add_argument("--sd14-steps", type=int, default=3)
     parser.add_argument("--skip-sd14", action="store_true")
     args = parser.parse_args()
     if args.worker:
@@ -161,7 +162,7 @@ def main() -> None:
     if not args.skip_sd14:
         # AdamW's state for 860M parameters does not fit beside the Fisher in 24 GiB: plain SGD
         # here, the same optimizer for both variants.
-        report["sd14_cpu"] = compare("sd14", args, **{"--batch": str(args.sd14_batch), "--steps": "2",
+        report["sd14_cpu"] = compare("sd14", args, **{"--batch": str(args.sd14_batch), "--steps": str(args.sd14_steps),
                                                       "--latent": str(args.sd14_latent), "--optimizer": "sgd"})
     print(json.dumps(report, indent=2))
 

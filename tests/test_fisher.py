@@ -65,6 +65,23 @@ def test_fisher_equals_brute_force_and_ignores_chunking(parts):
     assert sum(v.sum() for v in expected.values()) > 0
 
 
+def test_gradient_checkpointing_gives_the_same_fisher(tiny_model, parts):
+    pipe, scheduler = parts
+    latents, timesteps = random_latents(2), timestep_set(1000, 5)
+    plain = fisher_diagonal(pipe.unet, scheduler, latents, embedder(pipe, PROMPTS), timesteps, 3, 5, progress=False)
+    saving, _ = load_parts(tiny_model)  # its own copy: the shared one stays as it is
+    saving.unet.enable_gradient_checkpointing()
+    recomputed = []
+    for module in saving.unet.modules():  # count the blocks that run checkpointed
+        checkpoint = getattr(module, "_gradient_checkpointing_func", None)
+        if checkpoint is not None:
+            module._gradient_checkpointing_func = (
+                lambda *a, _run=checkpoint, **k: (recomputed.append(1), _run(*a, **k))[1])
+    saved = fisher_diagonal(saving.unet, scheduler, latents, embedder(saving, PROMPTS), timesteps, 3, 5, progress=False)
+    assert recomputed, "checkpointing was not used"
+    assert_rel_close(saved, plain, tol=1e-5)
+
+
 def test_shards_add_up_to_the_whole(parts):
     pipe, scheduler = parts
     latents, timesteps = random_latents(3), timestep_set(1000, 4)
