@@ -18,7 +18,7 @@ import torch
 
 # (piece elements, group elements) per device type. Small on the CPU for the cache; on a GPU the
 # kernels are fast and each group costs launches, so groups are large and tensors stay whole.
-LAYOUT = {"cpu": (2**18, 2**20), "cuda": (None, 2**25)}
+LAYOUT = {"cpu": (2**19, 2**20), "cuda": (None, 2**25)}
 GROUP_TENSORS = 256
 
 
@@ -69,6 +69,7 @@ class EWCPenalty:
         for group in self.groups:
             diff, fisher = self._diff(group)
             total += self._weighted_sum(diff, fisher)
+            del diff, fisher
         return total * self.lam
 
     @torch.no_grad()
@@ -92,6 +93,7 @@ class EWCPenalty:
             torch._foreach_addcmul_(grads[group], fisher, diff, value=2 * self.lam)
             if with_value:
                 total += self._weighted_sum(diff, fisher)
+            del diff, fisher  # before the next group's, so one group's temporaries exist at a time
         return total * self.lam if with_value else None
 
     def _zero(self) -> torch.Tensor:
