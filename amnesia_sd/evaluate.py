@@ -17,7 +17,6 @@ import csv
 import dataclasses
 import gc
 import hashlib
-import importlib.util
 import json
 import math
 import re
@@ -35,9 +34,10 @@ from .config import GenerationSettings, _check, _check_choice, _check_positive, 
 from .demo import DemoConfig, evaluation_samples, summarize
 from .detectors import (
     DEFAULT_CLIP, DISTRACTORS, ClipDetector, Detector, DigitsDetector, NudeNetDetector, Sample, is_nudity, load_clip,
-    ssim,
+    mean, nudenet_class, ssim,
 )
 from .errors import UserError
+from .forget import FINISHED
 from .generate import generate, image_seed, process_share
 from .io import atomic_path, replace_dir
 from .models import DTYPES, ModelRef, load_on_device, make_accelerator, native_resolution, resolve_model
@@ -304,10 +304,6 @@ def _similarity(plan: Plan, clip: ClipDetector | None, folder: Path) -> dict:
     return result
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def _model_record(identity: dict, record: dict) -> dict:
     if record:
         identity["amnesia"] = {k: record.get(k) for k in ("base_model", "concepts", "surrogate", "steps",
@@ -318,7 +314,7 @@ def _model_record(identity: dict, record: dict) -> dict:
 
 
 def _read_record(model: str) -> dict:
-    path = Path(model).expanduser() / "amnesia.json"
+    path = Path(model).expanduser() / FINISHED
     if not path.is_file():
         return {}
     try:
@@ -359,8 +355,8 @@ def run_eval(config: EvalConfig) -> dict:
                                   seed=config.seed, batch_size=batch_size, mixed_precision=config.mixed_precision)
     plan = make_plan(concepts, digits_model, n, settings,
                      read_prompts_csv(config.prompts_csv) if config.prompts_csv else None)
-    if detector == "nudenet" and importlib.util.find_spec("nudenet") is None:
-        raise UserError("the nudenet detector needs the nudenet package: pip install 'amnesia-sd[eval]'")
+    if detector == "nudenet":  # on every process, so all of them stop alike
+        nudenet_class()
     surrogate = (record.get("settings") or {}).get("surrogate")
     distractors = list(config.distractors or DISTRACTORS) + ([surrogate] if surrogate else [])
 
@@ -418,7 +414,7 @@ def _build_report(config, plan, n, detector, detectors, status, clip, models, co
     for name, s in plan.sets.items():
         metrics = {role: {d.name: d.summarize(outputs[name][role][d.name], s.samples) for d in detectors}
                    for role in ROLES}
-        metrics["similarity"] = {measure: _mean(values) for measure, values in similarity[name].items()}
+        metrics["similarity"] = {measure: mean(values) for measure, values in similarity[name].items()}
         images = []
         for i, sample in enumerate(s.samples):
             entry = {"index": i, "prompt": sample.prompt, "seed": sample.seed, "guidance_scale": sample.guidance_scale}
