@@ -8,7 +8,6 @@ classifier trained on real digits judges the samples.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

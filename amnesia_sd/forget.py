@@ -10,7 +10,6 @@ resumed run continues exactly, and N processes x batch b see the same data as 1 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -308,7 +307,8 @@ def forget(config: ForgetConfig) -> Path:
             if not torch.isfinite(reported).all():
                 kept = find_checkpoint(out, "latest")
                 raise UserError(
-                    f"the loss became {(reported[0] + config.gamma * reported[1]).item()} at step {global_step + 1}; training stopped. "
+                    f"the loss became {(reported[0] + config.gamma * reported[1]).item()} at step {global_step + 1}; "
+                    "training stopped. "
                     + (f"Last good checkpoint: {kept}; resume with --resume-from-checkpoint latest and a lower "
                        "--learning-rate" if kept else "No checkpoint was saved yet; lower --learning-rate")
                 )
