@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+
+# The installed command, and the environment every subprocess of the tests runs in: offline, and one
+# thread each (2 cores; several processes at once would oversubscribe them).
+EXE = str(Path(sys.executable).with_name("amnesia-sd"))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def load_parts(model_dir):

@@ -1,17 +1,15 @@
 """The whole flow through the real `amnesia-sd` command, and the result in plain diffusers."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 from safetensors import safe_open
 
-EXE = str(Path(sys.executable).with_name("amnesia-sd"))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+from helpers import ENV, EXE
+
 QUICK = ["--num-inference-steps", "3", "--batch-size", "4"]
 
 

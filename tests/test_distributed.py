@@ -2,7 +2,6 @@
 torchrun): results must equal a single process's."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -13,11 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import unet_weights
+from helpers import ENV, EXE, unet_weights
 
-EXE = str(Path(sys.executable).with_name("amnesia-sd"))
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 QUICK = ["--num-inference-steps", "2", "--batch-size", "2"]
 
 

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -29,10 +28,8 @@ from amnesia_sd.prompts import bundled, concept_prompts, read_prompts
 from amnesia_sd.report import format_summary
 from amnesia_sd.tokenizer import write_word_tokenizer
 
-from helpers import load_parts
+from helpers import ENV, EXE, load_parts
 
-EXE = str(Path(sys.executable).with_name("amnesia-sd"))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")  # the digit classifier is trained into it
 
