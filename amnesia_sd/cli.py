@@ -9,11 +9,39 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
+import typer.core
 
-from .errors import UserError
+from .errors import Interrupted, UserError
+
+
+class _Commands(typer.core.TyperGroup):
+    """Usage errors of the parser read like every other error: one line, exit code 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            typer.echo(exc.ctx.get_help())
+            code = 0
+        except click.UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+            _say(f"error: {exc.format_message()}{where}")
+            code = 2
+        except click.ClickException as exc:
+            _say(f"error: {exc.format_message()}")
+            code = exc.exit_code
+        except click.Abort:
+            _say("interrupted")
+            code = 130
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
 
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     rich_markup_mode=None,  # help texts say "[default: ...]": brackets are text, not markup
     no_args_is_help=True,
@@ -43,27 +71,44 @@ def _generation(steps, guidance, resolution, seed, batch_size, precision) -> dic
             "batch_size": batch_size, "mixed_precision": precision}
 
 
-def user_errors(command):
-    """Bad input ends in one line on stderr and exit code 2, never a traceback."""
+def _say(message: str) -> None:
+    """One line on stderr, on a line of its own (open progress bars are closed first), printed by
+    the first process only: under `accelerate launch` / torchrun every process checks the same
+    input and fails alike (training's NaN check is agreed across processes)."""
+    from tqdm.auto import tqdm
 
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        # Under `accelerate launch` / torchrun every process checks the same input and fails alike
-        # (training's NaN check is agreed across processes): the first process speaks for all.
-        speaks = os.environ.get("RANK", "0") == "0"
-        try:
-            return command(*args, **kwargs)
-        except UserError as exc:
-            if speaks:
-                typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            if speaks:
-                typer.echo("interrupted; rerun the same command to resume (forget: --resume-from-checkpoint latest)",
-                           err=True)
-            raise typer.Exit(130) from None
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(" ".join(message.split()), err=True)
 
-    return wrapper
+
+def user_errors(on_interrupt: str):
+    """Bad input ends in one line on stderr and exit code 2, never a traceback; Ctrl-C in one line
+    that says what a rerun does (exit code 130)."""
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except UserError as exc:
+                _say(f"error: {exc}")
+                raise typer.Exit(2) from None
+            except Interrupted as exc:
+                _say(f"interrupted: {exc}")
+                raise typer.Exit(130) from None
+            except KeyboardInterrupt:
+                _say(f"interrupted: {on_interrupt}")
+                raise typer.Exit(130) from None
+
+        return wrapper
+
+    return decorate
+
+
+RESUMES = "rerun the same command to resume where it stopped"
+RESTARTS = "nothing was written; a rerun starts again"
 
 
 def _quiet_libraries() -> None:
@@ -80,19 +125,19 @@ def _quiet_libraries() -> None:
 
 
 def _image_set(kind, model, output_dir, prompts, num_images, steps, guidance, resolution, seed, batch_size, precision,
-               overwrite):
+               overwrite, prompts_file=None):
     from .config import SetConfig
     from .imageset import make_image_set
 
     config = SetConfig(model=model, output_dir=str(output_dir), prompts=prompts, num_images=num_images, kind=kind,
-                       overwrite=overwrite, **{k: v for k, v in _generation(
+                       prompts_file=str(prompts_file) if prompts_file else None, overwrite=overwrite, **{k: v for k, v in _generation(
                            steps, guidance, resolution, seed, batch_size, precision).items() if v is not None})
     result = make_image_set(config)
     typer.echo(f"{kind} set: {len(result.latents)} images in {result.path}")
 
 
 @app.command()
-@user_errors
+@user_errors(RESUMES)
 def replay(
     model: Model,
     output_dir: Annotated[Path, typer.Option(help="Folder for the set (images/, prompts.txt, latents.safetensors, manifest.json).")],
@@ -109,11 +154,11 @@ def replay(
 
     _quiet_libraries()
     _image_set("replay", model, output_dir, replay_prompts(prompts), num_images, num_inference_steps, guidance_scale,
-               resolution, seed, batch_size, mixed_precision, overwrite)
+               resolution, seed, batch_size, mixed_precision, overwrite, prompts)
 
 
 @app.command()
-@user_errors
+@user_errors(RESUMES)
 def surrogate(
     model: Model,
     prompt: Annotated[str, typer.Option(help="The surrogate prompt, e.g. 'a middle aged man'.")],
@@ -134,7 +179,7 @@ def surrogate(
 
 
 @app.command()
-@user_errors
+@user_errors("no Fisher was written; a rerun starts it again (a replay set being generated resumes)")
 def fim(
     model: Model,
     output: Annotated[Path, typer.Option(help="Fisher file to write (.safetensors).")],
@@ -168,7 +213,7 @@ def fim(
 
 
 @app.command()
-@user_errors
+@user_errors(RESUMES)
 def forget(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, diffusers pipeline folder or .safetensors/.ckpt file.")] = None,
     concept: Annotated[Optional[str], typer.Option(help="Concept to forget; comma-separated alternatives, e.g. 'nudity, naked, erotic, sexual'.")] = None,
@@ -202,7 +247,8 @@ def forget(
     resume_from_checkpoint: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint folder.")] = None,
     num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
     seed: Seed = None, batch_size: BatchSize = None, mixed_precision: Precision = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a finished result in --output-dir.")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a finished result in --output-dir (once the new one is complete).")] = None,
+    allow_origin_mismatch: Annotated[Optional[bool], typer.Option("--allow-origin-mismatch", help="Use a Fisher or image set recorded as made from another model (recorded in amnesia.json).")] = None,
     config: ConfigFile = None,
 ):
     """Make the model forget a concept: train the UNet with Selective Amnesia.
@@ -225,7 +271,7 @@ def forget(
 
 
 @app.command()
-@user_errors
+@user_errors(RESTARTS)
 def sample(
     model: Model,
     output_dir: Annotated[Path, typer.Option(help="Folder for the PNGs and grid.png.")],
@@ -247,7 +293,7 @@ def sample(
     _quiet_libraries()
     chosen = [p.strip() for p in (prompt or []) if p.strip()] + (read_prompts(prompts) if prompts else [])
     config = SampleConfig(model=model, prompts=chosen, num_images=num_images, output_dir=str(output_dir),
-                          compare=compare, overwrite=overwrite,
+                          compare=compare, prompts_file=str(prompts) if prompts else None, overwrite=overwrite,
                           **{k: v for k, v in _generation(num_inference_steps, guidance_scale, resolution, seed,
                                                           batch_size, mixed_precision).items() if v is not None})
     out = run_sample(config)
@@ -255,7 +301,7 @@ def sample(
 
 
 @app.command("eval")
-@user_errors
+@user_errors(RESTARTS)
 def eval_(
     model: Model,
     output_dir: Annotated[Path, typer.Option(help="Folder for report.json, report.html and images/.")],
@@ -294,7 +340,7 @@ app.add_typer(digits_app, name="digits")
 
 
 @digits_app.command("build")
-@user_errors
+@user_errors(RESTARTS)
 def digits_build(
     output_dir: Annotated[Optional[Path], typer.Option(help="Where to build. [default: the cache, where --model digits looks]")] = None,
     seed: Annotated[int, typer.Option(help="Training seed; the same seed gives the same weights.")] = 0,
@@ -304,17 +350,18 @@ def digits_build(
 
     Example: amnesia-sd digits build
     """
-    import shutil
-
     from . import digits
+    from .config import SEED_LIMIT
+    from .paths import Output, guard
 
     _quiet_libraries()
+    if not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"--seed must be in [0, 2**31), got {seed}")
     target = output_dir or digits.default_model_path()
-    if target.exists():
-        if not overwrite:
-            raise UserError(f"{target} already exists; pass --overwrite to build it again")
-        shutil.rmtree(target)
-    path = digits.build_digits_model(target, seed=seed)
+    # The old build is replaced only once the new one is complete, and only if it is ours.
+    guard([Output("--output-dir", target, "digits.json", "digits model")],
+          {"the shipped digits model": digits.SHIPPED_MODEL}, overwrite)
+    path = digits.build_digits_model(target, seed=seed, replace=True)
     record = json.loads((path / "digits.json").read_text())["evaluation"]
     typer.echo(f"digits model written to {path} (lowest per-digit accuracy: train prompts "
                f"{record['train_prompts']['min_accuracy']:.2f}, held-out prompts "
@@ -322,7 +369,7 @@ def digits_build(
 
 
 @app.command()
-@user_errors
+@user_errors("a rerun starts the demo again (finished image sets and the Fisher are reused)")
 def demo(
     digit: Annotated[int, typer.Option(help="The digit to forget.")] = 0,
     surrogate: Annotated[str, typer.Option(help="'noise' (uniform noise images, as the paper) or another digit.")] = "noise",

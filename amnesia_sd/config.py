@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +38,67 @@ def _check_positive(name: str, value: float | None) -> None:
     _check(value is None or value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    """`value` as the annotated type `kind`, or a UserError naming the setting. Config files
+    bring values of any type (YAML reads 1e-4 as a string): numbers in strings are taken, other
+    mismatches and non-finite numbers are refused."""
+    where = f"{_flag(name)} ({name})"
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        kind = next(a for a in args if a is not type(None))
+        args = typing.get_args(kind)
+    if kind is bool:
+        _check(isinstance(value, bool), f"{where} must be true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        _check(isinstance(value, int) and not isinstance(value, bool),
+               f"{where} must be a whole number, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+               f"{where} must be a number, got {value!r}")
+        _check(math.isfinite(value), f"{where} must be a finite number, got {value}")
+        return float(value)
+    if kind is str:
+        _check(isinstance(value, str), f"{where} must be text, got {value!r}")
+        return value
+    if typing.get_origin(kind) is list:
+        _check(isinstance(value, list) and all(isinstance(v, str) for v in value),
+               f"{where} must be a list of strings, got {value!r}")
+        return value
+    return value
+
+
+def check_types(settings) -> None:
+    """Check (and where lossless, convert) every field against its annotation."""
+    hints = typing.get_type_hints(type(settings))
+    for f in dataclasses.fields(settings):
+        setattr(settings, f.name, _coerce(f.name, getattr(settings, f.name), hints[f.name]))
+
+
+DEFAULT_SURROGATE_IMAGES = 1000  # the paper's surrogate set size
+SEED_LIMIT = 2**31  # image i's generator seed is seed * 2**32 + i, which must fit 64 bits
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @dataclass
 class GenerationSettings:
     """How images are sampled from a model (replay and surrogate sets, `sample`, the Fisher's set)."""
@@ -43,15 +108,21 @@ class GenerationSettings:
     resolution: int | None = None  # None: the model's native size
     seed: int = 0
     batch_size: int = 8
-    mixed_precision: str = "no"
+    # None: what `accelerate launch` / the accelerate config says (ACCELERATE_MIXED_PRECISION), else "no"
+    mixed_precision: str | None = None
 
     def __post_init__(self) -> None:
+        check_types(self)
         _check_positive("num_inference_steps", self.num_inference_steps)
         _check_positive("batch_size", self.batch_size)
         _check_positive("resolution", self.resolution)
         _check(self.guidance_scale >= 0, f"--guidance-scale must be >= 0, got {self.guidance_scale}")
-        _check(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        _check(0 <= self.seed < SEED_LIMIT, f"--seed must be in [0, 2**31), got {self.seed}")
+        if self.mixed_precision is None:
+            self.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         _check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        _check(self.mixed_precision != "fp16" or cuda_available(),
+               "--mixed-precision fp16 needs a CUDA GPU and none is available: use bf16 or no")
 
 
 @dataclass
@@ -63,6 +134,7 @@ class SetConfig(GenerationSettings):
     prompts: list[str] = field(default_factory=list)
     num_images: int | None = None  # None: one image per prompt
     kind: str = "replay"
+    prompts_file: str | None = None  # where `prompts` came from (an input the output may not touch)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -97,7 +169,12 @@ class FimConfig(GenerationSettings):
         _check_positive("num_images", self.num_images)
         _check_positive("num_timesteps", self.num_timesteps)
         _check_positive("timestep_batch_size", self.timestep_batch_size)
-        _check_choice("fim_dtype", self.fim_dtype, ("fp32", "bf16", "fp16"))
+        _check(self.fim_dtype != "fp16", "--fim-dtype fp16 cannot hold a Fisher (its values overflow or flush to "
+                                         "zero in fp16): use bf16 (same size, float32's range) or fp32")
+        _check_choice("fim_dtype", self.fim_dtype, ("fp32", "bf16"))
+        _check(not (self.replay_dir and self.prompts_file),
+               "--prompts and --replay-dir cannot be combined: --prompts is for generating a replay set, "
+               "--replay-dir uses a finished one")
 
 
 @dataclass
@@ -111,7 +188,7 @@ class ForgetConfig(GenerationSettings):
     surrogate: str | None = None
     surrogate_dir: str | None = None
     surrogate_images: str | None = None
-    num_surrogate_images: int = 1000
+    num_surrogate_images: int | None = None  # None: 1000 when the set is generated from --surrogate
     replay_dir: str | None = None
     prompts_file: str | None = None
     num_replay_images: int | None = None
@@ -135,21 +212,27 @@ class ForgetConfig(GenerationSettings):
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None
     overwrite: bool = False
+    # Accept a Fisher or image set recorded as made from another model (recorded in amnesia.json).
+    allow_origin_mismatch: bool = False
+    config_file: str | None = None  # set by build_config: the --config file the settings came from
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(bool(self.model), "--model is required (a hub id, a diffusers folder or a .safetensors/.ckpt file)")
         _check(bool(self.output_dir), "--output-dir is required")
         _check(bool(self.concept_list()), "--concept is empty: give the concept to forget, e.g. --concept 'Brad Pitt'")
-        sources = [s for s in (self.surrogate, self.surrogate_dir, self.surrogate_images) if s]
-        _check(
-            self.surrogate is not None or len(sources) == 1,
-            "give exactly one surrogate: --surrogate PROMPT, --surrogate-dir DIR or --surrogate-images DIR",
-        )
-        _check(
-            not (self.surrogate_images and (self.surrogate or self.surrogate_dir)),
-            "--surrogate-images cannot be combined with --surrogate or --surrogate-dir",
-        )
+        sources = [flag for flag, value in (("--surrogate", self.surrogate), ("--surrogate-dir", self.surrogate_dir),
+                                            ("--surrogate-images", self.surrogate_images)) if value is not None]
+        _check(len(sources) == 1, "give exactly one surrogate: --surrogate PROMPT, --surrogate-dir DIR or "
+                                  f"--surrogate-images DIR" + (f" (got {' and '.join(sources)})" if sources else ""))
+        _check(self.num_surrogate_images is None or self.surrogate is not None,
+               "--num-surrogate-images sizes a set generated from --surrogate; a --surrogate-dir or "
+               "--surrogate-images set is used whole")
+        _check(not (self.replay_dir and (self.prompts_file or self.num_replay_images)),
+               "--prompts and --num-replay-images are for generating a replay set; they cannot be combined "
+               "with --replay-dir, which uses a finished one")
+        _check(not (self.overwrite and self.resume_from_checkpoint),
+               "--overwrite starts again from scratch; it cannot be combined with --resume-from-checkpoint")
         if self.surrogate is not None:
             _check(bool(self.surrogate.strip()), "--surrogate is empty: give a prompt such as 'a middle aged man'")
             _check(
@@ -186,7 +269,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} not found")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text: give a YAML or TOML file of settings") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
@@ -213,10 +299,9 @@ def build_config(cls: type, config_file: str | None, cli: dict[str, Any]):
             f"unknown key(s) in {config_file}: {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
         )
     merged.update({k: v for k, v in cli.items() if v is not None})
-    try:
-        return cls(**merged)
-    except TypeError as exc:  # a wrongly typed value in a config file
-        raise UserError(f"invalid settings: {exc}") from None
+    if config_file and "config_file" in known:
+        merged["config_file"] = str(config_file)
+    return cls(**merged)  # __post_init__ checks every value's type, naming the key
 
 
 def to_dict(config) -> dict[str, Any]:

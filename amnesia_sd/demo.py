@@ -8,6 +8,8 @@ classifier trained on real digits judges the samples.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,8 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import digits
-from .config import FimConfig, ForgetConfig, GenerationSettings, _check, _check_positive
-from .errors import UserError
+from .config import SEED_LIMIT, FimConfig, ForgetConfig, GenerationSettings, _check, _check_positive, check_types
 from .fisher import compute_fim
 from .forget import forget
 from .generate import generate, image_seed
@@ -27,6 +28,7 @@ from .grid import make_grid
 from .imageset import generate_image_set
 from .io import atomic_path, write_json
 from .models import load_on_device, make_accelerator
+from .paths import Output, discard_on_failure, guard, open_work, publish, stamp
 
 MODELS = ("original", "sa", "naive")
 
@@ -55,6 +57,8 @@ class DemoConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        check_types(self)
+        _check(0 <= self.seed < SEED_LIMIT - 1, f"--seed must be in [0, 2**31 - 1), got {self.seed}")
         _check(0 <= self.digit <= 9, f"--digit must be 0..9, got {self.digit}")
         _check(
             self.surrogate == "noise" or (self.surrogate.isdigit() and len(self.surrogate) == 1),
@@ -72,13 +76,16 @@ def per_digit_prompts(prompts_for, count: int, which) -> list[str]:
 
 
 def noise_images(folder: Path, count: int, size: int, seed: int) -> Path:
-    """The paper's surrogate for a class: uniform noise images (grey, like the digits)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """The paper's surrogate for a class: uniform noise images (grey, like the digits); a folder
+    that appears only when complete."""
+    if folder.is_dir():
+        return folder
+    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     rng = np.random.default_rng(seed)
     for i in range(count):
         pixels = rng.integers(0, 256, (size, size), dtype=np.uint8)
-        with atomic_path(folder / f"{i:05d}.png") as tmp:
-            Image.fromarray(pixels, "L").convert("RGB").save(tmp, format="PNG")
+        Image.fromarray(pixels, "L").convert("RGB").save(work / f"{i:05d}.png", format="PNG")
+    os.replace(work, folder)
     return folder
 
 
@@ -115,19 +122,23 @@ def summarize(probs: torch.Tensor, heldout: torch.Tensor, digit: int, per_digit:
 
 
 def run_demo(config: DemoConfig) -> dict:
+    """Everything is built in OUT.partial and put in place when complete; the image sets and the
+    Fisher are caches of the base model (in the amnesia-sd cache), reused by later demos."""
     started = time.time()
     out = Path(config.output_dir)
-    if (out / "metrics.json").is_file() and not config.overwrite:
-        raise UserError(f"{out} already holds a finished demo; pass --overwrite to run it again")
     base = digits.ensure_digits_model()
+    guard([Output("--output-dir", out, "metrics.json", "demo")], {"the digits model": base}, config.overwrite)
     accelerator = make_accelerator()
     ref, pipe = load_on_device(str(base), accelerator)
     settings = GenerationSettings(num_inference_steps=config.num_inference_steps,
                                   guidance_scale=config.guidance_scale, seed=config.seed, batch_size=config.batch_size)
     everything_else = [d for d in range(10) if d != config.digit]
+    cache = digits.cache_dir() / "demo"
+    cache.mkdir(parents=True, exist_ok=True)
+    tag = f"{base.name}-s{config.seed}-{config.num_inference_steps}x{config.guidance_scale:g}"
 
     # The Fisher over all ten digits, once per base model (cached beside it, like the paper's).
-    fim = digits.cache_dir() / f"{base.name}-fim-{config.fim_per_digit}x{config.fim_timesteps}-s{config.seed}.safetensors"
+    fim = cache / f"{tag}-fim-{config.fim_per_digit}x{config.fim_timesteps}.safetensors"
     if not fim.is_file():
         fim_set = generate_image_set(pipe, ref, per_digit_prompts(digits.train_prompts, config.fim_per_digit, range(10)),
                                      settings, fim.with_suffix(".replay"), "replay", accelerator, reuse=True)
@@ -136,45 +147,50 @@ def run_demo(config: DemoConfig) -> dict:
 
     # Generative replay over the remaining digits; the surrogate set for the forgotten one.
     replay = generate_image_set(pipe, ref, per_digit_prompts(digits.train_prompts, config.replay_per_digit, everything_else),
-                                settings, out / "data" / "replay", "replay", accelerator, reuse=True)
+                                settings, cache / f"{tag}-replay-without-{config.digit}-{config.replay_per_digit}",
+                                "replay", accelerator, reuse=True)
     surrogate: dict = {}
     if config.surrogate == "noise":
-        surrogate["surrogate_images"] = str(noise_images(out / "data" / "noise", config.surrogate_images,
-                                                         digits.IMAGE_SIZE, config.seed))
+        surrogate["surrogate_images"] = str(noise_images(cache / f"noise-{config.surrogate_images}-s{config.seed}",
+                                                         config.surrogate_images, digits.IMAGE_SIZE, config.seed))
     else:
         prompts = per_digit_prompts(digits.train_prompts, config.surrogate_images, [int(config.surrogate)])
-        surrogate["surrogate_dir"] = str(generate_image_set(pipe, ref, prompts, settings, out / "data" / "surrogate",
-                                                            "surrogate", accelerator, reuse=True).path)
+        surrogate["surrogate_dir"] = str(generate_image_set(
+            pipe, ref, prompts, settings, cache / f"{tag}-surrogate-{config.surrogate}-{config.surrogate_images}",
+            "surrogate", accelerator, reuse=True).path)
     del pipe
 
-    # The forgotten digit is named by every training phrasing, as SA prompts a class by its label.
-    common = dict(
-        model=str(base), concept=", ".join(digits.train_prompts(config.digit)), templates=False,
-        fim=str(fim), replay_dir=str(replay.path), train_batch_size=config.train_batch_size,
-        max_train_steps=config.max_train_steps, learning_rate=config.learning_rate, seed=config.seed,
-        checkpointing_steps=config.max_train_steps, overwrite=True, **surrogate,
-    )
-    forget(ForgetConfig(output_dir=str(out / "sa"), lambda_ewc=config.lambda_ewc, gamma=config.gamma, **common))
-    forget(ForgetConfig(output_dir=str(out / "naive"), lambda_ewc=0.0, gamma=0.0, **common))
+    work, _ = open_work(out, "demo", {}, keep=False)
+    with discard_on_failure(work):
+        # The forgotten digit is named by every training phrasing, as SA prompts a class by its label.
+        common = dict(
+            model=str(base), concept=", ".join(digits.train_prompts(config.digit)), templates=False,
+            fim=str(fim), replay_dir=str(replay.path), train_batch_size=config.train_batch_size,
+            max_train_steps=config.max_train_steps, learning_rate=config.learning_rate, seed=config.seed,
+            checkpointing_steps=config.max_train_steps, **surrogate,
+        )
+        forget(ForgetConfig(output_dir=str(work / "sa"), lambda_ewc=config.lambda_ewc, gamma=config.gamma, **common))
+        forget(ForgetConfig(output_dir=str(work / "naive"), lambda_ewc=0.0, gamma=0.0, **common))
 
-    # Every model samples the same prompts with the same seeds.
-    n = config.samples_per_digit
-    prompts, seeds = evaluation_samples(config.digit, n, config.seed)
-    classifier = digits.load_digit_classifier()
-    metrics: dict = {"forgotten_digit": config.digit, "surrogate": config.surrogate, "samples_per_digit": n,
-                     "base_model_path": str(base)}
-    rows: list[list[Image.Image]] = [[] for _ in range(10)]
-    for name, spec in zip(MODELS, (str(base), str(out / "sa"), str(out / "naive"))):
-        images, probs = sample_and_classify(spec, prompts, seeds, settings, accelerator, classifier)
-        metrics[name] = summarize(probs[: 10 * n], probs[10 * n :], config.digit, n)
-        for d in range(10):
-            rows[d].extend(images[d * n : d * n + 4])
-    with atomic_path(out / "grid.png") as tmp:
-        make_grid(rows, labels=[label for name in ("original", "SA", "naive") for label in (name, "", "", "")]).save(
-            tmp, format="PNG")
-    metrics["settings"] = asdict(config)
-    metrics["seconds"] = round(time.time() - started, 1)
-    write_json(out / "metrics.json", metrics)
+        # Every model samples the same prompts with the same seeds.
+        n = config.samples_per_digit
+        prompts, seeds = evaluation_samples(config.digit, n, config.seed)
+        classifier = digits.load_digit_classifier()
+        metrics: dict = {**stamp(), "forgotten_digit": config.digit, "surrogate": config.surrogate,
+                         "samples_per_digit": n, "base_model_path": str(base)}
+        rows: list[list[Image.Image]] = [[] for _ in range(10)]
+        for name, spec in zip(MODELS, (str(base), str(work / "sa"), str(work / "naive"))):
+            images, probs = sample_and_classify(spec, prompts, seeds, settings, accelerator, classifier)
+            metrics[name] = summarize(probs[: 10 * n], probs[10 * n :], config.digit, n)
+            for d in range(10):
+                rows[d].extend(images[d * n : d * n + 4])
+        with atomic_path(work / "grid.png") as tmp:
+            make_grid(rows, labels=[label for name in ("original", "SA", "naive") for label in (name, "", "", "")]).save(
+                tmp, format="PNG")
+        metrics["settings"] = asdict(config)
+        metrics["seconds"] = round(time.time() - started, 1)
+        write_json(work / "metrics.json", metrics)
+    publish(work, out)
     return metrics
 
 

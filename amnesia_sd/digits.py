@@ -27,6 +27,8 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from .paths import publish, stamp
+
 VERSION = 1
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -528,25 +530,26 @@ def _train_pipeline(seed: int, progress: bool):
     )
 
 
-def build_digits_model(output_dir: Path, seed: int = 0, progress: bool = True) -> Path:
+def build_digits_model(output_dir: Path, seed: int = 0, progress: bool = True, replace: bool = False) -> Path:
     """Train the digits model from `seed`, measure it, and save it as a StableDiffusionPipeline
     folder with a digits.json record inside.
 
     The folder appears only when complete: everything is written to a temporary sibling that is
-    renamed at the end. Raises FileExistsError if `output_dir` exists.
+    renamed at the end. Raises FileExistsError if `output_dir` exists, unless `replace` (the caller
+    has checked it may go): then what is there is swapped out only once the new build is complete.
     """
     output_dir = Path(output_dir)
-    if output_dir.exists():
+    if output_dir.exists() and not replace:
         raise FileExistsError(f"{output_dir} already exists; remove it to rebuild")
     threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
     try:
-        return _build(output_dir, seed, progress)
+        return _build(output_dir, seed, progress, replace)
     finally:
         torch.set_num_threads(threads)
 
 
-def _build(output_dir: Path, seed: int, progress: bool) -> Path:
+def _build(output_dir: Path, seed: int, progress: bool, replace: bool) -> Path:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     started = time.monotonic()
@@ -570,6 +573,7 @@ def _build(output_dir: Path, seed: int, progress: bool) -> Path:
             for name, prompts_for in [("train_prompts", train_prompts), ("heldout_prompts", heldout_prompts)]
         }
         record = {
+            **stamp(),
             "version": VERSION,
             "seed": seed,
             "steps": {"text_encoder": TEXT_STEPS, "vae": VAE_STEPS, "unet": DENOISER_STEPS},
@@ -600,10 +604,13 @@ def _build(output_dir: Path, seed: int, progress: bool) -> Path:
             "build_seconds": round(time.monotonic() - started, 1),
         }
         (partial / "digits.json").write_text(json.dumps(record, indent=2) + "\n")
-        try:
-            partial.rename(output_dir)
-        except OSError as error:  # created by someone else meanwhile
-            raise FileExistsError(f"{output_dir} appeared while building") from error
+        if replace:
+            publish(partial, output_dir)
+        else:
+            try:
+                partial.rename(output_dir)
+            except OSError as error:  # created by someone else meanwhile
+                raise FileExistsError(f"{output_dir} appeared while building") from error
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return output_dir

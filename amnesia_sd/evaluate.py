@@ -13,6 +13,7 @@ so the same seeds give the demo's numbers.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import gc
@@ -20,7 +21,6 @@ import hashlib
 import json
 import math
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,8 +39,9 @@ from .detectors import (
 from .errors import UserError
 from .forget import FINISHED
 from .generate import generate, image_seed, process_share
-from .io import atomic_path, replace_dir
-from .models import DTYPES, ModelRef, load_on_device, make_accelerator, native_resolution, resolve_model
+from .io import atomic_path
+from .models import DTYPES, ModelRef, image_size, load_on_device, make_accelerator, model_path, resolve_model
+from .paths import Output, discard_on_failure, guard, open_work, partial_of, publish
 from .prompts import bundled, concept_prompts, read_prompts, repeat_to
 from .report import REPORT_JSON, summary_rows, write_report
 
@@ -263,7 +264,7 @@ def _sample_model(spec: str, role: str, plan: Plan, settings: GenerationSettings
                 bar.update(accelerator.num_processes)
     bar.close()
     identity = {"spec": spec, "identity": ref.identity, "dtype": str(pipe.unet.dtype).replace("torch.", ""),
-                "resolution": settings.resolution or native_resolution(pipe)}
+                "resolution": image_size(pipe, settings.resolution)}
     if accelerator.is_main_process:
         identity["unet_sha256"] = unet_digest(pipe.unet)
     del pipe
@@ -314,21 +315,25 @@ def _model_record(identity: dict, record: dict) -> dict:
 
 
 def _read_record(model: str) -> dict:
+    """MODEL/amnesia.json, checked for the fields eval reads; {} when there is none."""
     path = Path(model).expanduser() / FINISHED
     if not path.is_file():
         return {}
+    fix = "it should be written by `amnesia-sd forget`; pass --base and --concept to evaluate this model anyway"
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); it should be written by `amnesia-sd forget`") from None
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    if (out / REPORT_JSON).is_file():
-        if not overwrite:
-            raise UserError(f"{out} already holds a finished report; pass --overwrite to replace it")
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} exists and is not an eval report; pick an empty or new --output-dir")
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{path} is not valid JSON ({str(exc).splitlines()[0]}); {fix}") from None
+    expected = {"base_model": str, "concepts": list, "settings": dict}
+    problems = [] if isinstance(record, dict) else [f"it holds a {type(record).__name__}, not an object"]
+    if not problems:
+        problems = [f"{key} is a {type(record[key]).__name__}, not a {kind.__name__}"
+                    for key, kind in expected.items() if key in record and not isinstance(record[key], kind)]
+        if isinstance(record.get("concepts"), list) and not all(isinstance(c, str) for c in record["concepts"]):
+            problems.append("concepts holds something other than text")
+    if problems:
+        raise UserError(f"{path} is malformed ({'; '.join(problems)}); {fix}")
+    return record
 
 
 def run_eval(config: EvalConfig) -> dict:
@@ -337,10 +342,12 @@ def run_eval(config: EvalConfig) -> dict:
     the main one under `accelerate launch`)."""
     started = time.time()
     out = Path(config.output_dir)
-    _check_output(out, config.overwrite)
-    resolve_model(config.model)  # a bad path fails before any work
     record = _read_record(config.model)
     base = config.base or str(record.get("base_model") or "").removeprefix("hub:")
+    clip_path = Path(config.clip_model).expanduser()
+    guard([Output("--output-dir", out, REPORT_JSON, "eval report")],
+          {"--model": model_path(config.model), "--base": model_path(base), "--prompts-csv": config.prompts_csv,
+           "--clip-model": clip_path if clip_path.exists() else None}, config.overwrite)
     if not base:
         raise UserError(f"--base is required: {config.model} has no amnesia.json that names its base model")
     concepts = split_concepts(config.concept) if config.concept else list(record.get("concepts") or [])
@@ -361,14 +368,13 @@ def run_eval(config: EvalConfig) -> dict:
     distractors = list(config.distractors or DISTRACTORS) + ([surrogate] if surrogate else [])
 
     accelerator = make_accelerator()
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_of(out)
     detectors: list[Detector] = []
     status: dict[str, dict] = {}
     clip = None
     if accelerator.is_main_process:
         # A fresh folder: an interrupted run's images are never mixed with new ones.
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        partial, _ = open_work(out, "eval", {}, keep=False)
         # Loaded before sampling, so a missing package or model shows at once, not after hours of it.
         if detector == "digits":
             detectors.append(DigitsDetector(plan.digit))
@@ -388,21 +394,22 @@ def run_eval(config: EvalConfig) -> dict:
             entry["headline"] = list(next((d.headline for d in detectors if d.name == name), ()))
     accelerator.wait_for_everyone()
 
-    models = {role: _model_record(_sample_model(spec, role, plan, settings, partial, accelerator),
-                                  record if role == "forgotten" else {})
-              for role, spec in zip(ROLES, (base, config.model))}
-    accelerator.wait_for_everyone()  # every process's images are on disk
-    if not accelerator.is_main_process:
-        # Done: waiting at a barrier through a long detection would run into the process
-        # group's timeout.
-        return {}
-    if clip is not None:
-        clip.to(accelerator.device)
-    report = _build_report(config, plan, n, detector, detectors, status, clip, models, concepts, distractors,
-                           settings, partial)
-    report["seconds"] = round(time.time() - started, 1)
-    write_report(partial, report)
-    replace_dir(partial, out)
+    with discard_on_failure(partial) if accelerator.is_main_process else contextlib.nullcontext():
+        models = {role: _model_record(_sample_model(spec, role, plan, settings, partial, accelerator),
+                                      record if role == "forgotten" else {})
+                  for role, spec in zip(ROLES, (base, config.model))}
+        accelerator.wait_for_everyone()  # every process's images are on disk
+        if not accelerator.is_main_process:
+            # Done: waiting at a barrier through a long detection would run into the process
+            # group's timeout.
+            return {}
+        if clip is not None:
+            clip.to(accelerator.device)
+        report = _build_report(config, plan, n, detector, detectors, status, clip, models, concepts, distractors,
+                               settings, partial)
+        report["seconds"] = round(time.time() - started, 1)
+        write_report(partial, report)
+    publish(partial, out)
     return report
 
 

@@ -17,12 +17,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from . import __version__
 from .diffusion import encode_prompts, per_sample_loss
 from .errors import UserError
 from .generate import image_seed
 from .io import write_safetensors
 from .models import DTYPES, unet_config_hash
+from .paths import stamp
 
 FORMAT = "amnesia-sd-fisher"
 
@@ -81,8 +81,14 @@ def fisher_diagonal(
 
 
 def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], dtype: str, metadata: dict) -> None:
+    """Written only when every value is a valid Fisher entry in the stored dtype."""
     tensors = {k: v.to(DTYPES[dtype]).contiguous().cpu() for k, v in fisher.items()}
-    meta = {"format": FORMAT, "tool_version": __version__, "dtype": dtype, **metadata}
+    for name, value in tensors.items():
+        problem = fisher_problem(value)
+        if problem:
+            raise UserError(f"the Fisher's {name} {problem} (stored as {dtype}); nothing was written: check the "
+                            "model and the replay set (a model that produces NaN cannot be anchored)")
+    meta = {"format": FORMAT, **stamp(), "dtype": dtype, **metadata}
     write_safetensors(path, tensors, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
 
 
@@ -119,7 +125,21 @@ def load_fisher(path: str | Path, unet) -> tuple[dict[str, torch.Tensor], dict[s
                 f"Fisher file {path} does not match the model: {name} has shape {tuple(value.shape)}, "
                 f"the model's is {tuple(expected[name].shape)}; run `amnesia-sd fim` for this model"
             )
+        problem = fisher_problem(value)
+        if problem:
+            raise UserError(f"Fisher file {path} is broken: {name} {problem}; compute it again with `amnesia-sd fim`")
     return fisher, metadata
+
+
+def fisher_problem(value: torch.Tensor) -> str | None:
+    """Why a tensor cannot be a diagonal Fisher (squared gradients: finite floats >= 0), or None."""
+    if not value.dtype.is_floating_point:
+        return f"has dtype {str(value.dtype).replace('torch.', '')}, not a floating-point type"
+    if not torch.isfinite(value).all():
+        return f"holds {int((~torch.isfinite(value)).sum())} non-finite value(s) (NaN or inf)"
+    if (value < 0).any():
+        return f"holds {int((value < 0).sum())} negative value(s)"
+    return None
 
 
 def fisher_metadata(unet, scheduler, base_model: str, num_samples: int, timesteps, seed: int, replay: str) -> dict:
@@ -138,21 +158,30 @@ def fisher_metadata(unet, scheduler, base_model: str, num_samples: int, timestep
 
 def compute_fim(config) -> Path:
     """`amnesia-sd fim`: the Fisher of the base UNet over a replay set, written as safetensors."""
-    from .imageset import generate_image_set, load_image_set
-    from .models import load_on_device, make_accelerator
+    from .imageset import MANIFEST, generate_image_set, is_finished, load_image_set
+    from .models import load_on_device, make_accelerator, model_path
+    from .paths import Output, check_output, check_overlap
     from .prompts import repeat_to, replay_prompts
 
     output = Path(config.output)
-    if output.exists() and not config.overwrite:
-        raise UserError(f"{output} already exists; pass --overwrite to replace it")
+    replay_dir = None if config.replay_dir else output.with_name(output.name.removesuffix(".safetensors") + "-replay")
+    outputs = [Output("--output", output, None, "Fisher")]
+    if replay_dir:  # a cache of ours beside the Fisher, reused when its settings match
+        outputs.append(Output("--output's replay set", replay_dir, MANIFEST, "image set"))
+    check_overlap(outputs, {"--model": model_path(config.model), "--replay-dir": config.replay_dir,
+                            "--prompts": config.prompts_file})
+    check_output(outputs[0], config.overwrite)
+    if replay_dir and not is_finished(replay_dir):
+        check_output(outputs[1], False)
+    if config.replay_dir:
+        load_image_set(config.replay_dir)  # a bad set fails before the model loads
     accelerator = make_accelerator(config.mixed_precision)
     ref, pipe = load_on_device(config.model, accelerator)
     if config.replay_dir:
         replay = load_image_set(config.replay_dir, pipe.unet)
     else:
-        replay_dir = output.with_name(output.name.removesuffix(".safetensors") + "-replay")
         prompts = repeat_to(replay_prompts(config.prompts_file), config.num_images)
-        replay = generate_image_set(pipe, ref, prompts, config, replay_dir, "replay", accelerator)
+        replay = generate_image_set(pipe, ref, prompts, config, replay_dir, "replay", accelerator, reuse=True)
     count = min(config.num_images or len(replay.latents), len(replay.latents))
     if config.num_images and config.num_images > len(replay.latents):
         raise UserError(f"--num-images {config.num_images} is more than the {len(replay.latents)} images of {replay.path}")

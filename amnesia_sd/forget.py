@@ -10,6 +10,7 @@ resumed run continues exactly, and N processes x batch b see the same data as 1 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -21,16 +22,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .config import ForgetConfig
+from .config import DEFAULT_SURROGATE_IMAGES, ForgetConfig
 from .diffusion import encode_prompts, per_sample_loss
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .ewc import EWCPenalty
 from .fisher import load_fisher
 from .generate import image_seed
-from .imageset import ImageSet, encode_image_folder, generate_image_set, load_image_set
-from .io import replace_dir, write_json, write_text
-from .models import DTYPES, ModelRef, load_on_device, load_pipeline, make_accelerator, resolve_model
+from .imageset import ImageSet, encode_image_folder, generate_image_set, is_finished, load_image_set
+from .io import write_json, write_text
+from .models import (DTYPES, ModelRef, load_on_device, load_pipeline, make_accelerator, model_path, origin,
+                     origin_mismatches)
+from .paths import (Output, check_output, check_overlap, diff_settings, open_work, partial_of, publish, real,
+                    stamp)
 from .prompts import concept_prompts, repeat_to, replay_prompts
 
 FINISHED = "amnesia.json"
@@ -49,69 +52,130 @@ def trainable_names(unet, method: str) -> list[str]:
     return [n for n in names if ".attn2." not in n and not n.startswith(frozen_prefixes)]
 
 
-def prepare_output_dir(out: Path, config: ForgetConfig, clean: bool) -> None:
-    """Refuse to clobber a finished result or an unfinished run unless told what to do with it.
+# Settings a resumed run may change: how long it runs, how often it saves, and where from.
+RESUMABLE_CHANGES = ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
+                     "overwrite", "output_dir", "config_file", "batch_size")
+CHECKPOINT_SETTINGS = "amnesia-settings.json"  # in every checkpoint: the settings that shaped it
 
-    Every process checks (so all fail alike); only the one given `clean` deletes.
-    """
-    finished = (out / FINISHED).is_file()
-    has_checkpoints = any((out / "checkpoints").glob("checkpoint-*"))
-    if config.overwrite and config.resume_from_checkpoint:
-        raise UserError("--overwrite starts again from scratch; it cannot be combined with --resume-from-checkpoint")
-    if finished and not config.overwrite:
-        raise UserError(f"{out} already holds a finished result; pass --overwrite to replace it or pick another --output-dir")
-    if config.overwrite and out.exists() and clean:
-        for entry in out.iterdir():
-            if entry.name != "data":  # cached image sets are checked against their settings on reuse
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    elif has_checkpoints and not config.resume_from_checkpoint:
+
+def training_settings(config: ForgetConfig, num_processes: int) -> dict:
+    """What shapes the training trajectory: a resumed run must match it."""
+    settings = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
+    return {**settings, "num_processes": num_processes}
+
+
+def check_paths(config: ForgetConfig, out: Path) -> bool:
+    """The guard, before any work: no output touches an input; OUT is new, empty or a finished
+    result of ours (replaced only with --overwrite). Returns whether one is there."""
+    work = partial_of(out)
+    inputs = {"--model": model_path(config.model), "--fim": config.fim, "--replay-dir": config.replay_dir,
+              "--surrogate-dir": config.surrogate_dir, "--surrogate-images": config.surrogate_images,
+              "--prompts": config.prompts_file, "--config": config.config_file}
+    resume = config.resume_from_checkpoint
+    if resume and resume != "latest" and real(work / "checkpoints") not in real(resume).parents:
+        inputs["--resume-from-checkpoint"] = resume  # a checkpoint of this run's own work folder is ours
+    output = Output("--output-dir", out, FINISHED, "forgotten model")
+    check_overlap([output], inputs)
+    finished = check_output(output, config.overwrite)
+    if any((work / "checkpoints").glob("checkpoint-*")) and not (config.resume_from_checkpoint or config.overwrite):
         raise UserError(
-            f"{out} holds checkpoints of an unfinished run: resume it with --resume-from-checkpoint latest, "
+            f"{work} holds checkpoints of an unfinished run: resume it with --resume-from-checkpoint latest, "
             "or pass --overwrite to start again"
         )
+    return finished
 
 
-def find_checkpoint(out: Path, resume: str | None) -> Path | None:
+def open_run(out: Path, config: ForgetConfig, finished: bool) -> Path:
+    """The work folder OUT.partial: kept from an interrupted run (its cached sets are reused), or
+    new with --overwrite. Matching cached sets of a finished OUT being replaced are hard-linked in."""
+    work, _ = open_work(out, "forget", {}, keep=not config.overwrite)
+    if finished and (out / "data").is_dir():
+        for entry in (out / "data").iterdir():
+            target = work / "data" / entry.name
+            if is_finished(entry) and not target.exists():  # settings are checked on reuse
+                shutil.copytree(entry, target, copy_function=_link_or_copy)
+    return work
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # our set files are replaced, never written in place: sharing them is safe
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def find_checkpoint(work: Path, resume: str | None) -> Path | None:
     if not resume:
         return None
     if resume != "latest":
         path = Path(resume)
-        if not path.is_dir():
-            raise UserError(f"--resume-from-checkpoint {resume} is not a checkpoint folder")
+        if not (path / CHECKPOINT_SETTINGS).is_file():
+            raise UserError(f"--resume-from-checkpoint {resume} is not a checkpoint of `amnesia-sd forget` (no "
+                            f"{CHECKPOINT_SETTINGS}); pass 'latest' or a checkpoint-N folder of an earlier run")
         return path
-    found = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    found = sorted((work / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator, out: Path, step: int, keep: int | None) -> None:
+def check_resume(checkpoint: Path, settings: dict) -> None:
+    """A checkpoint resumes only the run it was made by: same settings, except those that may change."""
+    try:
+        before = json.loads((checkpoint / CHECKPOINT_SETTINGS).read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{checkpoint} is not a complete checkpoint (no readable {CHECKPOINT_SETTINGS}); "
+                        "pass another one or --overwrite to start again") from None
+    differences = diff_settings(before, settings)
+    if differences:
+        raise UserError(f"{checkpoint} was made with other settings ({differences}); resume with the same "
+                        "settings (only --max-train-steps and the checkpoint cadence may change), or pass "
+                        "--overwrite to start again")
+
+
+def weights_finite(params: list[torch.Tensor]) -> bool:
+    """One fused pass: the norm of a tensor with NaN or inf is not finite."""
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()) if params else True
+
+
+def save_checkpoint(accelerator, work: Path, step: int, keep: int | None, settings: dict) -> None:
     """Written under a temporary name and renamed, so a half-written checkpoint is never 'latest'."""
-    root = out / "checkpoints"
+    root = work / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp, final = root / f".tmp-checkpoint-{step}", root / f"checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     accelerator.save_state(str(tmp))
-    replace_dir(tmp, final)
+    write_json(tmp / CHECKPOINT_SETTINGS, settings)
+    os.replace(tmp, final)
     if keep:
         old = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
         for path in old:
             shutil.rmtree(path)
 
 
-def load_sets(config: ForgetConfig, out: Path, ref: ModelRef, pipe, accelerator) -> tuple[ImageSet, ImageSet]:
-    """The replay set and the surrogate set: given, cached in OUT/data, or generated there."""
+def broken_run(what: str, step: int, work: Path) -> UserError:
+    kept = find_checkpoint(work, "latest")
+    return UserError(
+        f"{what} at step {step}; training stopped and nothing was written as finished. "
+        + (f"Last good checkpoint: {kept}; resume with --resume-from-checkpoint latest and a lower "
+           "--learning-rate" if kept else "No checkpoint was saved yet; lower --learning-rate")
+    )
+
+
+def load_sets(config: ForgetConfig, work: Path, ref: ModelRef, pipe, accelerator) -> tuple[ImageSet, ImageSet]:
+    """The replay set and the surrogate set: given, or cached in the work folder's data/ (published
+    with the result as OUT/data), or generated there."""
     if config.replay_dir:
         replay = load_image_set(config.replay_dir, pipe.unet)
     else:
         prompts = repeat_to(replay_prompts(config.prompts_file), config.num_replay_images)
-        replay = generate_image_set(pipe, ref, prompts, config, out / "data" / "replay", "replay", accelerator, reuse=True)
+        replay = generate_image_set(pipe, ref, prompts, config, work / "data" / "replay", "replay", accelerator, reuse=True)
     if config.surrogate_dir:
         surrogate = load_image_set(config.surrogate_dir, pipe.unet)
     elif config.surrogate_images:
-        surrogate = encode_image_folder(pipe, ref, config.surrogate_images, out / "data" / "surrogate",
-                                        config.resolution, accelerator, overwrite=True)
+        surrogate = encode_image_folder(pipe, ref, config.surrogate_images, work / "data" / "surrogate",
+                                        config.resolution, accelerator, reuse=True)
     else:
-        prompts = [config.surrogate.strip()] * config.num_surrogate_images
-        surrogate = generate_image_set(pipe, ref, prompts, config, out / "data" / "surrogate", "surrogate",
+        prompts = [config.surrogate.strip()] * (config.num_surrogate_images or DEFAULT_SURROGATE_IMAGES)
+        surrogate = generate_image_set(pipe, ref, prompts, config, work / "data" / "surrogate", "surrogate",
                                        accelerator, reuse=True)
     return replay, surrogate
 
@@ -175,6 +239,19 @@ def draw_batch(seed: int, micro_step: int, world: int, rank: int, batch: int, si
     return drawn
 
 
+def check_origins(config: ForgetConfig, ref: ModelRef, pipe, fisher_meta: dict, sets: dict[str, ImageSet]) -> list[str]:
+    """The Fisher and the image sets must come from the model being trained, unless the user says
+    otherwise (--allow-origin-mismatch), which is recorded."""
+    expected = origin(ref, pipe)
+    found = origin_mismatches(f"--fim {config.fim}", fisher_meta, expected)
+    for name, image_set in sets.items():
+        found += origin_mismatches(f"{name} set {image_set.path}", image_set.manifest, expected)
+    if found and not config.allow_origin_mismatch:
+        raise UserError("made from another model: " + "; ".join(found) + ". Make them with this model, or pass "
+                        "--allow-origin-mismatch to use them anyway (recorded in amnesia.json)")
+    return found
+
+
 def forget(config: ForgetConfig) -> Path:
     """Train the UNet to map the concept to the surrogate while remembering everything else;
     write a diffusers pipeline folder to config.output_dir."""
@@ -184,24 +261,33 @@ def forget(config: ForgetConfig) -> Path:
 
     started = time.time()
     out = Path(config.output_dir)
-    accelerator = make_accelerator(
-        config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
+    work = partial_of(out)
     # Cheap checks first, so bad input fails in a second and leaves nothing behind.
     if not Path(config.fim).is_file():  # never a silent multi-hour Fisher computation
         raise UserError(
             f"no Fisher file at {config.fim}: compute it once per base model with "
             f"`amnesia-sd fim --model {config.model} --output {config.fim}`"
         )
-    resolve_model(config.model)
+    finished = check_paths(config, out)  # every process checks, so all fail alike
+    for given in (config.replay_dir, config.surrogate_dir):
+        if given:
+            load_image_set(given)
+    accelerator = make_accelerator(
+        config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        project_config=ProjectConfiguration(project_dir=str(work), logging_dir=str(work / "logs")),
+    )
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         raise UserError(
             f"forget runs under DDP (multi-GPU or multi-node), not {accelerator.distributed_type.value}: the EWC "
             "gradient is added to each parameter's .grad, which DeepSpeed and FSDP shard away; "
             "use an accelerate config with distributed_type: MULTI_GPU"
         )
-    prepare_output_dir(out, config, clean=accelerator.is_main_process)
+    settings = training_settings(config, accelerator.num_processes)
+    checkpoint = find_checkpoint(work, config.resume_from_checkpoint)
+    if checkpoint is not None:
+        check_resume(checkpoint, settings)
+    if accelerator.is_main_process:
+        open_run(out, config, finished)
     accelerator.wait_for_everyone()
     set_seed(config.seed)
     weight_dtype = DTYPES[config.mixed_precision]
@@ -210,7 +296,12 @@ def forget(config: ForgetConfig) -> Path:
     ref, pipe = load_on_device(config.model, accelerator)
     unet, tokenizer, text_encoder = pipe.unet, pipe.tokenizer, pipe.text_encoder
     fisher, fisher_meta = load_fisher(config.fim, unet)
-    replay, surrogate = load_sets(config, out, ref, pipe, accelerator)
+    if config.replay_dir or config.surrogate_dir:  # given sets are checked before hours of generation
+        given = {n: load_image_set(p, unet) for n, p in (("replay", config.replay_dir),
+                                                          ("surrogate", config.surrogate_dir)) if p}
+        check_origins(config, ref, pipe, fisher_meta, given)
+    replay, surrogate = load_sets(config, work, ref, pipe, accelerator)
+    mismatches = check_origins(config, ref, pipe, fisher_meta, {"replay": replay, "surrogate": surrogate})
     concepts = concept_prompts(config.concept_list(), config.templates)
     # Text embeddings of every prompt are computed once; then neither the VAE nor the text
     # encoder runs during training, and both leave the accelerator.
@@ -262,13 +353,12 @@ def forget(config: ForgetConfig) -> Path:
         accelerator.register_for_checkpointing(ema)
 
     global_step = 0
-    checkpoint = find_checkpoint(out, config.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         global_step = int(checkpoint.name.split("-")[-1])
         accelerator.print(f"resumed from {checkpoint} at step {global_step}")
     elif config.resume_from_checkpoint:
-        accelerator.print(f"no checkpoint in {out / 'checkpoints'}: starting from step 0")
+        accelerator.print(f"no checkpoint in {work / 'checkpoints'}: starting from step 0")
 
     sizes = {"surrogate": len(surrogate.latents), "replay": len(replay.latents), "concept": len(concepts)}
     shapes = {"surrogate": tuple(surrogate.latents.shape[1:]), "replay": tuple(replay.latents.shape[1:])}
@@ -278,70 +368,82 @@ def forget(config: ForgetConfig) -> Path:
                disable=not accelerator.is_main_process)
     unet.train()
     micro_step = global_step * config.gradient_accumulation_steps
-    while global_step < config.max_train_steps:
-        with accelerator.accumulate(unet):
-            d = draw_batch(config.seed, micro_step, accelerator.num_processes, accelerator.process_index, b,
-                           sizes, shapes, noise_scheduler.config.num_train_timesteps)
-            micro_step += 1
-            x_s = surrogate.latents[d["surrogate_index"]].to(device)
-            e_s = concept_embeddings[d["concept_index"].to(device)]
-            terms = [(x_s, d["surrogate_noise"], d["surrogate_t"], e_s)]
-            if config.gamma > 0:
-                x_r = replay.latents[d["replay_index"]].to(device)
-                e_r = replay_embeddings[replay_text_index[d["replay_index"]].to(device)]
-                terms.append((x_r, d["replay_noise"], d["replay_t"], e_r))
-            if len(terms) == 2 and shapes["surrogate"] == shapes["replay"]:
-                # One forward over surrogate + replay: same result as two, faster.
-                x, noise, t, e = (torch.cat(parts) for parts in zip(*terms))
-                losses = per_sample_loss(unet, noise_scheduler, x, noise.to(device), t.to(device), e)
-                loss_s, loss_r = losses[:b].mean(), losses[b:].mean()
-            else:
-                term_losses = [per_sample_loss(unet, noise_scheduler, x, n.to(device), t.to(device), e).mean()
-                               for x, n, t, e in terms]
-                loss_s = term_losses[0]
-                loss_r = term_losses[1] if len(term_losses) == 2 else torch.zeros((), device=device)
-            data_loss = loss_s + config.gamma * loss_r
-            # The global batch's losses, averaged over processes: what is logged, and a NaN check
-            # that every process agrees on, so all of them stop together.
-            reported = accelerator.reduce(torch.stack([loss_s.detach(), loss_r.detach()]), reduction="mean")
-            if not torch.isfinite(reported).all():
-                kept = find_checkpoint(out, "latest")
-                raise UserError(
-                    f"the loss became {(reported[0] + config.gamma * reported[1]).item()} at step {global_step + 1}; "
-                    "training stopped. "
-                    + (f"Last good checkpoint: {kept}; resume with --resume-from-checkpoint latest and a lower "
-                       "--learning-rate" if kept else "No checkpoint was saved yet; lower --learning-rate")
-                )
-            accelerator.backward(data_loss)
-            if accelerator.sync_gradients:
-                accelerator.unscale_gradients()  # the penalty's gradient is added unscaled
-                log_step = (global_step + 1) % LOG_EVERY == 0 or global_step + 1 == config.max_train_steps or not last
-                value = penalty.add_grad_(with_value=log_step)  # the value's .item() syncs: not every step
-                if value is not None:
-                    ewc = value.item()
-                if config.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    try:
+        while global_step < config.max_train_steps:
+            with accelerator.accumulate(unet):
+                d = draw_batch(config.seed, micro_step, accelerator.num_processes, accelerator.process_index, b,
+                               sizes, shapes, noise_scheduler.config.num_train_timesteps)
+                micro_step += 1
+                x_s = surrogate.latents[d["surrogate_index"]].to(device)
+                e_s = concept_embeddings[d["concept_index"].to(device)]
+                terms = [(x_s, d["surrogate_noise"], d["surrogate_t"], e_s)]
+                if config.gamma > 0:
+                    x_r = replay.latents[d["replay_index"]].to(device)
+                    e_r = replay_embeddings[replay_text_index[d["replay_index"]].to(device)]
+                    terms.append((x_r, d["replay_noise"], d["replay_t"], e_r))
+                if len(terms) == 2 and shapes["surrogate"] == shapes["replay"]:
+                    # One forward over surrogate + replay: same result as two, faster.
+                    x, noise, t, e = (torch.cat(parts) for parts in zip(*terms))
+                    losses = per_sample_loss(unet, noise_scheduler, x, noise.to(device), t.to(device), e)
+                    loss_s, loss_r = losses[:b].mean(), losses[b:].mean()
+                else:
+                    term_losses = [per_sample_loss(unet, noise_scheduler, x, n.to(device), t.to(device), e).mean()
+                                   for x, n, t, e in terms]
+                    loss_s = term_losses[0]
+                    loss_r = term_losses[1] if len(term_losses) == 2 else torch.zeros((), device=device)
+                data_loss = loss_s + config.gamma * loss_r
+                # The global batch's losses, averaged over processes: what is logged, and a NaN check
+                # that every process agrees on, so all of them stop together.
+                reported = accelerator.reduce(torch.stack([loss_s.detach(), loss_r.detach()]), reduction="mean")
+                if not torch.isfinite(reported).all():
+                    raise broken_run(f"the loss became {(reported[0] + config.gamma * reported[1]).item()}",
+                                     global_step + 1, work)
+                accelerator.backward(data_loss)
+                if accelerator.sync_gradients:
+                    accelerator.unscale_gradients()  # the penalty's gradient is added unscaled
+                    log_step = (global_step + 1) % LOG_EVERY == 0 or global_step + 1 == config.max_train_steps or not last
+                    value = penalty.add_grad_(with_value=log_step)  # the value's .item() syncs: not every step
+                    if value is not None:
+                        ewc = value.item()
+                        if not math.isfinite(ewc):  # the whole objective is checked, EWC included
+                            raise broken_run(f"the EWC penalty became {ewc}", global_step + 1, work)
+                    if config.max_grad_norm:
+                        # Already unscaled (and synced across processes): accelerator.clip_grad_norm_
+                        # would unscale a second time under fp16.
+                        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
-        if accelerator.sync_gradients:
-            global_step += 1
-            if ema is not None:
-                ema.step(accelerator.unwrap_model(unet).parameters())
-            last = {"surrogate": reported[0].item(), "replay": reported[1].item(), "ewc": ewc}
-            last["total"] = last["surrogate"] + config.gamma * last["replay"] + last["ewc"]
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
-            if global_step % config.checkpointing_steps == 0 and global_step < config.max_train_steps:
-                if accelerator.is_main_process:
-                    save_checkpoint(accelerator, out, global_step, config.checkpoints_total_limit)
+            if accelerator.sync_gradients:
+                global_step += 1
+                if ema is not None:
+                    ema.step(accelerator.unwrap_model(unet).parameters())
+                last = {"surrogate": reported[0].item(), "replay": reported[1].item(), "ewc": ewc}
+                last["total"] = last["surrogate"] + config.gamma * last["replay"] + last["ewc"]
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
+                if global_step % config.checkpointing_steps == 0 and global_step < config.max_train_steps:
+                    # Only finite weights are ever saved, so the last checkpoint is always a good one.
+                    if not weights_finite(params + (ema.shadow_params if ema is not None else [])):
+                        raise broken_run("the weights became non-finite (NaN or inf)", global_step, work)
+                    if accelerator.is_main_process:
+                        save_checkpoint(accelerator, work, global_step, config.checkpoints_total_limit, settings)
+    except KeyboardInterrupt:
+        kept = find_checkpoint(work, "latest")
+        raise Interrupted(
+            f"stopped at step {global_step}; rerun with --resume-from-checkpoint latest to continue from {kept}"
+            if kept else f"stopped at step {global_step}, before the first checkpoint: a rerun starts training "
+            "again (sets already made are reused)"
+        ) from None
     bar.close()
 
     accelerator.wait_for_everyone()
+    trained = accelerator.unwrap_model(unet)
+    if ema is not None:
+        ema.copy_to(trained.parameters())  # the EMA weights are the result
+    if not weights_finite(list(trained.parameters())):
+        raise broken_run("the trained weights are non-finite (NaN or inf)", global_step, work)
     if accelerator.is_main_process:
-        trained = accelerator.unwrap_model(unet)
-        if ema is not None:
-            ema.copy_to(trained.parameters())  # the EMA weights are the result
         summary = {
             "steps": global_step,
             "final_losses": last,
@@ -349,46 +451,49 @@ def forget(config: ForgetConfig) -> Path:
             "num_processes": accelerator.num_processes,
             "global_batch_size": config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
             "learning_rate": learning_rate,
-            "replay_set": str(replay.path.resolve()),
-            "surrogate_set": str(surrogate.path.resolve()),
+            "mixed_precision": accelerator.mixed_precision,
+            "replay_set": recorded_path(replay.path, work),
+            "surrogate_set": recorded_path(surrogate.path, work),
             "concept_prompts": concepts,
             "fim": {"path": str(Path(config.fim).resolve()), "metadata": fisher_meta},
+            "origin_mismatches": mismatches,
             "seconds": round(time.time() - started, 1),
         }
-        write_result(out, ref, trained, config, summary)
+        write_result(work, ref, trained, config, summary, surrogate)
+        publish(work, out)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
 
 
-def write_result(out: Path, ref: ModelRef, unet, config: ForgetConfig, summary: dict) -> None:
-    """Save the pipeline with the new UNet and the base's other components; amnesia.json, written
-    last, marks the result finished."""
+def recorded_path(path: Path, work: Path) -> str:
+    """A set inside the result is recorded relative to it ("data/replay"), so the record stays true
+    when the folder is published or moved; any other set by its absolute path."""
+    path, work = path.resolve(), work.resolve()
+    return str(path.relative_to(work)) if work in path.parents else str(path)
+
+
+def write_result(work: Path, ref: ModelRef, unet, config: ForgetConfig, summary: dict, surrogate: ImageSet) -> None:
+    """Save the pipeline with the new UNet and the base's other components into the work folder;
+    amnesia.json, written last, marks the result finished."""
+    import accelerate
     import diffusers
     import transformers
-    import accelerate
 
     base = load_pipeline(ref, safety_checker=ref.kind != "file")
     base.register_modules(unet=unet.to("cpu"))  # fp32 master weights
-    out.mkdir(parents=True, exist_ok=True)
-    staging = out / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    base.save_pretrained(str(staging), safe_serialization=True)
-    entries = sorted(staging.iterdir(), key=lambda p: p.name == "model_index.json")  # index last
-    for entry in entries:
-        target = out / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    staging.rmdir()
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    base.save_pretrained(str(work), safe_serialization=True)
+    # What the concept now maps to, as trained: the prompt, or the set's own prompt or image folder.
+    source = surrogate.manifest.get("images_dir") or (surrogate.prompts[0] if surrogate.prompts else None)
     record = {
-        "tool": "amnesia-sd",
-        "tool_version": __version__,
+        **stamp(),
         "method": "Selective Amnesia (Heng & Soh, NeurIPS 2023)",
         "base_model": ref.identity,
         "concepts": config.concept_list(),
-        "surrogate": config.surrogate or config.surrogate_dir or config.surrogate_images,
+        "surrogate": config.surrogate.strip() if config.surrogate else source,
+        "surrogate_source": ("prompt" if config.surrogate else "surrogate_dir" if config.surrogate_dir
+                             else "surrogate_images"),
         "settings": asdict(config),
         **summary,
         "versions": {
@@ -396,8 +501,8 @@ def write_result(out: Path, ref: ModelRef, unet, config: ForgetConfig, summary: 
             "transformers": transformers.__version__, "accelerate": accelerate.__version__,
         },
     }
-    write_text(out / "README.md", model_card(record))
-    write_json(out / FINISHED, record)
+    write_text(work / "README.md", model_card(record))
+    write_json(work / FINISHED, record)
 
 
 def model_card(record: dict) -> str:

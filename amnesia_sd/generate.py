@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from .config import GenerationSettings
-from .models import native_resolution
+from .models import image_size
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -38,7 +38,7 @@ def generate(
 
     # DDIM as in the paper; generators live on the CPU so noise is identical on any device.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    size = settings.resolution or native_resolution(pipe)
+    size = image_size(pipe, settings.resolution)
     vae = pipe.vae
     for start in range(0, len(prompts), settings.batch_size):
         batch = prompts[start : start + settings.batch_size]

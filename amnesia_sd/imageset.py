@@ -17,15 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import __version__
 from .config import GenerationSettings
 from .errors import UserError
 from .generate import generate, image_seed, process_share
 from .io import atomic_path, write_json, write_text
-from .models import ModelRef, native_resolution, unet_config_hash
+from .paths import Output, check_output, guard, is_ours, open_work, partial_of, publish, stamp
+from .models import ModelRef, image_size, unet_config_hash
 
 MANIFEST = "manifest.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -40,7 +41,11 @@ class ImageSet:
 
 
 def is_finished(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    return is_ours(Path(path), MANIFEST)
+
+
+def set_output(path: str | Path) -> Output:
+    return Output("--output-dir", Path(path), MANIFEST, "image set")
 
 
 def load_image_set(path: str | Path, unet=None) -> ImageSet:
@@ -48,14 +53,20 @@ def load_image_set(path: str | Path, unet=None) -> ImageSet:
     path = Path(path)
     if not is_finished(path):
         raise UserError(
-            f"{path} is not a finished image set (no {MANIFEST}); create one with "
+            f"{path} is not a finished image set (no amnesia-sd {MANIFEST}); create one with "
             "`amnesia-sd replay` or `amnesia-sd surrogate`"
         )
     manifest = json.loads((path / MANIFEST).read_text())
-    latents = load_file(str(path / "latents.safetensors"))["latents"]
-    prompts = (path / "prompts.txt").read_text(encoding="utf-8").split("\n")[: len(latents)]
+    try:
+        latents = load_file(str(path / "latents.safetensors"))["latents"]
+        prompts = (path / "prompts.txt").read_text(encoding="utf-8").split("\n")[: len(latents)]
+    except (OSError, KeyError, ValueError, SafetensorError) as exc:
+        raise UserError(f"image set {path} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                        "make it again") from None
     if len(prompts) != len(latents):
         raise UserError(f"image set {path} is damaged: {len(prompts)} prompts for {len(latents)} latents")
+    if not torch.isfinite(latents).all():
+        raise UserError(f"image set {path} holds non-finite latents; make it again")
     if unet is not None and latents.shape[1] != unet.config.in_channels:
         raise UserError(
             f"image set {path} has {latents.shape[1]}-channel latents but the model's UNet takes "
@@ -64,51 +75,45 @@ def load_image_set(path: str | Path, unet=None) -> ImageSet:
     return ImageSet(path, prompts, latents, manifest)
 
 
-def _prepare(out: Path, overwrite: bool, settings: dict) -> Path:
-    """Check the destination and return the .partial folder to write into."""
-    if is_finished(out):
-        if not overwrite:
-            raise UserError(f"{out} already holds a finished image set; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not an image set; pick an empty or new --output-dir")
-    partial = out.with_name(out.name + ".partial")
-    record = partial / "settings.json"
-    if partial.exists() and (overwrite or not record.is_file()):
-        shutil.rmtree(partial)
-    if record.is_file() and json.loads(record.read_text()) != settings:
-        raise UserError(
-            f"{partial} holds an interrupted set made with other settings; rerun with the same "
-            "settings to resume it, or pass --overwrite to start again"
-        )
-    (partial / "images").mkdir(parents=True, exist_ok=True)
-    (partial / "latents").mkdir(exist_ok=True)
-    write_json(record, settings)
-    return partial
-
-
 def _finish(partial: Path, out: Path, prompts: list[str], manifest: dict) -> None:
     """Gather the per-image latents into one file, then write the manifest and move into place."""
     files = [partial / "latents" / f"{i:06d}.safetensors" for i in range(len(prompts))]
     latents = torch.stack([load_file(str(f))["latent"] for f in files])
+    if not torch.isfinite(latents).all():  # never a finished set of NaN
+        bad = (~torch.isfinite(latents.flatten(1))).any(1).nonzero().flatten().tolist()
+        raise UserError(f"{len(bad)} of {len(latents)} latents are not finite (e.g. image {bad[0]}); "
+                        f"nothing was finished: check the model and settings (fp16 overflow? try bf16)")
     with atomic_path(partial / "latents.safetensors") as tmp:
         save_file({"latents": latents.contiguous()}, str(tmp))
     write_text(partial / "prompts.txt", "\n".join(prompts))
     shutil.rmtree(partial / "latents")
-    (partial / "settings.json").unlink()
     manifest["latent_shape"] = list(latents.shape[1:])
-    write_json(partial / MANIFEST, manifest)
-    if out.exists():
-        out.rmdir()  # _prepare made sure it is empty
-    partial.rename(out)
+    write_json(partial / MANIFEST, {**stamp(), **manifest})
+    publish(partial, out)
 
 
-def _save_image(partial: Path, index: int, latent: torch.Tensor, image: Image.Image) -> None:
+def _save_image(partial: Path, index: int, latent: torch.Tensor, image: Image.Image, prompt: str) -> None:
     # Latent first, image last: an index counts as done only when its image exists.
+    if not torch.isfinite(latent).all():  # stop at the first broken image, not after hours of them
+        raise UserError(f"image {index} ({prompt!r}) came out non-finite (NaN or inf); nothing was finished: "
+                        "check the model and settings (fp16 overflow? try --mixed-precision bf16 or no)")
     with atomic_path(partial / "latents" / f"{index:06d}.safetensors") as tmp:
         save_file({"latent": latent.contiguous()}, str(tmp))
     with atomic_path(partial / "images" / f"{index:06d}.png") as tmp:
         image.save(tmp, format="PNG")
+
+
+def _start(out: Path, overwrite: bool, record: dict, accelerator) -> Path:
+    """Check the destination on every process (all fail alike); the main process opens the work
+    folder, kept from an interrupted run with the same settings."""
+    check_output(set_output(out), overwrite)
+    partial = partial_of(out)
+    if accelerator.is_main_process:
+        partial, _ = open_work(out, "image set", record, keep=not overwrite)
+        (partial / "images").mkdir(exist_ok=True)
+        (partial / "latents").mkdir(exist_ok=True)
+    accelerator.wait_for_everyone()
+    return partial
 
 
 def generate_image_set(
@@ -127,7 +132,7 @@ def generate_image_set(
     With `reuse`, a finished set made with exactly these settings is returned as it is (a cache).
     """
     out = Path(out_dir)
-    size = settings.resolution or native_resolution(pipe)
+    size = image_size(pipe, settings.resolution)
     record = {
         "kind": kind,
         "source": "generated",
@@ -145,11 +150,8 @@ def generate_image_set(
         manifest = json.loads((out / MANIFEST).read_text())
         if all(manifest.get(k) == v for k, v in record.items()):
             return load_image_set(out)
-        overwrite = True  # a cache made with other settings is stale
-    partial = out.with_name(out.name + ".partial")
-    if accelerator.is_main_process:
-        partial = _prepare(out, overwrite, record)
-    accelerator.wait_for_everyone()
+        overwrite = True  # a cache of ours made with other settings is stale
+    partial = _start(out, overwrite, record, accelerator)
     # A resumed run redoes whole batches, so every image is still made in the batch it would have
     # been made in without the interruption.
     b = settings.batch_size
@@ -163,12 +165,12 @@ def generate_image_set(
     for position, latent, image in generate(
         pipe, [prompts[i] for i in todo], [image_seed(settings.seed, i) for i in todo], settings
     ):
-        _save_image(partial, todo[position], latent, image)
+        _save_image(partial, todo[position], latent, image, prompts[todo[position]])
         bar.update(accelerator.num_processes)
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _finish(partial, out, prompts, {**record, "tool_version": __version__})
+        _finish(partial, out, prompts, record)
     accelerator.wait_for_everyone()
     return load_image_set(out)
 
@@ -189,7 +191,7 @@ def _load_rgb(path: Path, size: int) -> Image.Image:
 @torch.no_grad()
 def encode_image_folder(
     pipe, ref: ModelRef, images_dir: str | Path, out_dir: str | Path, resolution: int | None,
-    accelerator, overwrite: bool = False, batch_size: int = 8,
+    accelerator, overwrite: bool = False, batch_size: int = 8, reuse: bool = False,
 ) -> ImageSet:
     """Turn the user's own surrogate images into a set: resized, centre-cropped, VAE-encoded."""
     source = Path(images_dir)
@@ -199,12 +201,17 @@ def encode_image_folder(
     if not files:
         raise UserError(f"--surrogate-images {source} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     out = Path(out_dir)
-    size = resolution or native_resolution(pipe)
+    size = image_size(pipe, resolution)
     record = {"kind": "surrogate", "source": "images", "images_dir": str(source.resolve()),
               "base_model": ref.identity, "unet_config_hash": unet_config_hash(pipe.unet),
-              "num_images": len(files), "resolution": size, "files": [f.name for f in files]}
+              "num_images": len(files), "resolution": size,
+              "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+    if reuse and is_finished(out):
+        if all(json.loads((out / MANIFEST).read_text()).get(k) == v for k, v in record.items()):
+            return load_image_set(out)
+        overwrite = True  # a cache of ours made from other images is stale
+    partial = _start(out, overwrite, record, accelerator)
     if accelerator.is_main_process:
-        partial = _prepare(out, overwrite, record)
         vae = pipe.vae
         for start in tqdm(range(0, len(files), batch_size), desc="encoding images", unit="batch"):
             images = [_load_rgb(f, size) for f in files[start : start + batch_size]]
@@ -213,8 +220,8 @@ def encode_image_folder(
             # The distribution's mean, not a sample: the cached latent is then deterministic.
             latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
             for offset, (latent, image) in enumerate(zip(latents.float().cpu(), images)):
-                _save_image(partial, start + offset, latent, image)
-        _finish(partial, out, [""] * len(files), {**record, "tool_version": __version__})
+                _save_image(partial, start + offset, latent, image, files[start + offset].name)
+        _finish(partial, out, [""] * len(files), record)
     accelerator.wait_for_everyone()
     return load_image_set(out)
 
@@ -225,9 +232,11 @@ def _digest(prompts: list[str]) -> str:
 
 def make_image_set(config) -> ImageSet:
     """`amnesia-sd replay` and `amnesia-sd surrogate`: generate a set with the base model."""
-    from .models import DTYPES, load_on_device, make_accelerator
+    from .models import DTYPES, load_on_device, make_accelerator, model_path
     from .prompts import repeat_to
 
+    guard([set_output(config.output_dir)], {"--model": model_path(config.model), "--prompts": config.prompts_file},
+          config.overwrite)
     accelerator = make_accelerator()
     ref, pipe = load_on_device(config.model, accelerator, DTYPES[config.mixed_precision])
     prompts = repeat_to(config.prompts, config.num_images)

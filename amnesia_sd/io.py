@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,10 +24,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # After writing: some writers (safetensors) replace the file and its mode with it.
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -47,9 +47,3 @@ def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] 
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished folder into place, removing whatever was at `dst`."""
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(src, dst)

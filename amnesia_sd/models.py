@@ -55,6 +55,26 @@ def resolve_model(spec: str) -> ModelRef:
     return ModelRef(spec, "hub", spec)
 
 
+def model_path(spec: str | None) -> Path | None:
+    """The local file or folder `--model` names (None for a hub id): an input no output may touch."""
+    if not spec:
+        return None
+    ref = resolve_model(spec)
+    return Path(ref.location) if ref.kind != "hub" else None
+
+
+def origin(ref: ModelRef, pipe) -> dict:
+    """What Fishers and image sets record about the model they were made from."""
+    return {"base_model": ref.identity, "unet_config_hash": unet_config_hash(pipe.unet),
+            "prediction_type": pipe.scheduler.config.prediction_type}
+
+
+def origin_mismatches(what: str, recorded: dict, expected: dict) -> list[str]:
+    """'what: key recorded X, this model Y' for each recorded origin key that differs."""
+    return [f"{what}: {key} {recorded[key]!r}, this model {value!r}"
+            for key, value in expected.items() if key in recorded and recorded[key] != value]
+
+
 def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, safety_checker: bool = False):
     """Load a StableDiffusionPipeline; without `safety_checker` that component is left out."""
     from diffusers import StableDiffusionPipeline
@@ -91,6 +111,16 @@ def unet_config_hash(unet) -> str:
 
 def native_resolution(pipe) -> int:
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def image_size(pipe, resolution: int | None) -> int:
+    """The size images are made at: --resolution, checked against the VAE, or the native size."""
+    size = resolution or native_resolution(pipe)
+    factor = pipe.vae_scale_factor
+    if size % factor:
+        raise UserError(f"--resolution {size} is not a multiple of {factor}, this model's VAE downsampling factor: "
+                        f"use e.g. {max(factor, size // factor * factor)}")
+    return size
 
 
 def make_accelerator(mixed_precision: str = "no", **kwargs):

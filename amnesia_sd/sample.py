@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .config import GenerationSettings, _check, _check_positive
-from .errors import UserError
 from .generate import generate, image_seed
 from .grid import make_grid
 from .io import atomic_path, write_json
-from .models import DTYPES, load_on_device, make_accelerator
+from .models import DTYPES, load_on_device, make_accelerator, model_path
+from .paths import Output, discard_on_failure, guard, open_work, publish, stamp
+
+MARKER = "sample.json"
 
 
 @dataclass
@@ -23,6 +24,7 @@ class SampleConfig(GenerationSettings):
     num_images: int = 4  # per prompt
     output_dir: str = ""
     compare: str | None = None
+    prompts_file: str | None = None  # where some of `prompts` came from (an input)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -52,24 +54,27 @@ def sample_model(spec: str, prompts: list[str], config: SampleConfig, folder: Pa
 
 
 def sample(config: SampleConfig) -> Path:
+    """Images, grid.png (and compare.png), built in OUT.partial and put in place when complete."""
     out = Path(config.output_dir)
-    if (out / "sample.json").is_file() and not config.overwrite:
-        raise UserError(f"{out} already holds samples; pass --overwrite to replace them")
-    if out.exists() and config.overwrite:
-        shutil.rmtree(out)
+    guard([Output("--output-dir", out, MARKER, "sample folder")],
+          {"--model": model_path(config.model), "--compare": model_path(config.compare),
+           "--prompts": config.prompts_file}, config.overwrite)
     accelerator = make_accelerator()
     if not accelerator.is_main_process:  # a handful of images: one process makes them all
         return out
-    rows = sample_model(config.model, config.prompts, config, out / "images", accelerator)
-    with atomic_path(out / "grid.png") as tmp:
-        make_grid(rows).save(tmp, format="PNG")
-    if config.compare:
-        base_rows = sample_model(config.compare, config.prompts, config, out / "base", accelerator)
-        # Each row: the base's images, then the model's, same seeds in the same order.
-        pairs = [b + m for b, m in zip(base_rows, rows)]
-        labels = ["base"] + [""] * (config.num_images - 1) + ["model"]
-        with atomic_path(out / "compare.png") as tmp:
-            make_grid(pairs, labels=labels).save(tmp, format="PNG")
-    write_json(out / "prompts.json", config.prompts)
-    write_json(out / "sample.json", {k: v for k, v in vars(config).items()})
+    work, _ = open_work(out, "sample", {}, keep=False)
+    with discard_on_failure(work):
+        rows = sample_model(config.model, config.prompts, config, work / "images", accelerator)
+        with atomic_path(work / "grid.png") as tmp:
+            make_grid(rows).save(tmp, format="PNG")
+        if config.compare:
+            base_rows = sample_model(config.compare, config.prompts, config, work / "base", accelerator)
+            # Each row: the base's images, then the model's, same seeds in the same order.
+            pairs = [b + m for b, m in zip(base_rows, rows)]
+            labels = ["base"] + [""] * (config.num_images - 1) + ["model"]
+            with atomic_path(work / "compare.png") as tmp:
+                make_grid(pairs, labels=labels).save(tmp, format="PNG")
+        write_json(work / "prompts.json", config.prompts)
+        write_json(work / MARKER, {**stamp(), **vars(config)})
+    publish(work, out)
     return out

@@ -136,12 +136,15 @@ def test_optional_extras_that_are_missing(tiny_model, monkeypatch):
         enable_xformers(load_parts(tiny_model)[0].unet)
 
 
-def test_finished_output_needs_overwrite(tiny_model, tmp_path, fim):
+def test_output_that_is_not_ours_is_never_replaced(tiny_model, tmp_path, fim):
     out = tmp_path / "o"
     out.mkdir()
-    (out / "amnesia.json").write_text("{}")
-    fails(forget_args(tiny_model, out, fim / "good.safetensors"), "already holds a finished result; pass --overwrite")
-    assert (out / "amnesia.json").read_text() == "{}"
+    (out / "amnesia.json").write_text("{}")  # looks like a result, but carries no amnesia-sd stamp
+    for extra in ({}, {"--overwrite": ""}):
+        args = [a for a in forget_args(tiny_model, out, fim / "good.safetensors", **extra) if a]
+        fails(args, "is not an amnesia-sd forgotten model; --overwrite only replaces amnesia-sd's own results")
+    assert [p.name for p in out.iterdir()] == ["amnesia.json"] and (out / "amnesia.json").read_text() == "{}"
+    assert not (tmp_path / "o.partial").exists()
 
 
 def test_config_file_unknown_key_and_precedence(tiny_model, tmp_path, fim):

@@ -213,7 +213,7 @@ def test_report_on_tiny_model_with_clip_and_csv(forgotten_tiny, tiny_model, tiny
     assert all((out / src).is_file() for src in sources)
     table = format_summary(report)
     assert len(table.splitlines()) < 40 and "clip p_concept" in table
-    with pytest.raises(UserError, match="already holds a finished report"):
+    with pytest.raises(UserError, match="already holds a finished eval report"):
         run_eval(EvalConfig(model=str(forgotten_tiny), output_dir=str(out)))
 
 
@@ -270,4 +270,6 @@ def test_cli_offline_without_clip_still_reports(forgotten_tiny, tmp_path):
 
     again = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2
-    assert again.stderr.strip().splitlines() == ["error: r already holds a finished report; pass --overwrite to replace it"]
+    assert again.stderr.strip().splitlines() == [
+        "error: r already holds a finished eval report; pass --overwrite to replace it (the old one is kept until "
+        "the new one is complete) or pick another --output-dir"]

@@ -7,7 +7,7 @@ import torch
 
 from amnesia_sd import forget as forget_module
 from amnesia_sd.config import FimConfig, ForgetConfig, SetConfig
-from amnesia_sd.errors import UserError
+from amnesia_sd.errors import Interrupted, UserError
 from amnesia_sd.fisher import compute_fim
 from amnesia_sd.forget import forget, trainable_names
 from amnesia_sd.imageset import load_image_set, make_image_set
@@ -65,11 +65,12 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model, data, tmp_path, monkey
         raise KeyboardInterrupt  # as if the job were killed right after the checkpoint
 
     monkeypatch.setattr(forget_module, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="rerun with --resume-from-checkpoint latest to continue from .*checkpoint-2"):
         run(tiny_model, data, tmp_path / "resumed", max_train_steps=4, checkpointing_steps=2)
     monkeypatch.setattr(forget_module, "save_checkpoint", real_save)
-    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-2").is_dir()
-    assert not (tmp_path / "resumed" / "amnesia.json").exists()
+    # The run works in resumed.partial; nothing at the output path looks finished.
+    assert (tmp_path / "resumed.partial" / "checkpoints" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "resumed").exists()
     with pytest.raises(UserError, match="resume-from-checkpoint latest"):
         run(tiny_model, data, tmp_path / "resumed", max_train_steps=4, checkpointing_steps=2)
 
@@ -79,7 +80,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model, data, tmp_path, monkey
     a, b = unet_weights(straight), unet_weights(resumed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
-    assert not (resumed / "checkpoints").exists()
+    assert not (resumed / "checkpoints").exists() and not (tmp_path / "resumed.partial").exists()
 
 
 def test_ema_weights_are_what_is_saved(tiny_model, data, tmp_path):
@@ -92,22 +93,52 @@ def test_ema_weights_are_what_is_saved(tiny_model, data, tmp_path):
     assert (ema[key] - base[key]).norm() < (raw[key] - base[key]).norm()
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, data, tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
     out = tmp_path / "nan"
+    real_loss, calls = forget_module.per_sample_loss, []
+
+    def nan_on_second_step(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(forget_module, "per_sample_loss", nan_on_second_step)
     with pytest.raises(UserError, match="the loss became nan at step 2.*checkpoint-1"):
+        run(tiny_model, data, out, checkpointing_steps=1)
+    kept = tmp_path / "nan.partial" / "checkpoints" / "checkpoint-1"
+    weights = load_file(str(kept / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not out.exists()  # nothing looks finished
+    # Following the message's advice works: the run resumes from the good checkpoint and finishes.
+    monkeypatch.setattr(forget_module, "per_sample_loss", real_loss)
+    run(tiny_model, data, out, checkpointing_steps=1, resume_from_checkpoint="latest")
+    assert json.loads((out / "amnesia.json").read_text())["steps"] == 3
+    assert all(torch.isfinite(w).all() for w in unet_weights(out).values())
+
+
+def test_exploding_weights_are_never_checkpointed_nor_finished(tiny_model, data, tmp_path):
+    out = tmp_path / "boom"
+    with pytest.raises(UserError, match="the weights became non-finite .* at step 1.*No checkpoint was saved yet"):
         run(tiny_model, data, out, learning_rate=1e30, checkpointing_steps=1, lambda_ewc=0.0)
-    assert (out / "checkpoints" / "checkpoint-1").is_dir()
-    assert not (out / "amnesia.json").exists() and not (out / "model_index.json").exists()
+    assert not list((tmp_path / "boom.partial").glob("checkpoints/checkpoint-*")) and not out.exists()
 
 
 def test_finished_result_is_not_overwritten_without_flag(tiny_model, data, tmp_path):
     out = run(tiny_model, data, tmp_path / "done", max_train_steps=1)
-    stamp = (out / "amnesia.json").read_text()
-    with pytest.raises(UserError, match="already holds a finished result; pass --overwrite"):
+    stamp, weights = (out / "amnesia.json").read_text(), unet_weights(out)
+    with pytest.raises(UserError, match="already holds a finished forgotten model; pass --overwrite"):
         run(tiny_model, data, out, max_train_steps=1)
     assert (out / "amnesia.json").read_text() == stamp
+    # A failed --overwrite leaves the old result whole: it is replaced only by a complete new one.
+    with pytest.raises(UserError, match="training stopped and nothing was written as finished"):
+        run(tiny_model, data, out, learning_rate=1e30, lambda_ewc=0.0, overwrite=True)
+    assert (out / "amnesia.json").read_text() == stamp
+    assert all(torch.equal(weights[k], v) for k, v in unet_weights(out).items())
     run(tiny_model, data, out, max_train_steps=2, overwrite=True)
     assert json.loads((out / "amnesia.json").read_text())["steps"] == 2
+    assert not (tmp_path / "done.partial").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["done"]
 
 
 def test_generated_replay_and_own_surrogate_images(tiny_model, data, tmp_path):

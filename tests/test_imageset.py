@@ -33,10 +33,10 @@ def test_interrupted_set_resumes_where_it_stopped(tiny_model, tmp_path, monkeypa
     whole = make(tiny_model, tmp_path / "whole")
     real_save, saved = imageset._save_image, []
 
-    def save_three_then_die(partial, index, latent, image):
+    def save_three_then_die(partial, index, *rest):
         if len(saved) == 3:
             raise KeyboardInterrupt
-        real_save(partial, index, latent, image)
+        real_save(partial, index, *rest)
         saved.append(index)
 
     monkeypatch.setattr(imageset, "_save_image", save_three_then_die)
@@ -45,8 +45,8 @@ def test_interrupted_set_resumes_where_it_stopped(tiny_model, tmp_path, monkeypa
     assert not (tmp_path / "set").exists() and (tmp_path / "set.partial").is_dir()
     with pytest.raises(UserError, match="not a finished image set"):
         load_image_set(tmp_path / "set.partial")
-    monkeypatch.setattr(imageset, "_save_image", lambda partial, index, latent, image: (
-        saved.append(index), real_save(partial, index, latent, image)))
+    monkeypatch.setattr(imageset, "_save_image", lambda partial, index, *rest: (
+        saved.append(index), real_save(partial, index, *rest)))
     resumed = make(tiny_model, tmp_path / "set")
     # Finished batches are kept; the half-saved batch (2, 3) is made again whole, in the same batch
     # as without the interruption, so the set is bit for bit the uninterrupted one.
@@ -62,7 +62,7 @@ def test_partial_set_with_other_settings_is_not_mixed_in(tiny_model, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         make(tiny_model, tmp_path / "set")
     monkeypatch.undo()
-    with pytest.raises(UserError, match="interrupted set made with other settings"):
+    with pytest.raises(UserError, match=r"interrupted run made with other settings \(guidance_scale: 7.5 -> 3.0\)"):
         make(tiny_model, tmp_path / "set", guidance_scale=3.0)
 
 
@@ -76,7 +76,7 @@ def test_user_images_are_cropped_and_encoded(tiny_model, tmp_path):
     result = encode_image_folder(pipe, resolve_model(str(tiny_model)), source, tmp_path / "set", None,
                                  make_accelerator())
     assert result.latents.shape == (3, 4, 8, 8)
-    assert result.manifest["source"] == "images" and result.manifest["files"] == ["0.png", "1.png", "2.png"]
+    assert result.manifest["source"] == "images" and [f[0] for f in result.manifest["files"]] == ["0.png", "1.png", "2.png"]
     assert all(Image.open(p).size == (16, 16) for p in (result.path / "images").iterdir())
     with pytest.raises(UserError, match="holds no images"):
         encode_image_folder(pipe, resolve_model(str(tiny_model)), tmp_path / "set" / "images" / "..",
