@@ -9,9 +9,13 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 import typer.core
+
+try:  # typer >= 0.24 brings its own copy of click, whose exceptions are the ones raised
+    from typer import _click as click
+except ImportError:
+    import click
 
 from .errors import Interrupted, UserError
 
@@ -25,14 +29,14 @@ class _Commands(typer.core.TyperGroup):
         except click.exceptions.NoArgsIsHelpError as exc:
             typer.echo(exc.ctx.get_help())
             code = 0
-        except click.UsageError as exc:
+        except click.exceptions.UsageError as exc:
             where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
             _say(f"error: {exc.format_message()}{where}")
             code = 2
-        except click.ClickException as exc:
+        except click.exceptions.ClickException as exc:
             _say(f"error: {exc.format_message()}")
             code = exc.exit_code
-        except click.Abort:
+        except typer.Abort:
             _say("interrupted")
             code = 130
         code = code if isinstance(code, int) else 0

@@ -246,6 +246,7 @@ def unet_digest(unet) -> str:
 def _sample_model(spec: str, role: str, plan: Plan, settings: GenerationSettings, folder: Path, accelerator) -> dict:
     """Generate this process's share of every block with one model; return the model's identity."""
     ref, pipe = load_on_device(spec, accelerator, DTYPES[settings.mixed_precision])
+    size = image_size(pipe, settings.resolution)  # before the first image
     total = sum(len(b) for b in plan.blocks)
     bar = tqdm(total=total, desc=f"sampling {role}", unit="img", disable=not accelerator.is_main_process)
     for block in plan.blocks:
@@ -264,7 +265,7 @@ def _sample_model(spec: str, role: str, plan: Plan, settings: GenerationSettings
                 bar.update(accelerator.num_processes)
     bar.close()
     identity = {"spec": spec, "identity": ref.identity, "dtype": str(pipe.unet.dtype).replace("torch.", ""),
-                "resolution": image_size(pipe, settings.resolution)}
+                "resolution": size}
     if accelerator.is_main_process:
         identity["unet_sha256"] = unet_digest(pipe.unet)
     del pipe

@@ -286,9 +286,6 @@ def forget(config: ForgetConfig) -> Path:
     checkpoint = find_checkpoint(work, config.resume_from_checkpoint)
     if checkpoint is not None:
         check_resume(checkpoint, settings)
-    if accelerator.is_main_process:
-        open_run(out, config, finished)
-    accelerator.wait_for_everyone()
     set_seed(config.seed)
     weight_dtype = DTYPES[config.mixed_precision]
 
@@ -300,6 +297,9 @@ def forget(config: ForgetConfig) -> Path:
         given = {n: load_image_set(p, unet) for n, p in (("replay", config.replay_dir),
                                                           ("surrogate", config.surrogate_dir)) if p}
         check_origins(config, ref, pipe, fisher_meta, given)
+    if accelerator.is_main_process:  # only now, when everything given has been checked
+        open_run(out, config, finished)
+    accelerator.wait_for_everyone()
     replay, surrogate = load_sets(config, work, ref, pipe, accelerator)
     mismatches = check_origins(config, ref, pipe, fisher_meta, {"replay": replay, "surrogate": surrogate})
     concepts = concept_prompts(config.concept_list(), config.templates)

@@ -11,7 +11,7 @@ from .config import GenerationSettings, _check, _check_positive
 from .generate import generate, image_seed
 from .grid import make_grid
 from .io import atomic_path, write_json
-from .models import DTYPES, load_on_device, make_accelerator, model_path
+from .models import DTYPES, image_size, load_on_device, make_accelerator, model_path
 from .paths import Output, discard_on_failure, guard, open_work, publish, stamp
 
 MARKER = "sample.json"
@@ -39,6 +39,7 @@ def sample_model(spec: str, prompts: list[str], config: SampleConfig, folder: Pa
     """Sample every prompt num_images times; image k of prompt j has seed image_seed(seed, k), so
     every prompt and every model sees the same noise."""
     _, pipe = load_on_device(spec, accelerator, DTYPES[config.mixed_precision])
+    image_size(pipe, config.resolution)  # a size the model cannot make fails before the first image
     flat = [p for p in prompts for _ in range(config.num_images)]
     seeds = [image_seed(config.seed, k) for _ in prompts for k in range(config.num_images)]
     folder.mkdir(parents=True, exist_ok=True)

@@ -204,3 +204,81 @@ def test_fisher_and_anchor_in_bf16(tiny_model, data, tmp_path):
     # The same training, up to the pull towards bf16-rounded anchors (at most bf16's rounding).
     assert (flat(half) - flat(full)).norm() < 0.5 * (flat(full) - flat(base)).norm()
     assert torch.isfinite(flat(half)).all()
+
+
+def test_resume_with_other_settings_is_refused_listing_them(tiny_model, data, tmp_path, monkeypatch):
+    real_save = forget_module.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(forget_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(Interrupted):
+        run(tiny_model, data, tmp_path / "o", max_train_steps=4, checkpointing_steps=2)
+    monkeypatch.setattr(forget_module, "save_checkpoint", real_save)
+    with pytest.raises(UserError, match=r"other settings \(learning_rate: 0.001 -> 0.01; train_method: 'full' -> 'xattn'\)"):
+        run(tiny_model, data, tmp_path / "o", max_train_steps=4, checkpointing_steps=2, learning_rate=1e-2,
+            train_method="xattn", resume_from_checkpoint="latest")
+    # What may change: the steps to run and the checkpoint cadence.
+    out = run(tiny_model, data, tmp_path / "o", max_train_steps=5, checkpointing_steps=3,
+              resume_from_checkpoint="latest")
+    record = json.loads((out / "amnesia.json").read_text())
+    assert record["steps"] == 5 and record["learning_rate"] == 1e-3
+
+
+def test_foreign_fisher_is_used_only_when_allowed_and_then_recorded(tiny_model, data, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(data["fim"], "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = {**f.metadata(), "base_model": "hub:someone/else"}
+    save_file(tensors, str(tmp_path / "foreign.safetensors"), metadata=meta)
+    settings = {**data, "fim": str(tmp_path / "foreign.safetensors")}
+    with pytest.raises(UserError, match="base_model 'hub:someone/else', this model"):
+        run(tiny_model, settings, tmp_path / "o", max_train_steps=1)
+    out = run(tiny_model, settings, tmp_path / "o", max_train_steps=1, allow_origin_mismatch=True)
+    record = json.loads((out / "amnesia.json").read_text())
+    assert len(record["origin_mismatches"]) == 1 and "hub:someone/else" in record["origin_mismatches"][0]
+    assert record["settings"]["allow_origin_mismatch"] is True
+
+
+def test_unset_mixed_precision_follows_the_accelerate_config(tiny_model, data, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` sets from its config
+    record = json.loads((run(tiny_model, data, tmp_path / "o", max_train_steps=1) / "amnesia.json").read_text())
+    assert record["settings"]["mixed_precision"] == "bf16" and record["mixed_precision"] == "bf16"
+    record = json.loads((run(tiny_model, data, tmp_path / "p", max_train_steps=1, mixed_precision="no")
+                         / "amnesia.json").read_text())
+    assert record["settings"]["mixed_precision"] == "no" and record["mixed_precision"] == "no"
+
+
+def test_gradient_clipping_bounds_the_update(tiny_model, data, tmp_path):
+    """Clipped once per optimizer step, on the gradient with the EWC term in it (Adam's normalised
+    step hides clipping in the weights, so the norm it leaves is read instead)."""
+    import torch.nn.utils as nn_utils
+
+    seen = []
+    real = nn_utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        total = real(params, max_norm, *args, **kwargs)
+        seen.append((float(total), float(torch.stack([p.grad.norm() for p in params]).norm())))
+        return total
+
+    nn_utils.clip_grad_norm_ = spy
+    try:
+        run(tiny_model, data, tmp_path / "o", max_train_steps=2, max_grad_norm=1e-3)
+    finally:
+        nn_utils.clip_grad_norm_ = real
+    assert len(seen) == 2  # once per optimizer step
+    assert all(before > 1e-3 and after == pytest.approx(1e-3, rel=1e-3) for before, after in seen)
+
+
+def test_surrogate_set_is_what_is_recorded(tiny_model, data, tmp_path):
+    settings = {k: v for k, v in data.items()}
+    out = run(tiny_model, settings, tmp_path / "o", max_train_steps=1)
+    record = json.loads((out / "amnesia.json").read_text())
+    assert record["surrogate"] == "a middle aged man" and record["surrogate_source"] == "surrogate_dir"
+    assert record["surrogate_set"] == str(load_image_set(data["surrogate_dir"]).path.resolve())
+    assert "a middle aged man" in (out / "README.md").read_text()
