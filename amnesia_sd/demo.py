@@ -31,6 +31,7 @@ from .models import load_on_device, make_accelerator
 from .paths import Output, discard_on_failure, guard, open_work, publish, stamp
 
 MODELS = ("original", "sa", "naive")
+GRID_SAMPLES = 4
 
 
 @dataclass
@@ -179,14 +180,15 @@ def run_demo(config: DemoConfig) -> dict:
         metrics: dict = {**stamp(), "forgotten_digit": config.digit, "surrogate": config.surrogate,
                          "samples_per_digit": n, "base_model_path": str(base)}
         rows: list[list[Image.Image]] = [[] for _ in range(10)]
+        shown = min(GRID_SAMPLES, n)  # per digit and model, never another digit's samples
         for name, spec in zip(MODELS, (str(base), str(work / "sa"), str(work / "naive"))):
             images, probs = sample_and_classify(spec, prompts, seeds, settings, accelerator, classifier)
             metrics[name] = summarize(probs[: 10 * n], probs[10 * n :], config.digit, n)
             for d in range(10):
-                rows[d].extend(images[d * n : d * n + 4])
+                rows[d].extend(images[d * n : d * n + shown])
+        labels = [label for name in ("original", "SA", "naive") for label in [name] + [""] * (shown - 1)]
         with atomic_path(work / "grid.png") as tmp:
-            make_grid(rows, labels=[label for name in ("original", "SA", "naive") for label in (name, "", "", "")]).save(
-                tmp, format="PNG")
+            make_grid(rows, labels=labels).save(tmp, format="PNG")
         metrics["settings"] = asdict(config)
         metrics["seconds"] = round(time.time() - started, 1)
         write_json(work / "metrics.json", metrics)

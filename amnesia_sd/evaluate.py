@@ -373,6 +373,7 @@ def run_eval(config: EvalConfig) -> dict:
     detectors: list[Detector] = []
     status: dict[str, dict] = {}
     clip = None
+    accelerator.wait_for_everyone()  # every process has checked the paths before the work folder changes
     if accelerator.is_main_process:
         # A fresh folder: an interrupted run's images are never mixed with new ones.
         partial, _ = open_work(out, "eval", {}, keep=False)

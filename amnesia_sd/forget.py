@@ -297,6 +297,7 @@ def forget(config: ForgetConfig) -> Path:
         given = {n: load_image_set(p, unet) for n, p in (("replay", config.replay_dir),
                                                           ("surrogate", config.surrogate_dir)) if p}
         check_origins(config, ref, pipe, fisher_meta, given)
+    accelerator.wait_for_everyone()  # every process has checked the paths before the work folder changes
     if accelerator.is_main_process:  # only now, when everything given has been checked
         open_run(out, config, finished)
     accelerator.wait_for_everyone()

@@ -108,6 +108,7 @@ def _start(out: Path, overwrite: bool, record: dict, accelerator) -> Path:
     folder, kept from an interrupted run with the same settings."""
     check_output(set_output(out), overwrite)
     partial = partial_of(out)
+    accelerator.wait_for_everyone()  # every process has checked before the work folder changes
     if accelerator.is_main_process:
         partial, _ = open_work(out, "image set", record, keep=not overwrite)
         (partial / "images").mkdir(exist_ok=True)

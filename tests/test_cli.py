@@ -6,11 +6,30 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from safetensors import safe_open
 
 from helpers import ENV, EXE
 
 QUICK = ["--num-inference-steps", "3", "--batch-size", "4"]
+# make_grid's layout (amnesia_sd/grid.py): 2-pixel gaps, a 14-pixel label strip on top when there are
+# column labels, and the tiny model's 16-pixel images enlarged to 64 (nearest neighbour).
+PAD, LABELS, CELL = 2, 14, 64
+
+
+def grid_size(rows: int, cols: int, labels: bool) -> tuple[int, int]:
+    return cols * (CELL + PAD) + PAD, (LABELS if labels else 0) + rows * (CELL + PAD) + PAD
+
+
+def grid_cell(grid: Image.Image, row: int, col: int, labels: bool) -> Image.Image:
+    x, y = PAD + col * (CELL + PAD), (LABELS if labels else 0) + PAD + row * (CELL + PAD)
+    return grid.crop((x, y, x + CELL, y + CELL))
+
+
+def same_image(cell: Image.Image, png: Path) -> bool:
+    enlarged = Image.open(png).convert("RGB").resize((CELL, CELL), Image.Resampling.NEAREST)
+    return np.array_equal(np.asarray(cell), np.asarray(enlarged))
 
 
 def cli(*args, cwd):
@@ -47,11 +66,12 @@ def test_flow_replay_fim_surrogate_forget_sample(tiny_model, tmp_path):
         "--timestep-batch-size", "5", cwd=tmp_path)
     cli("surrogate", "--model", model, "--prompt", "a middle aged man", "--output-dir", "surrogate",
         "--num-images", "4", *QUICK, cwd=tmp_path)
-    cli("forget", "--model", model, "--concept", "Brad Pitt", "--surrogate", "a middle aged man",
-        "--num-surrogate-images", "4", "--replay-dir", "replay", "--fim", "fim.safetensors", "--output-dir", "out",
-        "--max-train-steps", "3", "--train-batch-size", "2", "--learning-rate", "1e-3", *QUICK, cwd=tmp_path)
-    cli("sample", "--model", "out", "--prompt", "a photo of brad pitt", "--prompt", "a dog", "--num-images", "2",
-        "--seed", "3", "--output-dir", "samples", "--compare", model, *QUICK, cwd=tmp_path)
+    cli("forget", "--model", model, "--concept", "Brad Pitt", "--surrogate-dir", "surrogate", "--replay-dir", "replay",
+        "--fim", "fim.safetensors", "--output-dir", "out", "--max-train-steps", "3", "--train-batch-size", "2",
+        "--learning-rate", "1e-3", *QUICK, cwd=tmp_path)
+    prompts = ["--prompt", "a photo of brad pitt", "--prompt", "a dog", "--num-images", "2", "--seed", "3", *QUICK]
+    cli("sample", "--model", "out", *prompts, "--output-dir", "samples", "--compare", model, cwd=tmp_path)
+    cli("sample", "--model", model, *prompts, "--output-dir", "base-alone", cwd=tmp_path)
 
     # The Fisher: one fp32 tensor per UNet parameter, same names and shapes, with metadata.
     from diffusers import UNet2DConditionModel
@@ -72,11 +92,31 @@ def test_flow_replay_fim_surrogate_forget_sample(tiny_model, tmp_path):
     assert record["concepts"] == ["Brad Pitt"] and record["steps"] == 3
     assert "a photo of Brad Pitt" in record["concept_prompts"]
     assert record["settings"]["lambda_ewc"] == 50.0 and record["versions"]["diffusers"]
+    # Trained on the set that `amnesia-sd surrogate` made, not on one of its own.
+    assert record["surrogate_set"] == str((tmp_path / "surrogate").resolve())
+    assert record["replay_set"] == str((tmp_path / "replay").resolve())
+    assert not (out / "data" / "surrogate").exists()
     assert "Brad Pitt" in (out / "README.md").read_text()
     assert not list(out.rglob("*.bin")) and list(out.rglob("*.safetensors"))
-    assert sorted(p.name for p in (tmp_path / "samples" / "images").iterdir()) == [
-        "p000_s000.png", "p000_s001.png", "p001_s000.png", "p001_s001.png"]
-    assert (tmp_path / "samples" / "grid.png").is_file() and (tmp_path / "samples" / "compare.png").is_file()
+    # sample --compare: both models' images on the same seeds, the base's exactly as the base alone
+    # draws them, and the grids of what make_grid lays out (amnesia_sd/grid.py).
+    samples = tmp_path / "samples"
+    names = ["p000_s000.png", "p000_s001.png", "p001_s000.png", "p001_s001.png"]
+    for folder in ("images", "base"):
+        assert sorted(p.name for p in (samples / folder).iterdir()) == names
+        assert {Image.open(samples / folder / n).size for n in names} == {(16, 16)}  # the tiny model's size
+    assert sorted(p.name for p in (tmp_path / "base-alone" / "images").iterdir()) == names
+    for n in names:
+        assert (samples / "base" / n).read_bytes() == (tmp_path / "base-alone" / "images" / n).read_bytes(), n
+    assert any((samples / "base" / n).read_bytes() != (samples / "images" / n).read_bytes() for n in names)
+    grid, compare = Image.open(samples / "grid.png").convert("RGB"), Image.open(samples / "compare.png").convert("RGB")
+    assert grid.size == grid_size(2, 2, labels=False)  # a row per prompt, an image per seed
+    assert compare.size == grid_size(2, 4, labels=True)  # a row per prompt: base's images, then the model's
+    for j in range(2):
+        for k in range(2):
+            assert same_image(grid_cell(grid, j, k, False), samples / "images" / f"p{j:03d}_s{k:03d}.png")
+            assert same_image(grid_cell(compare, j, k, True), samples / "base" / f"p{j:03d}_s{k:03d}.png")
+            assert same_image(grid_cell(compare, j, 2 + k, True), samples / "images" / f"p{j:03d}_s{k:03d}.png")
 
     check = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS_CHECK, model, str(out)], env=ENV,
                            capture_output=True, text=True, timeout=300)

@@ -1,48 +1,153 @@
 """The digits demo, shortened, and `--model digits` in every command."""
 
 import json
-import math
+import re
+from dataclasses import asdict
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from amnesia_sd import digits
 from amnesia_sd.cli import app
 from amnesia_sd.demo import DemoConfig, run_demo
+from amnesia_sd.errors import UserError
+from amnesia_sd.generate import image_seed
+
+from helpers import unet_weights
 
 KEYS = {"p_forgotten", "entropy_forgotten", "acc_retained", "p_forgotten_heldout"}
 QUICK = ["--num-inference-steps", "2", "--batch-size", "16"]
+# make_grid's layout (amnesia_sd/grid.py): 2-pixel gaps, a 14-pixel label strip on top when there are
+# column labels, and images smaller than 64 pixels enlarged to 64 (nearest neighbour).
+PAD, LABELS, CELL = 2, 14, max(digits.IMAGE_SIZE, 64)
 
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")  # the demo's Fisher and classifier go there
 
 
+def grid_size(rows: int, cols: int, labels: bool) -> tuple[int, int]:
+    return cols * (CELL + PAD) + PAD, (LABELS if labels else 0) + rows * (CELL + PAD) + PAD
+
+
+def grid_cell(grid: Image.Image, row: int, col: int, labels: bool) -> Image.Image:
+    x, y = PAD + col * (CELL + PAD), (LABELS if labels else 0) + PAD + row * (CELL + PAD)
+    return grid.crop((x, y, x + CELL, y + CELL))
+
+
+def enlarged(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB").resize((CELL, CELL), Image.Resampling.NEAREST))
+
+
+def demo_samples(model_dir, digit: int, n: int, steps: int, seed: int = 0) -> list[Image.Image]:
+    """The demo's evaluation images made with plain diffusers: n per digit on its training phrasings
+    (digit-major, image i seeded by (seed, i)), then n of `digit` on held-out phrasings (seeds
+    (seed + 1, i)); DDIM, guidance 7.5, one batch."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    train = [digits.train_prompts(d)[i % len(digits.train_prompts(d))] for d in range(10) for i in range(n)]
+    heldout = [digits.heldout_prompts(digit)[i % len(digits.heldout_prompts(digit))] for i in range(n)]
+    seeds = [image_seed(seed, i) for i in range(10 * n)] + [image_seed(seed + 1, i) for i in range(n)]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(train + heldout, num_inference_steps=steps, guidance_scale=7.5, generator=generators).images
+
+
+def demo_numbers(probs: torch.Tensor, digit: int, n: int) -> dict:
+    """The four numbers of metrics.json, computed here from the classifier's probabilities."""
+    forgotten = probs[digit * n : (digit + 1) * n]
+    retained = [(probs[d * n : (d + 1) * n].argmax(1) == d).float() for d in range(10) if d != digit]
+    return {
+        "p_forgotten": forgotten[:, digit].mean().item(),
+        "entropy_forgotten": -(forgotten * forgotten.clamp_min(1e-12).log()).sum(1).mean().item(),
+        "acc_retained": torch.cat(retained).mean().item(),
+        "p_forgotten_heldout": probs[10 * n :, digit].mean().item(),
+    }
+
+
 def test_short_demo_writes_what_it_promises(tmp_path):
     out = tmp_path / "demo"
-    run_demo(DemoConfig(digit=3, output_dir=str(out), samples_per_digit=3, replay_per_digit=2, surrogate_images=4,
+    # 4 samples per digit: the grid shows 4 per digit and model.
+    config = DemoConfig(digit=3, output_dir=str(out), samples_per_digit=4, replay_per_digit=2, surrogate_images=4,
                         fim_per_digit=1, fim_timesteps=4, max_train_steps=2, train_batch_size=4,
-                        num_inference_steps=3, batch_size=64))
+                        num_inference_steps=3, batch_size=64)
+    returned = run_demo(config)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["forgotten_digit"] == 3 and metrics["samples_per_digit"] == 3 and metrics["seconds"] > 0
-    assert metrics["base_model_path"] == str(digits.SHIPPED_MODEL)
-    for name in ("original", "sa", "naive"):
+    assert returned == metrics
+    assert metrics["forgotten_digit"] == 3 and metrics["surrogate"] == "noise" and metrics["samples_per_digit"] == 4
+    assert metrics["base_model_path"] == str(digits.SHIPPED_MODEL) and metrics["seconds"] > 0
+    assert metrics["settings"] == asdict(config)
+
+    # The two forgotten pipelines: complete, every component but the UNet the base's, and the
+    # UNets differ from the base's and from each other.
+    base = unet_weights(digits.SHIPPED_MODEL)
+    unets = {name: unet_weights(out / name) for name in ("sa", "naive")}
+    for name, unet in unets.items():
+        assert unet.keys() == base.keys()
+        assert any(not torch.equal(unet[k], base[k]) for k in base), f"{name}: UNet unchanged"
+        for part in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+            assert (out / name / part).read_bytes() == (digits.SHIPPED_MODEL / part).read_bytes(), (name, part)
+    assert any(not torch.equal(unets["sa"][k], unets["naive"][k]) for k in base), "SA and naive gave the same UNet"
+
+    # Both runs: the same data and steps; SA with the demo's lambda and gamma, naive with neither.
+    records = {name: json.loads((out / name / "amnesia.json").read_text()) for name in ("sa", "naive")}
+    for name, record in records.items():
+        settings = record["settings"]
+        assert record["steps"] == 2 and record["base_model"] == str(digits.SHIPPED_MODEL), name
+        assert settings["max_train_steps"] == 2 and settings["train_batch_size"] == 4, name
+        assert settings["learning_rate"] == config.learning_rate and settings["seed"] == 0, name
+        assert record["concept_prompts"] == digits.train_prompts(3), name
+        assert record["fim"]["metadata"]["num_samples"] == "10"  # 1 image per digit, all ten digits
+        assert record["fim"]["metadata"]["num_timesteps"] == "4"
+    assert (records["sa"]["settings"]["lambda_ewc"], records["sa"]["settings"]["gamma"]) == (
+        DemoConfig.lambda_ewc, DemoConfig.gamma) == (1e-4, 1.0)
+    assert (records["naive"]["settings"]["lambda_ewc"], records["naive"]["settings"]["gamma"]) == (0, 0)
+    # The same replay set and Fisher: 2 images of each digit but the forgotten one; 4 noise images
+    # as the surrogate.
+    replay = (out / "sa" / records["sa"]["replay_set"]).resolve()
+    assert replay == (out / "naive" / records["naive"]["replay_set"]).resolve()
+    assert records["sa"]["fim"]["path"] == records["naive"]["fim"]["path"]
+    replay_prompts = (replay / "prompts.txt").read_text().split("\n")
+    assert sorted(replay_prompts) == sorted(digits.train_prompts(d)[i] for d in range(10) if d != 3 for i in range(2))
+    assert len(list((replay / "images").glob("*.png"))) == 18
+    for name, record in records.items():
+        with safe_open(str(out / name / record["surrogate_set"] / "latents.safetensors"), "pt") as f:
+            assert f.get_slice("latents").get_shape()[0] == 4, name
+
+    # metrics.json holds what the three saved models actually draw: the same prompts and seeds,
+    # sampled here with plain diffusers and scored with the classifier.
+    classifier = digits.load_digit_classifier()
+    samples = {}
+    for name, folder in (("original", digits.SHIPPED_MODEL), ("sa", out / "sa"), ("naive", out / "naive")):
+        samples[name] = demo_samples(folder, 3, 4, 3)
+        expected = demo_numbers(digits.classify(samples[name], classifier), 3, 4)
         assert set(metrics[name]) == KEYS
-        values = metrics[name]
-        assert 0 <= values["p_forgotten"] <= 1 and 0 <= values["p_forgotten_heldout"] <= 1
-        assert 0 <= values["acc_retained"] <= 1 and 0 <= values["entropy_forgotten"] <= math.log(10) + 1e-6
-    grid = Image.open(out / "grid.png")
-    assert grid.height > 10 * 64 and grid.width > 12 * 64  # 10 rows of 3 models x 4 samples, enlarged
-    for name in ("sa", "naive"):
-        record = json.loads((out / name / "amnesia.json").read_text())
-        assert (out / name / "model_index.json").is_file() and record["steps"] == 2
-    naive = json.loads((out / "naive" / "amnesia.json").read_text())["settings"]
-    assert naive["lambda_ewc"] == 0 and naive["gamma"] == 0
-    with pytest.raises(Exception, match="already holds a finished demo"):
+        assert metrics[name] == pytest.approx(expected, abs=1e-5), name
+
+    # grid.png: a row per digit, 4 samples each of original | SA | naive, the same images.
+    grid = Image.open(out / "grid.png").convert("RGB")
+    assert grid.size == grid_size(10, 12, labels=True)
+    for d in range(10):
+        for m, name in enumerate(("original", "sa", "naive")):
+            for k in range(4):
+                cell = np.asarray(grid_cell(grid, d, 4 * m + k, labels=True))
+                same = np.array_equal(cell, enlarged(samples[name][d * 4 + k]))
+                assert same, f"grid row {d}, {name} sample {k} is not that image"
+
+    before = (out / "metrics.json").read_bytes()
+    with pytest.raises(UserError, match=re.escape(str(out)) + " already holds a finished demo; pass --overwrite"):
         run_demo(DemoConfig(output_dir=str(out)))
+    assert (out / "metrics.json").read_bytes() == before
 
 
 def test_every_command_takes_model_digits(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
     runner = CliRunner()
 
     def ok(*args):
@@ -61,5 +166,56 @@ def test_every_command_takes_model_digits(tmp_path):
        str(tmp_path / "p"), "--compare", str(tmp_path / "o"), *QUICK)
     ok("eval", "--model", str(tmp_path / "o"), "--base", "digits", "--output-dir", str(tmp_path / "e"),
        "--num-images", "1", *QUICK)
-    assert json.loads((tmp_path / "e" / "report.json").read_text())["digits"]["forgotten_digit"] == 3
-    assert json.loads((tmp_path / "o" / "amnesia.json").read_text())["base_model"] == str(digits.SHIPPED_MODEL)
+
+    # replay and surrogate: finished sets of the digits model's 16x16 images and 4x8x8 latents.
+    for name, count in (("r", None), ("s", 2)):
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        images = sorted((tmp_path / name / "images").glob("*.png"))
+        prompts = (tmp_path / name / "prompts.txt").read_text().split("\n")
+        assert manifest["latent_shape"] == [4, 8, 8] and len(images) == len(prompts) == (count or len(images)) > 0
+        assert {Image.open(p).size for p in images} == {(digits.IMAGE_SIZE, digits.IMAGE_SIZE)}
+    assert set((tmp_path / "s" / "prompts.txt").read_text().split("\n")) == {"the number 8"}
+
+    # fim: one non-negative tensor per parameter of the digits model's UNet.
+    weights = unet_weights(digits.SHIPPED_MODEL)
+    with safe_open(str(tmp_path / "f.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(weights)
+        assert f.metadata()["num_timesteps"] == "2"
+        assert all((f.get_tensor(k) >= 0).all() and f.get_tensor(k).shape == weights[k].shape for k in weights)
+
+    # forget: a pipeline that loads, with a new UNet, trained from the given sets.
+    record = json.loads((tmp_path / "o" / "amnesia.json").read_text())
+    assert record["base_model"] == str(digits.SHIPPED_MODEL) and record["steps"] == 1
+    assert record["concept_prompts"] == ["the number 3"]
+    assert record["surrogate_set"] == str((tmp_path / "s").resolve())
+    assert record["replay_set"] == str((tmp_path / "r").resolve())
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "o")
+    trained = pipe.unet.state_dict()
+    assert any(not torch.equal(trained[k], weights[k]) for k in weights)
+
+    # sample: one image of the digits model and one of the forgotten model, and both grids.
+    p = tmp_path / "p"
+    assert [f.name for f in (p / "images").iterdir()] == ["p000_s000.png"]
+    assert [f.name for f in (p / "base").iterdir()] == ["p000_s000.png"]
+    for folder in ("images", "base"):
+        assert Image.open(p / folder / "p000_s000.png").size == (digits.IMAGE_SIZE, digits.IMAGE_SIZE)
+    assert Image.open(p / "grid.png").size == grid_size(1, 1, labels=False)
+    assert Image.open(p / "compare.png").size == grid_size(1, 2, labels=True)
+
+    # eval: the demo's sets (1 image per digit) and the demo's four numbers for both models.
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["detector"] == "digits"
+    assert report["digits"]["forgotten_digit"] == 3 and report["digits"]["samples_per_digit"] == 1
+    for role in ("base", "forgotten"):
+        assert set(report["digits"][role]) == KEYS
+        assert 0 <= report["digits"][role]["p_forgotten"] <= 1
+        assert 0 <= report["digits"][role]["acc_retained"] <= 1
+    assert {name: s["num_images"] for name, s in report["sets"].items()} == {
+        "concept": 1, "paraphrase": 1, "retained": 9}
+    assert report["models"]["forgotten"]["unet_sha256"] != report["models"]["base"]["unet_sha256"]
+    assert report["models"]["forgotten"]["amnesia"]["concepts"] == ["the number 3"]
+    for s in report["sets"].values():
+        for entry in s["images"]:
+            for role in ("base", "forgotten"):
+                assert Image.open(tmp_path / "e" / entry[role]["image"]).size == (digits.IMAGE_SIZE,) * 2
+    assert (tmp_path / "e" / "report.html").is_file()

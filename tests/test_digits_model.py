@@ -60,13 +60,34 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
     assert digits.cache_dir() == tmp_path / "home" / ".cache" / "amnesia-sd"
 
 
-def test_classifier_heldout_accuracy(classifier):
+def heldout_accuracy(classifier) -> tuple[float, dict[int, float]]:
+    """The classifier's accuracy on the held-out quarter of the real digits, measured here: in all
+    and per digit."""
     images, labels = digits.load_real_digits()
     _, heldout = digits.classifier_split(labels)
-    assert len(heldout) > 400
     with torch.no_grad():
-        accuracy = (classifier(images[heldout]).argmax(1) == labels[heldout]).float().mean().item()
-    assert accuracy >= 0.97
+        correct = classifier(images[heldout]).argmax(1) == labels[heldout]
+    per_digit = {d: correct[labels[heldout] == d].float().mean().item() for d in range(10)}
+    return correct.float().mean().item(), per_digit
+
+
+def test_classifier_split_holds_out_a_quarter_of_each_digit():
+    images, labels = digits.load_real_digits()
+    assert images.shape == (1797, 1, 8, 8) and 0 <= images.min() and images.max() <= 1
+    train, heldout = digits.classifier_split(labels)
+    assert not set(train.tolist()) & set(heldout.tolist())
+    assert sorted(train.tolist() + heldout.tolist()) == list(range(len(labels)))
+    for d in range(10):
+        assert (labels[heldout] == d).sum() == (labels == d).sum() // 4
+    assert torch.equal(heldout, digits.classifier_split(labels)[1])  # fixed, not drawn anew each time
+
+
+def test_classifier_heldout_accuracy(classifier):
+    """The classifier the tool judges with (trained on first use, as users get it), measured on the
+    real digits it never trained on: the README claims 98.2%."""
+    accuracy, per_digit = heldout_accuracy(classifier)
+    assert accuracy >= 0.97, accuracy
+    assert min(per_digit.values()) >= 0.9, per_digit  # no digit it cannot tell
 
 
 def test_classifier_is_cached_as_safetensors(classifier, isolated_cache):
@@ -75,7 +96,8 @@ def test_classifier_is_cached_as_safetensors(classifier, isolated_cache):
     path = digits.classifier_path()
     assert path.parent == isolated_cache and path.suffix == ".safetensors"
     with safe_open(path, "pt") as f:
-        assert float(f.metadata()["heldout_accuracy"]) >= 0.97
+        recorded = f.metadata()["heldout_accuracy"]
+    assert recorded == f"{heldout_accuracy(classifier)[0]:.4f}"  # the record is the classifier's own accuracy
     reloaded = digits.load_digit_classifier()
     for a, b in zip(classifier.state_dict().values(), reloaded.state_dict().values()):
         assert torch.equal(a, b)
@@ -137,11 +159,22 @@ def test_same_seed_gives_the_same_weights(quick_recipe, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), path
 
 
-def test_shipped_model_meets_the_quality_bar_and_is_the_default(isolated_cache):
+def test_shipped_model_meets_the_quality_bar_and_is_the_default(classifier):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     record = json.loads((digits.SHIPPED_MODEL / "digits.json").read_text())
     assert record["seed"] == 0 and record["version"] == digits.VERSION
     for prompts in ("train_prompts", "heldout_prompts"):
         assert record["evaluation"][prompts]["min_accuracy"] >= 0.85
+    # Measured here, not read from the record: 5 samples per digit and prompt set at the tool's
+    # sampling defaults (DDIM 50 steps, guidance 7.5), judged by the classifier.
+    pipe = StableDiffusionPipeline.from_pretrained(digits.SHIPPED_MODEL)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    for prompts_for in (digits.train_prompts, digits.heldout_prompts):
+        result = digits.evaluate_digits(pipe, prompts_for, samples_per_digit=5, classifier=classifier)
+        accuracy = {d: r["accuracy"] for d, r in result.items()}
+        assert min(accuracy.values()) >= 0.8 and sum(accuracy.values()) / 10 >= 0.96, (prompts_for.__name__, accuracy)
     assert not digits.default_model_path().exists()
     assert digits.ensure_digits_model(progress=False) == digits.SHIPPED_MODEL  # nothing to build
 

@@ -2,6 +2,7 @@
 torchrun): results must equal a single process's."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -33,6 +34,15 @@ def command(launcher: str, processes: int, *args) -> list[str]:
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(), EXE, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
             "--master_port", free_port(), "-m", "amnesia_sd.cli", *args]
+
+
+def worker_exit_codes(stderr: str) -> tuple[int, list[int]]:
+    """From torchrun's failure report (torchrun itself exits with 1 when a worker fails): the exit code
+    of the first failed worker, and those of all the failed workers it lists."""
+    report = stderr[stderr.rindex("Failures:"):]
+    codes = r"exitcode\s*:\s*(-?\d+)"
+    first = int(re.search(codes, report[report.index("Root Cause"):]).group(1))
+    return first, [int(c) for c in re.findall(codes, report)]
 
 
 def launch(launcher: str, processes: int, *args, cwd, check: bool = True):
@@ -126,7 +136,7 @@ def test_forget_with_two_processes_resumes_after_a_kill(tiny_model, work):
     # Preemption: the whole launcher and its workers die at once, mid-run.
     run = subprocess.Popen(command("torchrun", 2, *args), cwd=work, env=ENV, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
-    checkpoints = work / "killed" / "checkpoints"
+    checkpoints = work / "killed.partial" / "checkpoints"  # the run works in OUT.partial until it finishes
     deadline = time.time() + 240
     while not (checkpoints / "checkpoint-8").is_dir() and run.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -143,8 +153,16 @@ def test_forget_with_two_processes_resumes_after_a_kill(tiny_model, work):
     assert kept and kept[-1] >= 8
 
     refused = launch("torchrun", 2, *args, cwd=work, check=False)  # neither resumed nor overwritten: refused
-    assert refused.returncode != 0
-    assert refused.stderr.count("--resume-from-checkpoint latest") == 1  # one message for both processes
+    assert refused.returncode != 0  # torchrun's own code when a worker fails (1)
+    # Every worker exits with the README's code 2 for input errors (the second may be stopped with
+    # SIGTERM by torchrun once the first has failed), and one `error: ...` line speaks for both, no traceback.
+    first, codes = worker_exit_codes(refused.stderr)
+    assert first == 2 and set(codes) <= {2, -15} and len(codes) in (1, 2), refused.stderr[-3000:]
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "--resume-from-checkpoint latest" in errors[0], refused.stderr[-3000:]
+    assert refused.stderr.count("--resume-from-checkpoint latest") == 1
+    frames = [line for line in refused.stderr.splitlines() if line.strip().startswith('File "')]
+    assert not [line for line in frames if "amnesia_sd" in line]  # only torchrun's own traceback
     launch("torchrun", 2, *args, "--resume-from-checkpoint", "latest", cwd=work)
     launch("torchrun", 2, *forget_args(model, "straight", 1, "--max-train-steps", "24"), cwd=work)
     resumed, straight = unet_weights(work / "killed"), unet_weights(work / "straight")
