@@ -267,6 +267,8 @@ def split_concepts(text: str) -> list[str]:
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or TOML file of settings; keys may use '-' or '_'."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder: pass a YAML or TOML file of settings")
     if not path.is_file():
         raise UserError(f"config file {path} not found")
     try:

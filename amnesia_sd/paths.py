@@ -45,7 +45,12 @@ def real(path: str | Path) -> Path:
 
 
 def partial_of(out: str | Path) -> Path:
+    """The sibling work folder of a result: OUT.partial."""
     out = Path(out)
+    if not out.name:  # "." or "" name the current folder
+        out = real(out)
+    if not out.name:
+        raise UserError(f"{out} is the filesystem root and cannot hold a result: pick a new folder")
     return out.with_name(out.name + ".partial")
 
 

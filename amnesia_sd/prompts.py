@@ -16,6 +16,8 @@ def bundled(name: str) -> Path:
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line; blank lines and lines starting with '#' are skipped."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"prompts file {path} is a folder: pass a text file with one prompt per line")
     if not path.is_file():
         raise UserError(f"prompts file {path} not found")
     try:
