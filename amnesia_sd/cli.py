@@ -222,14 +222,16 @@ def forget(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, diffusers pipeline folder or .safetensors/.ckpt file.")] = None,
     concept: Annotated[Optional[str], typer.Option(help="Concept to forget; comma-separated alternatives, e.g. 'nudity, naked, erotic, sexual'.")] = None,
     surrogate: Annotated[Optional[str], typer.Option(help="Surrogate prompt q(x|c_f), e.g. 'a middle aged man'; its set is generated.")] = None,
-    fim: Annotated[Optional[Path], typer.Option("--fim", help="Fisher file from `amnesia-sd fim`.")] = None,
+    fim: Annotated[Optional[Path], typer.Option("--fim", help="Fisher file from `amnesia-sd fim`. [default: the base model's Fisher from the amnesia-sd cache, made there on first use]")] = None,
+    fim_num_images: Annotated[Optional[int], typer.Option(help="Samples of the Fisher made for the cache. [default: a quarter of the replay set]")] = None,
+    fim_num_timesteps: Annotated[Optional[int], typer.Option(help="Evenly spaced timesteps of the Fisher made for the cache (1000: the paper's). [default: 50]")] = None,
     output_dir: Annotated[Optional[Path], typer.Option(help="Where the forgotten pipeline is written.")] = None,
     surrogate_dir: Annotated[Optional[Path], typer.Option(help="Reuse a set from `amnesia-sd surrogate`.")] = None,
     surrogate_images: Annotated[Optional[Path], typer.Option(help="Your own surrogate images (a folder).")] = None,
     num_surrogate_images: Annotated[Optional[int], typer.Option(help="Surrogate images to generate. [default: 1000]")] = None,
-    replay_dir: Annotated[Optional[Path], typer.Option(help="Replay set from `amnesia-sd replay`. [default: generate into OUT/data/replay]")] = None,
+    replay_dir: Annotated[Optional[Path], typer.Option(help="Replay set from `amnesia-sd replay`. [default: the base model's replay set from the amnesia-sd cache, made there on first use]")] = None,
     prompts: PromptsFile = None,
-    num_replay_images: Annotated[Optional[int], typer.Option(help="Replay images to generate. [default: one per prompt]")] = None,
+    num_replay_images: Annotated[Optional[int], typer.Option(help="Replay images to generate for the cache. [default: 1000]")] = None,
     templates: Annotated[Optional[bool], typer.Option("--templates/--no-templates", help="Build concept prompts from prompts/concept_templates.txt. [default: on]")] = None,
     lambda_ewc: Annotated[Optional[float], typer.Option(help="EWC weight lambda. [default: 50]")] = None,
     gamma: Annotated[Optional[float], typer.Option(help="Generative-replay weight gamma. [default: 1]")] = None,
@@ -337,6 +339,44 @@ def eval_(
     if report:  # the main process's; the others leave the detectors and the report to it
         typer.echo(format_summary(report))
         typer.echo(f"report: {output_dir / 'report.html'} and report.json")
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="Replay sets and Fishers kept per base model (`forget` without --replay-dir / --fim).")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+@user_errors(RESTARTS)
+def cache_list():
+    """Show what the amnesia-sd cache holds, per base model.
+
+    Example: amnesia-sd cache list
+    """
+    from .cache import cache_dir, entries
+
+    found = entries()
+    typer.echo(f"amnesia-sd cache: {cache_dir()}")
+    for entry in found:
+        typer.echo(f"{entry['bytes'] / 2**20:10.1f} MiB  {entry['base_model']}  ({', '.join(entry['items']) or 'empty'})"
+                   f"  {entry['path']}")
+    typer.echo(f"{len(found)} base model(s), {sum(e['bytes'] for e in found) / 2**20:.1f} MiB")
+
+
+@cache_app.command("clear")
+@user_errors(RESTARTS)
+def cache_clear(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Only this base model's entries. [default: every entry]")] = None,
+):
+    """Delete cached replay sets and Fishers (only entries amnesia-sd made).
+
+    Example: amnesia-sd cache clear --model CompVis/stable-diffusion-v1-4
+    """
+    from .cache import clear
+    from .models import resolve_model
+
+    removed = clear(resolve_model(model).identity if model else None)
+    typer.echo(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}, "
+               f"{sum(e['bytes'] for e in removed) / 2**20:.1f} MiB")
 
 
 digits_app = typer.Typer(no_args_is_help=True, help="The built-in digits model (`--model digits`).")

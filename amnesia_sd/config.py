@@ -90,6 +90,11 @@ def check_types(settings) -> None:
 
 
 DEFAULT_SURROGATE_IMAGES = 1000  # the paper's surrogate set size
+# The one-command path (`forget` without --replay-dir / --fim): what it makes once per base model and
+# keeps in the cache. Chosen by measurement on the digits model (README, "Choosing the defaults").
+DEFAULT_REPLAY_IMAGES = 1000  # the reference code trains on 1000 replay images (of the 5000 it makes)
+DEFAULT_FIM_FRACTION = 4  # the Fisher over 1/4 of the replay set
+DEFAULT_FIM_TIMESTEPS = 50  # evenly spaced of the 1000 training timesteps
 SEED_LIMIT = 2**31  # image i's generator seed is seed * 2**32 + i, which must fit 64 bits
 
 
@@ -184,7 +189,9 @@ class ForgetConfig(GenerationSettings):
     model: str = ""
     concept: str = ""
     output_dir: str = ""
-    fim: str = ""
+    fim: str | None = None  # None: the base model's Fisher from the cache, made there on first use
+    fim_num_images: int | None = None  # when made here; None: 1/DEFAULT_FIM_FRACTION of the replay set
+    fim_num_timesteps: int | None = None  # when made here; None: DEFAULT_FIM_TIMESTEPS
     surrogate: str | None = None
     surrogate_dir: str | None = None
     surrogate_images: str | None = None
@@ -240,11 +247,14 @@ class ForgetConfig(GenerationSettings):
                 f"--surrogate {self.surrogate!r} is the concept itself: pick a different prompt "
                 "to map the concept to, e.g. 'a middle aged man' for a celebrity",
             )
-        _check(bool(self.fim), "--fim is required: compute the Fisher once per base model with `amnesia-sd fim`")
+        _check(self.fim != "", "--fim is empty: give a Fisher file, or leave the flag out to use the cached one")
+        _check(not (self.fim and (self.fim_num_images or self.fim_num_timesteps)),
+               "--fim-num-images and --fim-num-timesteps size a Fisher made here; they cannot be combined with --fim")
         _check(self.lambda_ewc >= 0, f"--lambda-ewc must be >= 0, got {self.lambda_ewc}")
         _check(self.gamma >= 0, f"--gamma must be >= 0, got {self.gamma}")
         for name in ("learning_rate", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                      "checkpointing_steps", "num_surrogate_images", "num_replay_images", "max_grad_norm",
+                     "fim_num_images", "fim_num_timesteps",
                      "checkpoints_total_limit"):
             _check_positive(name, getattr(self, name))
         _check(self.adam_weight_decay >= 0, f"--adam-weight-decay must be >= 0, got {self.adam_weight_decay}")

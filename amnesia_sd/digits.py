@@ -27,6 +27,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from .cache import cache_dir
 from .paths import publish, stamp
 
 VERSION = 1
@@ -110,13 +111,6 @@ def heldout_prompts(digit: int) -> list[str]:
 
 def _fill(templates: tuple[str, ...], digit: int) -> list[str]:
     return [t.format(name) for name in (DIGIT_WORDS[digit], str(digit)) for t in templates]
-
-
-def cache_dir() -> Path:
-    if os.environ.get("AMNESIA_SD_CACHE"):
-        return Path(os.environ["AMNESIA_SD_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "amnesia-sd"
 
 
 def default_model_path() -> Path:

@@ -36,6 +36,7 @@ from .detectors import (
     DEFAULT_CLIP, DISTRACTORS, ClipDetector, Detector, DigitsDetector, NudeNetDetector, Sample, is_nudity, load_clip,
     mean, nudenet_class, ssim,
 )
+from .cost import announce, generation_passes
 from .errors import UserError
 from .forget import FINISHED
 from .generate import generate, image_seed, process_share
@@ -368,6 +369,10 @@ def run_eval(config: EvalConfig) -> dict:
     surrogate = (record.get("settings") or {}).get("surrogate")
     distractors = list(config.distractors or DISTRACTORS) + ([surrogate] if surrogate else [])
 
+    images = sum(len(s.samples) for s in plan.sets.values())
+    announce("eval", [(f"{name} ({images} images x {settings.num_inference_steps} steps)",
+                       generation_passes(images, settings.num_inference_steps, settings.guidance_scale))
+                      for name in ROLES])
     accelerator = make_accelerator()
     partial = partial_of(out)
     detectors: list[Detector] = []

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from .cost import first_batch
 from .diffusion import encode_prompts, per_sample_loss
 from .errors import UserError
 from .generate import image_seed
@@ -59,7 +60,8 @@ def fisher_diagonal(
     indices = list(range(len(latents))) if indices is None else indices
     scale = scheduler.config.num_train_timesteps / len(timesteps)
     unet.eval()  # no dropout: F is a property of the model, not of a random mask
-    for n in tqdm(indices, desc="Fisher", unit="sample", disable=not progress):
+    bar = tqdm(total=len(indices), desc="Fisher", unit="sample", disable=not progress)
+    for n in indices:
         x0 = latents[n : n + 1].to(device)
         noise = sample_noise(seed, n, len(timesteps), tuple(latents.shape[1:]))
         embedding = embed(n)
@@ -74,6 +76,9 @@ def fisher_diagonal(
             (losses.sum() * scale).backward()
         grads = [p.grad.float() if p.grad is not None else torch.zeros_like(f) for p, f in zip(params, fisher)]
         torch._foreach_addcmul_(fisher, grads, grads)
+        bar.update(1)
+        first_batch(bar, len(timesteps), "Fisher")
+    bar.close()
     unet.zero_grad(set_to_none=True)
     torch._foreach_div_(fisher, len(latents))
     names = [name for name, p in unet.named_parameters() if p.requires_grad]
@@ -158,7 +163,8 @@ def fisher_metadata(unet, scheduler, base_model: str, num_samples: int, timestep
 
 def compute_fim(config) -> Path:
     """`amnesia-sd fim`: the Fisher of the base UNet over a replay set, written as safetensors."""
-    from .imageset import MANIFEST, generate_image_set, is_finished, load_image_set
+    from .cost import announce
+    from .imageset import MANIFEST, generate_image_set, is_cached, is_finished, load_image_set, set_record
     from .models import load_on_device, make_accelerator, model_path
     from .paths import Output, check_output, check_overlap
     from .prompts import repeat_to, replay_prompts
@@ -177,33 +183,56 @@ def compute_fim(config) -> Path:
         load_image_set(config.replay_dir)  # a bad set fails before the model loads
     accelerator = make_accelerator(config.mixed_precision)
     ref, pipe = load_on_device(config.model, accelerator)
+    steps = len(timestep_set(pipe.scheduler.config.num_train_timesteps, config.num_timesteps))
     if config.replay_dir:
         replay = load_image_set(config.replay_dir, pipe.unet)
+        announce("fim", [fisher_cost(config.num_images or len(replay.latents), steps)])
     else:
         prompts = repeat_to(replay_prompts(config.prompts_file), config.num_images)
+        cached = is_cached(replay_dir, set_record(pipe, ref, prompts, config, "replay"))
+        announce("fim", [replay_cost(len(prompts), config, cached), fisher_cost(len(prompts), steps)])
         replay = generate_image_set(pipe, ref, prompts, config, replay_dir, "replay", accelerator, reuse=True)
-    count = min(config.num_images or len(replay.latents), len(replay.latents))
     if config.num_images and config.num_images > len(replay.latents):
         raise UserError(f"--num-images {config.num_images} is more than the {len(replay.latents)} images of {replay.path}")
+    write_fisher_of_set(pipe, ref, replay, config.num_images or len(replay.latents), config.num_timesteps, config.seed,
+                        config.timestep_batch_size, config.gradient_checkpointing, accelerator, output,
+                        config.fim_dtype)
+    return output
+
+
+def fisher_cost(samples: int, timesteps: int) -> tuple[str, int]:
+    return f"Fisher ({samples} samples x {timesteps} timesteps, forward+backward)", samples * timesteps
+
+
+def replay_cost(images: int, settings, cached: bool) -> tuple[str, int | None]:
+    from .cost import generation_passes
+
+    passes = generation_passes(images, settings.num_inference_steps, settings.guidance_scale)
+    return f"replay set ({images} images x {settings.num_inference_steps} steps)", None if cached else passes
+
+
+def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None, seed: int, timestep_batch_size: int,
+                        gradient_checkpointing: bool, accelerator, output: Path, dtype: str = "fp32") -> None:
+    """The Fisher of the loaded base UNet over the first `count` images of a replay set, written
+    to `output` by the first process (processes share the samples)."""
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    timesteps = timestep_set(scheduler.config.num_train_timesteps, config.num_timesteps)
+    timesteps = timestep_set(scheduler.config.num_train_timesteps, num_timesteps)
     pipe.text_encoder.requires_grad_(False)
     pipe.vae.to("cpu")  # latents are cached: the VAE has nothing to do here
-    if config.gradient_checkpointing:  # activations of a whole timestep batch: trade compute for memory
+    if gradient_checkpointing:  # activations of a whole timestep batch: trade compute for memory
         pipe.unet.enable_gradient_checkpointing()
     indices = list(range(accelerator.process_index, count, accelerator.num_processes))
     fisher = fisher_diagonal(
         pipe.unet, scheduler, replay.latents[:count],
         lambda n: encode_prompts(pipe.tokenizer, pipe.text_encoder, [replay.prompts[n]]),
-        timesteps, config.seed, config.timestep_batch_size, indices, autocast=accelerator.autocast,
+        timesteps, seed, timestep_batch_size, indices, autocast=accelerator.autocast,
         progress=accelerator.is_main_process,
     )
     if accelerator.num_processes > 1:
         fisher = {k: accelerator.reduce(v, reduction="sum") for k, v in fisher.items()}
     if accelerator.is_main_process:
-        meta = fisher_metadata(pipe.unet, scheduler, ref.identity, count, timesteps, config.seed, str(replay.path))
-        save_fisher(output, fisher, config.fim_dtype, meta)
+        meta = fisher_metadata(pipe.unet, scheduler, ref.identity, count, timesteps, seed, str(replay.path))
+        save_fisher(output, fisher, dtype, meta)
     accelerator.wait_for_everyone()
-    return output

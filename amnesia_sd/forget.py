@@ -20,15 +20,20 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .config import DEFAULT_SURROGATE_IMAGES, ForgetConfig
+from .cache import digest, model_entry
+from .config import (DEFAULT_FIM_FRACTION, DEFAULT_FIM_TIMESTEPS, DEFAULT_REPLAY_IMAGES, DEFAULT_SURROGATE_IMAGES,
+                     FimConfig, ForgetConfig)
+from .cost import announce, first_batch, generation_passes
 from .diffusion import encode_prompts, per_sample_loss
 from .errors import Interrupted, UserError
 from .ewc import EWCPenalty
-from .fisher import load_fisher
+from .fisher import fisher_cost, load_fisher, replay_cost, timestep_set, write_fisher_of_set
 from .generate import image_seed
-from .imageset import ImageSet, encode_image_folder, generate_image_set, is_finished, load_image_set
+from .imageset import (ImageSet, encode_image_folder, generate_image_set, is_cached, is_finished, load_image_set,
+                       set_record)
 from .io import write_json, write_text
 from .models import (DTYPES, ModelRef, load_on_device, load_pipeline, make_accelerator, model_path, origin,
                      origin_mismatches)
@@ -37,6 +42,7 @@ from .paths import (Output, check_output, check_overlap, diff_settings, open_wor
 from .prompts import concept_prompts, repeat_to, replay_prompts
 
 FINISHED = "amnesia.json"
+DEFAULT_TIMESTEP_BATCH = FimConfig.timestep_batch_size
 LOG_EVERY = 10  # steps between readings of the penalty's value (its gradient is added every step)
 
 
@@ -160,24 +166,78 @@ def broken_run(what: str, step: int, work: Path) -> UserError:
     )
 
 
-def load_sets(config: ForgetConfig, work: Path, ref: ModelRef, pipe, accelerator) -> tuple[ImageSet, ImageSet]:
-    """The replay set and the surrogate set: given, or cached in the work folder's data/ (published
-    with the result as OUT/data), or generated there."""
-    if config.replay_dir:
-        replay = load_image_set(config.replay_dir, pipe.unet)
-    else:
-        prompts = repeat_to(replay_prompts(config.prompts_file), config.num_replay_images)
-        replay = generate_image_set(pipe, ref, prompts, config, work / "data" / "replay", "replay", accelerator, reuse=True)
-    if config.surrogate_dir:
-        surrogate = load_image_set(config.surrogate_dir, pipe.unet)
-    elif config.surrogate_images:
-        surrogate = encode_image_folder(pipe, ref, config.surrogate_images, work / "data" / "surrogate",
-                                        config.resolution, accelerator, reuse=True)
-    else:
-        prompts = [config.surrogate.strip()] * (config.num_surrogate_images or DEFAULT_SURROGATE_IMAGES)
-        surrogate = generate_image_set(pipe, ref, prompts, config, work / "data" / "surrogate", "surrogate",
-                                       accelerator, reuse=True)
-    return replay, surrogate
+class Plan:
+    """Where forget's sets and Fisher come from (given, cached, or made now) and what that costs,
+    said in one line before any of it starts. Replay sets and Fishers made here go to the
+    amnesia-sd cache of the base model, for every later `forget` on it; the surrogate set goes to
+    the work folder's data/ (published with the result as OUT/data)."""
+
+    def __init__(self, config: ForgetConfig, ref: ModelRef, pipe, work: Path, num_processes: int):
+        self.config, self.ref, self.pipe, self.work = config, ref, pipe, work
+        self.entry = None if config.replay_dir and config.fim else model_entry(origin(ref, pipe), pipe.unet)
+        if self.entry is not None:  # the result may not land in (or around) the cache it reads
+            check_overlap([Output("--output-dir", Path(config.output_dir), FINISHED, "forgotten model")],
+                          {"the amnesia-sd cache entry": self.entry})
+        self.replay_texts = None if config.replay_dir else repeat_to(
+            replay_prompts(config.prompts_file), config.num_replay_images or DEFAULT_REPLAY_IMAGES)
+        self.surrogate_texts = [config.surrogate.strip()] * (config.num_surrogate_images or DEFAULT_SURROGATE_IMAGES) \
+            if config.surrogate is not None else None
+        parts = []
+        if self.replay_texts is not None:
+            record = set_record(pipe, ref, self.replay_texts, config, "replay")
+            self.replay_dir = self.entry / f"replay-{digest(record)}"
+            parts.append(replay_cost(len(self.replay_texts), config, is_cached(self.replay_dir, record)))
+        if self.surrogate_texts is not None:
+            record = set_record(pipe, ref, self.surrogate_texts, config, "surrogate")
+            cached = is_cached(work / "data" / "surrogate", record)
+            passes = generation_passes(len(self.surrogate_texts), config.num_inference_steps, config.guidance_scale)
+            parts.append((f"surrogate set ({len(self.surrogate_texts)} images x {config.num_inference_steps} steps)",
+                          None if cached else passes))
+        if not config.fim:
+            replay_size = len(self.replay_texts) if self.replay_texts is not None else \
+                len(load_image_set(config.replay_dir).latents)
+            self.fim_count = min(config.fim_num_images or max(1, replay_size // DEFAULT_FIM_FRACTION), replay_size)
+            self.fim_steps = len(timestep_set(pipe.scheduler.config.num_train_timesteps,
+                                              config.fim_num_timesteps or DEFAULT_FIM_TIMESTEPS))
+            self.fim_file = None  # named after the replay set it is computed on
+            name, passes = fisher_cost(self.fim_count, self.fim_steps)
+            parts.append((name, passes))
+        steps = config.max_train_steps * config.gradient_accumulation_steps
+        parts.append((f"training ({config.max_train_steps} steps x {2 * config.train_batch_size * num_processes} "
+                      f"images x {config.gradient_accumulation_steps} accumulation, forward+backward)",
+                      steps * 2 * config.train_batch_size * num_processes))
+        announce("forget", parts)
+
+    def sets(self, accelerator) -> tuple[ImageSet, ImageSet]:
+        config, pipe, ref = self.config, self.pipe, self.ref
+        if config.replay_dir:
+            replay = load_image_set(config.replay_dir, pipe.unet)
+        else:
+            replay = generate_image_set(pipe, ref, self.replay_texts, config, self.replay_dir, "replay",
+                                        accelerator, reuse=True)
+        if config.surrogate_dir:
+            surrogate = load_image_set(config.surrogate_dir, pipe.unet)
+        elif config.surrogate_images:
+            surrogate = encode_image_folder(pipe, ref, config.surrogate_images, self.work / "data" / "surrogate",
+                                            config.resolution, accelerator, reuse=True)
+        else:
+            surrogate = generate_image_set(pipe, ref, self.surrogate_texts, config, self.work / "data" / "surrogate",
+                                           "surrogate", accelerator, reuse=True)
+        return replay, surrogate
+
+    def fisher(self, replay: ImageSet, accelerator) -> Path:
+        """The cached Fisher over `replay`: reused when its recorded settings match, else made now."""
+        config = self.config
+        wanted = {"num_samples": str(self.fim_count), "num_timesteps": str(self.fim_steps), "seed": str(config.seed),
+                  "replay_set": str(replay.path)}
+        path = self.entry / f"fim-{digest(wanted)}.safetensors"
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                if all((f.metadata() or {}).get(k) == v for k, v in wanted.items()):
+                    return path
+        write_fisher_of_set(self.pipe, self.ref, replay, self.fim_count, self.fim_steps, config.seed,
+                            DEFAULT_TIMESTEP_BATCH, config.gradient_checkpointing, accelerator, path)
+        return path
 
 
 def embed_all(tokenizer, text_encoder, prompts: list[str], progress: bool, batch: int = 64) -> torch.Tensor:
@@ -263,7 +323,7 @@ def forget(config: ForgetConfig) -> Path:
     out = Path(config.output_dir)
     work = partial_of(out)
     # Cheap checks first, so bad input fails in a second and leaves nothing behind.
-    if not Path(config.fim).is_file():  # never a silent multi-hour Fisher computation
+    if config.fim and not Path(config.fim).is_file():  # a given Fisher that is not there is a mistake
         raise UserError(
             f"no Fisher file at {config.fim}: compute it once per base model with "
             f"`amnesia-sd fim --model {config.model} --output {config.fim}`"
@@ -292,16 +352,20 @@ def forget(config: ForgetConfig) -> Path:
     # Base model; the frozen parts run in the weight dtype, the UNet trains in float32.
     ref, pipe = load_on_device(config.model, accelerator)
     unet, tokenizer, text_encoder = pipe.unet, pipe.tokenizer, pipe.text_encoder
-    fisher, fisher_meta = load_fisher(config.fim, unet)
+    fisher, fisher_meta = load_fisher(config.fim, unet) if config.fim else (None, {})
     if config.replay_dir or config.surrogate_dir:  # given sets are checked before hours of generation
         given = {n: load_image_set(p, unet) for n, p in (("replay", config.replay_dir),
                                                           ("surrogate", config.surrogate_dir)) if p}
         check_origins(config, ref, pipe, fisher_meta, given)
+    plan = Plan(config, ref, pipe, work, accelerator.num_processes)
     accelerator.wait_for_everyone()  # every process has checked the paths before the work folder changes
     if accelerator.is_main_process:  # only now, when everything given has been checked
         open_run(out, config, finished)
     accelerator.wait_for_everyone()
-    replay, surrogate = load_sets(config, work, ref, pipe, accelerator)
+    replay, surrogate = plan.sets(accelerator)
+    fim_path = Path(config.fim) if config.fim else plan.fisher(replay, accelerator)
+    if fisher is None:
+        fisher, fisher_meta = load_fisher(fim_path, unet)
     mismatches = check_origins(config, ref, pipe, fisher_meta, {"replay": replay, "surrogate": surrogate})
     concepts = concept_prompts(config.concept_list(), config.templates)
     # Text embeddings of every prompt are computed once; then neither the VAE nor the text
@@ -423,6 +487,7 @@ def forget(config: ForgetConfig) -> Path:
                 last["total"] = last["surrogate"] + config.gamma * last["replay"] + last["ewc"]
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
+                first_batch(bar, 2 * b * accelerator.num_processes * config.gradient_accumulation_steps, "training")
                 if global_step % config.checkpointing_steps == 0 and global_step < config.max_train_steps:
                     # Only finite weights are ever saved, so the last checkpoint is always a good one.
                     if not weights_finite(params + (ema.shadow_params if ema is not None else [])):
@@ -456,7 +521,7 @@ def forget(config: ForgetConfig) -> Path:
             "replay_set": recorded_path(replay.path, work),
             "surrogate_set": recorded_path(surrogate.path, work),
             "concept_prompts": concepts,
-            "fim": {"path": str(Path(config.fim).resolve()), "metadata": fisher_meta},
+            "fim": {"path": str(fim_path.resolve()), "cached": not config.fim, "metadata": fisher_meta},
             "origin_mismatches": mismatches,
             "seconds": round(time.time() - started, 1),
         }

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .config import GenerationSettings
 from .errors import UserError
+from .cost import announce, first_batch, generation_passes
 from .generate import generate, image_seed, process_share
 from .io import atomic_path, write_json, write_text
 from .paths import Output, check_output, guard, is_ours, open_work, partial_of, publish, stamp
@@ -117,6 +118,29 @@ def _start(out: Path, overwrite: bool, record: dict, accelerator) -> Path:
     return partial
 
 
+def set_record(pipe, ref: ModelRef, prompts: list[str], settings: GenerationSettings, kind: str) -> dict:
+    """What a generated set's manifest records: its origin and every setting that shapes it."""
+    return {
+        "kind": kind,
+        "source": "generated",
+        "base_model": ref.identity,
+        "unet_config_hash": unet_config_hash(pipe.unet),
+        "num_images": len(prompts),
+        "resolution": image_size(pipe, settings.resolution),
+        "num_inference_steps": settings.num_inference_steps,
+        "guidance_scale": settings.guidance_scale,
+        "scheduler": "DDIMScheduler",
+        "seed": settings.seed,
+        "prompts_sha": _digest(prompts),
+    }
+
+
+def is_cached(out: str | Path, record: dict) -> bool:
+    """A finished set of ours made with exactly these settings."""
+    out = Path(out)
+    return is_finished(out) and all(json.loads((out / MANIFEST).read_text()).get(k) == v for k, v in record.items())
+
+
 def generate_image_set(
     pipe,
     ref: ModelRef,
@@ -133,24 +157,10 @@ def generate_image_set(
     With `reuse`, a finished set made with exactly these settings is returned as it is (a cache).
     """
     out = Path(out_dir)
-    size = image_size(pipe, settings.resolution)
-    record = {
-        "kind": kind,
-        "source": "generated",
-        "base_model": ref.identity,
-        "unet_config_hash": unet_config_hash(pipe.unet),
-        "num_images": len(prompts),
-        "resolution": size,
-        "num_inference_steps": settings.num_inference_steps,
-        "guidance_scale": settings.guidance_scale,
-        "scheduler": "DDIMScheduler",
-        "seed": settings.seed,
-        "prompts_sha": _digest(prompts),
-    }
+    record = set_record(pipe, ref, prompts, settings, kind)
+    if reuse and is_cached(out, record):
+        return load_image_set(out)
     if reuse and is_finished(out):
-        manifest = json.loads((out / MANIFEST).read_text())
-        if all(manifest.get(k) == v for k, v in record.items()):
-            return load_image_set(out)
         overwrite = True  # a cache of ours made with other settings is stale
     partial = _start(out, overwrite, record, accelerator)
     # A resumed run redoes whole batches, so every image is still made in the batch it would have
@@ -163,11 +173,14 @@ def generate_image_set(
         total=len(prompts), initial=len(prompts) - len(todo) * accelerator.num_processes,
         desc=f"{kind} images", unit="img", disable=not accelerator.is_main_process,
     )
+    per_image = generation_passes(1, settings.num_inference_steps, settings.guidance_scale)
     for position, latent, image in generate(
         pipe, [prompts[i] for i in todo], [image_seed(settings.seed, i) for i in todo], settings
     ):
         _save_image(partial, todo[position], latent, image, prompts[todo[position]])
         bar.update(accelerator.num_processes)
+        if position + 1 == min(b, len(todo)):
+            first_batch(bar, per_image, f"{kind} images")
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -241,5 +254,9 @@ def make_image_set(config) -> ImageSet:
     accelerator = make_accelerator()
     ref, pipe = load_on_device(config.model, accelerator, DTYPES[config.mixed_precision])
     prompts = repeat_to(config.prompts, config.num_images)
+    image_size(pipe, config.resolution)  # a size the model cannot make fails before anything is said or made
+    announce(f"the {config.kind} set", [(f"{len(prompts)} images x {config.num_inference_steps} steps",
+                                         generation_passes(len(prompts), config.num_inference_steps,
+                                                           config.guidance_scale))])
     return generate_image_set(pipe, ref, prompts, config, config.output_dir, config.kind, accelerator,
                               config.overwrite)

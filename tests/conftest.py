@@ -1,6 +1,12 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The tests never touch the user's amnesia-sd cache: one of their own for the session, as CI has.
+os.environ["AMNESIA_SD_CACHE"] = tempfile.mkdtemp(prefix="amnesia-sd-test-cache-")
+atexit.register(shutil.rmtree, os.environ["AMNESIA_SD_CACHE"], True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest

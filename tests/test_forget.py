@@ -1,6 +1,8 @@
 """Forgetting on the tiny model through the library: what trains, resume, EMA, NaN, sets."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,10 +154,13 @@ def test_generated_replay_and_own_surrogate_images(tiny_model, data, tmp_path):
     prompts.write_text("a dog\na cat\n")
     out = run(tiny_model, {"fim": data["fim"]}, tmp_path / "out", surrogate_images=str(mine),
               prompts_file=str(prompts), num_replay_images=3, num_inference_steps=2, max_train_steps=1)
-    replay = load_image_set(out / "data" / "replay")
+    record = json.loads((out / "amnesia.json").read_text())
+    replay = load_image_set(record["replay_set"])  # made once for this base model, in the cache
     assert replay.prompts == ["a dog", "a cat", "a dog"]
+    assert Path(os.environ["AMNESIA_SD_CACHE"]) in Path(record["replay_set"]).parents
+    assert record["surrogate_set"] == "data/surrogate"  # inside the result, recorded relative to it
     assert load_image_set(out / "data" / "surrogate").manifest["source"] == "images"
-    assert json.loads((out / "amnesia.json").read_text())["steps"] == 1
+    assert record["steps"] == 1
 
 
 def test_gradient_checkpointing_gives_the_same_step(tiny_model, data, tmp_path):
@@ -282,3 +287,66 @@ def test_surrogate_set_is_what_is_recorded(tiny_model, data, tmp_path):
     assert record["surrogate"] == "a middle aged man" and record["surrogate_source"] == "surrogate_dir"
     assert record["surrogate_set"] == str(load_image_set(data["surrogate_dir"]).path.resolve())
     assert "a middle aged man" in (out / "README.md").read_text()
+
+
+def test_one_command_makes_the_replay_set_and_fisher_once_per_base_model(tiny_model, tmp_path, monkeypatch, capsys):
+    """`forget` with neither --replay-dir nor --fim: both are made in the cache, said before they
+    cost anything, and reused by the next run on the same model; another model gets its own."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("AMNESIA_SD_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog\na cat\na house\n")
+    settings = {"model": str(tiny_model), "concept": "brad pitt", "surrogate": "a man", "num_surrogate_images": 2,
+                "prompts_file": str(prompts), "num_replay_images": 8, "fim_num_timesteps": 5,
+                "num_inference_steps": 2, "train_batch_size": 2, "max_train_steps": 2}
+    first = forget(ForgetConfig(output_dir=str(tmp_path / "a"), **settings))
+    said = capsys.readouterr().out
+    assert ("cost of forget: replay set (8 images x 2 steps): 32 passes; surrogate set (2 images x 2 steps): 8 passes; "
+            "Fisher (2 samples x 5 timesteps, forward+backward): 10 passes; training (2 steps x 4 images x 1 "
+            "accumulation, forward+backward): 8 passes; 58 UNet passes in all") in said
+    assert "replay images:" in said and "UNet passes/s after the first batch" in said
+    record = json.loads((first / "amnesia.json").read_text())
+    fim = Path(record["fim"]["path"])
+    assert record["fim"]["cached"] and fim.parent == Path(record["replay_set"]).parent
+    with safe_open(str(fim), "pt") as f:
+        assert f.metadata()["num_samples"] == "2" and f.metadata()["num_timesteps"] == "5"  # 8 // 4 samples
+    stamps = {p: p.stat().st_mtime_ns for p in (fim, Path(record["replay_set"]) / "latents.safetensors")}
+
+    second = forget(ForgetConfig(output_dir=str(tmp_path / "b"), **settings))
+    assert ("replay set (8 images x 2 steps): cached; surrogate set (2 images x 2 steps): 8 passes; Fisher (2 samples "
+            "x 5 timesteps, forward+backward): 10 passes") in capsys.readouterr().out
+    again = json.loads((second / "amnesia.json").read_text())
+    assert again["fim"]["path"] == str(fim) and again["replay_set"] == record["replay_set"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # reused, not made again
+    assert unet_weights(first).keys() == unet_weights(second).keys()
+
+    # The same folder changed in place is another model: a new entry, never the stale one.
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    weights = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
+    before = json.loads((forget(ForgetConfig(output_dir=str(tmp_path / "c"), **{**settings, "model": str(model)}))
+                         / "amnesia.json").read_text())
+    weights["conv_out.bias"] += 0.5
+    save_file(weights, str(model / "unet" / "diffusion_pytorch_model.safetensors"))
+    after = json.loads((forget(ForgetConfig(output_dir=str(tmp_path / "d"), **{**settings, "model": str(model)}))
+                        / "amnesia.json").read_text())
+    assert Path(after["replay_set"]).parent != Path(before["replay_set"]).parent
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 3
+
+    # `amnesia-sd cache list / clear` show and free the entries (only ours).
+    from typer.testing import CliRunner
+
+    from amnesia_sd.cli import app
+
+    (tmp_path / "cache" / "models" / "not-ours").mkdir()
+    listed = CliRunner().invoke(app, ["cache", "list"])
+    assert listed.exit_code == 0 and "3 base model(s)" in listed.output and str(model.resolve()) in listed.output
+    cleared = CliRunner().invoke(app, ["cache", "clear", "--model", str(model)])
+    assert cleared.exit_code == 0 and cleared.output.startswith("removed 2 entries")
+    assert not Path(after["replay_set"]).exists() and Path(record["replay_set"]).exists()
+    assert CliRunner().invoke(app, ["cache", "clear"]).output.startswith("removed 1 entry")
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == ["not-ours"]

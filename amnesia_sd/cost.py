@@ -1,0 +1,42 @@
+"""What a command will cost, said before it starts (in UNet passes, the unit that dominates every
+step), and the measured rate with an ETA once the first batch is done."""
+
+from __future__ import annotations
+
+import os
+
+from tqdm.auto import tqdm
+
+
+def generation_passes(images: int, steps: int, guidance_scale: float) -> int:
+    """One UNet pass per image and sampling step, two with classifier-free guidance (> 1)."""
+    return images * steps * (2 if guidance_scale > 1 else 1)
+
+
+def say(line: str) -> None:
+    """One line from the first process, above any open progress bar."""
+    if os.environ.get("RANK", "0") == "0":
+        tqdm.write(line)
+
+
+def announce(what: str, parts: list[tuple[str, int | None]]) -> None:
+    """'cost of forget: replay set (...): 100,000 passes; Fisher (...): cached; ...; N UNet passes in all'.
+    A part with None passes is cached (costs nothing)."""
+    described = [f"{name}: {'cached' if passes is None else f'{passes:,} passes'}" for name, passes in parts]
+    total = sum(p for _, p in parts if p)
+    say(f"cost of {what}: {'; '.join(described)}; {total:,} UNet passes in all (a forward+backward pass "
+        "costs about 3 forward passes); rate and ETA follow the first batch")
+
+
+def first_batch(bar: tqdm, passes_per_unit: float, label: str) -> None:
+    """After the bar's first update: the measured rate and the ETA of this step, once."""
+    if bar.disable or getattr(bar, "_rate_said", False):
+        return
+    done = bar.n - bar.initial  # a resumed bar starts at what was already done
+    if done <= 0:
+        return
+    bar._rate_said = True
+    elapsed = bar.format_dict["elapsed"] or 1e-9
+    rate = done * passes_per_unit / elapsed
+    remaining = (bar.total - bar.n) * passes_per_unit / rate if bar.total else 0
+    say(f"{label}: {rate:,.1f} UNet passes/s after the first batch; about {tqdm.format_interval(remaining)} to go")
