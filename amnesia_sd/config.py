@@ -231,7 +231,7 @@ class ForgetConfig(GenerationSettings):
         sources = [flag for flag, value in (("--surrogate", self.surrogate), ("--surrogate-dir", self.surrogate_dir),
                                             ("--surrogate-images", self.surrogate_images)) if value is not None]
         _check(len(sources) == 1, "give exactly one surrogate: --surrogate PROMPT, --surrogate-dir DIR or "
-                                  f"--surrogate-images DIR" + (f" (got {' and '.join(sources)})" if sources else ""))
+                                  "--surrogate-images DIR" + (f" (got {' and '.join(sources)})" if sources else ""))
         _check(self.num_surrogate_images is None or self.surrogate is not None,
                "--num-surrogate-images sizes a set generated from --surrogate; a --surrogate-dir or "
                "--surrogate-images set is used whole")

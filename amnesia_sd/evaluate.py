@@ -38,7 +38,7 @@ from .detectors import (
 )
 from .cost import announce, generation_passes
 from .errors import UserError
-from .forget import FINISHED
+from .checkpoints import FINISHED
 from .generate import generate, image_seed, process_share
 from .io import atomic_path
 from .models import DTYPES, ModelRef, image_size, load_on_device, make_accelerator, model_path, resolve_model

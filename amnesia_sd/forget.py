@@ -10,39 +10,29 @@ resumed run continues exactly, and N processes x batch b see the same data as 1 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import platform
-import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .cache import digest, model_entry
-from .config import (DEFAULT_FIM_FRACTION, DEFAULT_FIM_TIMESTEPS, DEFAULT_REPLAY_IMAGES, DEFAULT_SURROGATE_IMAGES,
-                     FimConfig, ForgetConfig)
-from .cost import announce, first_batch, generation_passes
+from .checkpoints import (broken_run, check_paths, check_resume, find_checkpoint, open_run, save_checkpoint,
+                          training_settings, weights_finite)
+from .config import ForgetConfig
+from .cost import first_batch
 from .diffusion import encode_prompts, per_sample_loss
 from .errors import Interrupted, UserError
 from .ewc import EWCPenalty
-from .fisher import fisher_cost, load_fisher, replay_cost, timestep_set, write_fisher_of_set
+from .fisher import load_fisher
 from .generate import image_seed
-from .imageset import (ImageSet, encode_image_folder, generate_image_set, is_cached, is_finished, load_image_set,
-                       set_record)
-from .io import write_json, write_text
-from .models import (DTYPES, ModelRef, load_on_device, load_pipeline, make_accelerator, model_path, origin,
-                     origin_mismatches)
-from .paths import (Output, check_output, check_overlap, diff_settings, open_work, partial_of, publish, real,
-                    stamp)
-from .prompts import concept_prompts, repeat_to, replay_prompts
+from .imageset import ImageSet, load_image_set
+from .models import DTYPES, ModelRef, load_on_device, make_accelerator, origin, origin_mismatches
+from .paths import partial_of, publish
+from .prompts import concept_prompts
+from .result import recorded_path, write_result
+from .sources import Plan
 
-FINISHED = "amnesia.json"
-DEFAULT_TIMESTEP_BATCH = FimConfig.timestep_batch_size
 LOG_EVERY = 10  # steps between readings of the penalty's value (its gradient is added every step)
 
 
@@ -56,188 +46,6 @@ def trainable_names(unet, method: str) -> list[str]:
         return [n for n in names if ".attn2." in n]
     frozen_prefixes = ("time_embedding.", "conv_norm_out.", "conv_out.")
     return [n for n in names if ".attn2." not in n and not n.startswith(frozen_prefixes)]
-
-
-# Settings a resumed run may change: how long it runs, how often it saves, and where from.
-RESUMABLE_CHANGES = ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
-                     "overwrite", "output_dir", "config_file", "batch_size")
-CHECKPOINT_SETTINGS = "amnesia-settings.json"  # in every checkpoint: the settings that shaped it
-
-
-def training_settings(config: ForgetConfig, num_processes: int) -> dict:
-    """What shapes the training trajectory: a resumed run must match it."""
-    settings = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
-    return {**settings, "num_processes": num_processes}
-
-
-def check_paths(config: ForgetConfig, out: Path) -> bool:
-    """The guard, before any work: no output touches an input; OUT is new, empty or a finished
-    result of ours (replaced only with --overwrite). Returns whether one is there."""
-    work = partial_of(out)
-    inputs = {"--model": model_path(config.model), "--fim": config.fim, "--replay-dir": config.replay_dir,
-              "--surrogate-dir": config.surrogate_dir, "--surrogate-images": config.surrogate_images,
-              "--prompts": config.prompts_file, "--config": config.config_file}
-    resume = config.resume_from_checkpoint
-    if resume and resume != "latest" and real(work / "checkpoints") not in real(resume).parents:
-        inputs["--resume-from-checkpoint"] = resume  # a checkpoint of this run's own work folder is ours
-    output = Output("--output-dir", out, FINISHED, "forgotten model")
-    check_overlap([output], inputs)
-    finished = check_output(output, config.overwrite)
-    if any((work / "checkpoints").glob("checkpoint-*")) and not (config.resume_from_checkpoint or config.overwrite):
-        raise UserError(
-            f"{work} holds checkpoints of an unfinished run: resume it with --resume-from-checkpoint latest, "
-            "or pass --overwrite to start again"
-        )
-    return finished
-
-
-def open_run(out: Path, config: ForgetConfig, finished: bool) -> Path:
-    """The work folder OUT.partial: kept from an interrupted run (its cached sets are reused), or
-    new with --overwrite. Matching cached sets of a finished OUT being replaced are hard-linked in."""
-    work, _ = open_work(out, "forget", {}, keep=not config.overwrite)
-    if finished and (out / "data").is_dir():
-        for entry in (out / "data").iterdir():
-            target = work / "data" / entry.name
-            if is_finished(entry) and not target.exists():  # settings are checked on reuse
-                shutil.copytree(entry, target, copy_function=_link_or_copy)
-    return work
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)  # our set files are replaced, never written in place: sharing them is safe
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def find_checkpoint(work: Path, resume: str | None) -> Path | None:
-    if not resume:
-        return None
-    if resume != "latest":
-        path = Path(resume)
-        if not (path / CHECKPOINT_SETTINGS).is_file():
-            raise UserError(f"--resume-from-checkpoint {resume} is not a checkpoint of `amnesia-sd forget` (no "
-                            f"{CHECKPOINT_SETTINGS}); pass 'latest' or a checkpoint-N folder of an earlier run")
-        return path
-    found = sorted((work / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
-
-
-def check_resume(checkpoint: Path, settings: dict) -> None:
-    """A checkpoint resumes only the run it was made by: same settings, except those that may change."""
-    try:
-        before = json.loads((checkpoint / CHECKPOINT_SETTINGS).read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{checkpoint} is not a complete checkpoint (no readable {CHECKPOINT_SETTINGS}); "
-                        "pass another one or --overwrite to start again") from None
-    differences = diff_settings(before, settings)
-    if differences:
-        raise UserError(f"{checkpoint} was made with other settings ({differences}); resume with the same "
-                        "settings (only --max-train-steps and the checkpoint cadence may change), or pass "
-                        "--overwrite to start again")
-
-
-def weights_finite(params: list[torch.Tensor]) -> bool:
-    """One fused pass: the norm of a tensor with NaN or inf is not finite."""
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()) if params else True
-
-
-def save_checkpoint(accelerator, work: Path, step: int, keep: int | None, settings: dict) -> None:
-    """Written under a temporary name and renamed, so a half-written checkpoint is never 'latest'."""
-    root = work / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp, final = root / f".tmp-checkpoint-{step}", root / f"checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp))
-    write_json(tmp / CHECKPOINT_SETTINGS, settings)
-    os.replace(tmp, final)
-    if keep:
-        old = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
-        for path in old:
-            shutil.rmtree(path)
-
-
-def broken_run(what: str, step: int, work: Path) -> UserError:
-    kept = find_checkpoint(work, "latest")
-    return UserError(
-        f"{what} at step {step}; training stopped and nothing was written as finished. "
-        + (f"Last good checkpoint: {kept}; resume with --resume-from-checkpoint latest and a lower "
-           "--learning-rate" if kept else "No checkpoint was saved yet; lower --learning-rate")
-    )
-
-
-class Plan:
-    """Where forget's sets and Fisher come from (given, cached, or made now) and what that costs,
-    said in one line before any of it starts. Replay sets and Fishers made here go to the
-    amnesia-sd cache of the base model, for every later `forget` on it; the surrogate set goes to
-    the work folder's data/ (published with the result as OUT/data)."""
-
-    def __init__(self, config: ForgetConfig, ref: ModelRef, pipe, work: Path, num_processes: int):
-        self.config, self.ref, self.pipe, self.work = config, ref, pipe, work
-        self.entry = None if config.replay_dir and config.fim else model_entry(origin(ref, pipe), pipe.unet)
-        if self.entry is not None:  # the result may not land in (or around) the cache it reads
-            check_overlap([Output("--output-dir", Path(config.output_dir), FINISHED, "forgotten model")],
-                          {"the amnesia-sd cache entry": self.entry})
-        self.replay_texts = None if config.replay_dir else repeat_to(
-            replay_prompts(config.prompts_file), config.num_replay_images or DEFAULT_REPLAY_IMAGES)
-        self.surrogate_texts = [config.surrogate.strip()] * (config.num_surrogate_images or DEFAULT_SURROGATE_IMAGES) \
-            if config.surrogate is not None else None
-        parts = []
-        if self.replay_texts is not None:
-            record = set_record(pipe, ref, self.replay_texts, config, "replay")
-            self.replay_dir = self.entry / f"replay-{digest(record)}"
-            parts.append(replay_cost(len(self.replay_texts), config, is_cached(self.replay_dir, record)))
-        if self.surrogate_texts is not None:
-            record = set_record(pipe, ref, self.surrogate_texts, config, "surrogate")
-            cached = is_cached(work / "data" / "surrogate", record)
-            passes = generation_passes(len(self.surrogate_texts), config.num_inference_steps, config.guidance_scale)
-            parts.append((f"surrogate set ({len(self.surrogate_texts)} images x {config.num_inference_steps} steps)",
-                          None if cached else passes))
-        if not config.fim:
-            replay_size = len(self.replay_texts) if self.replay_texts is not None else \
-                len(load_image_set(config.replay_dir).latents)
-            self.fim_count = min(config.fim_num_images or max(1, replay_size // DEFAULT_FIM_FRACTION), replay_size)
-            self.fim_steps = len(timestep_set(pipe.scheduler.config.num_train_timesteps,
-                                              config.fim_num_timesteps or DEFAULT_FIM_TIMESTEPS))
-            self.fim_file = None  # named after the replay set it is computed on
-            name, passes = fisher_cost(self.fim_count, self.fim_steps)
-            parts.append((name, passes))
-        steps = config.max_train_steps * config.gradient_accumulation_steps
-        parts.append((f"training ({config.max_train_steps} steps x {2 * config.train_batch_size * num_processes} "
-                      f"images x {config.gradient_accumulation_steps} accumulation, forward+backward)",
-                      steps * 2 * config.train_batch_size * num_processes))
-        announce("forget", parts)
-
-    def sets(self, accelerator) -> tuple[ImageSet, ImageSet]:
-        config, pipe, ref = self.config, self.pipe, self.ref
-        if config.replay_dir:
-            replay = load_image_set(config.replay_dir, pipe.unet)
-        else:
-            replay = generate_image_set(pipe, ref, self.replay_texts, config, self.replay_dir, "replay",
-                                        accelerator, reuse=True)
-        if config.surrogate_dir:
-            surrogate = load_image_set(config.surrogate_dir, pipe.unet)
-        elif config.surrogate_images:
-            surrogate = encode_image_folder(pipe, ref, config.surrogate_images, self.work / "data" / "surrogate",
-                                            config.resolution, accelerator, reuse=True)
-        else:
-            surrogate = generate_image_set(pipe, ref, self.surrogate_texts, config, self.work / "data" / "surrogate",
-                                           "surrogate", accelerator, reuse=True)
-        return replay, surrogate
-
-    def fisher(self, replay: ImageSet, accelerator) -> Path:
-        """The cached Fisher over `replay`: reused when its recorded settings match, else made now."""
-        config = self.config
-        wanted = {"num_samples": str(self.fim_count), "num_timesteps": str(self.fim_steps), "seed": str(config.seed),
-                  "replay_set": str(replay.path)}
-        path = self.entry / f"fim-{digest(wanted)}.safetensors"
-        if path.is_file():
-            with safe_open(str(path), framework="pt") as f:
-                if all((f.metadata() or {}).get(k) == v for k, v in wanted.items()):
-                    return path
-        write_fisher_of_set(self.pipe, self.ref, replay, self.fim_count, self.fim_steps, config.seed,
-                            DEFAULT_TIMESTEP_BATCH, config.gradient_checkpointing, accelerator, path)
-        return path
 
 
 def embed_all(tokenizer, text_encoder, prompts: list[str], progress: bool, batch: int = 64) -> torch.Tensor:
@@ -532,76 +340,3 @@ def forget(config: ForgetConfig) -> Path:
     return out
 
 
-def recorded_path(path: Path, work: Path) -> str:
-    """A set inside the result is recorded relative to it ("data/replay"), so the record stays true
-    when the folder is published or moved; any other set by its absolute path."""
-    path, work = path.resolve(), work.resolve()
-    return str(path.relative_to(work)) if work in path.parents else str(path)
-
-
-def write_result(work: Path, ref: ModelRef, unet, config: ForgetConfig, summary: dict, surrogate: ImageSet) -> None:
-    """Save the pipeline with the new UNet and the base's other components into the work folder;
-    amnesia.json, written last, marks the result finished."""
-    import accelerate
-    import diffusers
-    import transformers
-
-    base = load_pipeline(ref, safety_checker=ref.kind != "file")
-    base.register_modules(unet=unet.to("cpu"))  # fp32 master weights
-    shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    base.save_pretrained(str(work), safe_serialization=True)
-    # What the concept now maps to, as trained: the prompt, or the set's own prompt or image folder.
-    source = surrogate.manifest.get("images_dir") or (surrogate.prompts[0] if surrogate.prompts else None)
-    record = {
-        **stamp(),
-        "method": "Selective Amnesia (Heng & Soh, NeurIPS 2023)",
-        "base_model": ref.identity,
-        "concepts": config.concept_list(),
-        "surrogate": config.surrogate.strip() if config.surrogate else source,
-        "surrogate_source": ("prompt" if config.surrogate else "surrogate_dir" if config.surrogate_dir
-                             else "surrogate_images"),
-        "settings": asdict(config),
-        **summary,
-        "versions": {
-            "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-        },
-    }
-    write_text(work / "README.md", model_card(record))
-    write_json(work / FINISHED, record)
-
-
-def model_card(record: dict) -> str:
-    s = record["settings"]
-    losses = ", ".join(f"{k} {v:.4g}" for k, v in record["final_losses"].items() if not math.isnan(v))
-    return f"""---
-library_name: diffusers
-tags: [stable-diffusion, text-to-image, concept-erasure, selective-amnesia, amnesia-sd]
----
-# {', '.join(record['concepts'])} forgotten with Selective Amnesia
-
-This Stable Diffusion pipeline was made from `{record['base_model']}` by
-amnesia-sd {record['tool_version']}, which fine-tuned only the UNet with Selective
-Amnesia (Heng & Soh, NeurIPS 2023). Prompts naming **{', '.join(record['concepts'])}** now map to the
-surrogate **{record['surrogate']}**; Elastic Weight Consolidation (lambda = {s['lambda_ewc']}) and
-generative replay (gamma = {s['gamma']}) keep the rest of the model as it was. Every other component
-(VAE, text encoder, tokenizer, scheduler) is the base model's, unchanged.
-
-## Load it
-```python
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")
-```
-
-## How it was trained
-- steps: {record['steps']} (batch {s['train_batch_size']} surrogate + {s['train_batch_size']} replay per device,
-  gradient accumulation {s['gradient_accumulation_steps']}), learning rate {s['learning_rate']}, AdamW
-- parameters trained: `{s['train_method']}` ({record['trainable_parameters']:,} parameters)
-- EMA decay: {s['ema_decay'] or 'off'}; mixed precision: {s['mixed_precision']}; seed {s['seed']}
-- final losses: {losses}
-- {len(record['concept_prompts'])} concept prompts; the full settings are in `amnesia.json`.
-
-## Limits
-Erasure is measured, not guaranteed: paraphrases, misspellings or adversarial prompts may still bring
-the concept back. Check with held-out prompts before you ship this model.
-"""

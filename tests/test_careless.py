@@ -2,10 +2,8 @@
 could lose data or hand back a broken result, and leaves every input byte for byte as it was."""
 
 import hashlib
-import json
 import os
 import stat
-import sys
 from pathlib import Path
 
 import pytest

@@ -1,0 +1,96 @@
+"""Where forget's replay set, surrogate set and Fisher come from (given, cached, or made now), and
+what that costs, said in one line before any of it starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .cache import digest, model_entry
+from .checkpoints import result_output
+from .config import (DEFAULT_FIM_FRACTION, DEFAULT_FIM_TIMESTEPS, DEFAULT_REPLAY_IMAGES, DEFAULT_SURROGATE_IMAGES,
+                     FimConfig, ForgetConfig)
+from .cost import announce, generation_passes
+from .fisher import fisher_cost, replay_cost, timestep_set, write_fisher_of_set
+from .imageset import ImageSet, encode_image_folder, generate_image_set, is_cached, load_image_set, set_record
+from .models import ModelRef, origin
+from .paths import check_overlap
+from .prompts import repeat_to, replay_prompts
+
+DEFAULT_TIMESTEP_BATCH = FimConfig.timestep_batch_size
+
+
+class Plan:
+    """Where forget's sets and Fisher come from (given, cached, or made now) and what that costs,
+    said in one line before any of it starts. Replay sets and Fishers made here go to the
+    amnesia-sd cache of the base model, for every later `forget` on it; the surrogate set goes to
+    the work folder's data/ (published with the result as OUT/data)."""
+
+    def __init__(self, config: ForgetConfig, ref: ModelRef, pipe, work: Path, num_processes: int):
+        self.config, self.ref, self.pipe, self.work = config, ref, pipe, work
+        self.entry = None if config.replay_dir and config.fim else model_entry(origin(ref, pipe), pipe.unet)
+        if self.entry is not None:  # the result may not land in (or around) the cache it reads
+            check_overlap([result_output(Path(config.output_dir))], {"the amnesia-sd cache entry": self.entry})
+        self.replay_texts = None if config.replay_dir else repeat_to(
+            replay_prompts(config.prompts_file), config.num_replay_images or DEFAULT_REPLAY_IMAGES)
+        self.surrogate_texts = [config.surrogate.strip()] * (config.num_surrogate_images or DEFAULT_SURROGATE_IMAGES) \
+            if config.surrogate is not None else None
+        parts = []
+        if self.replay_texts is not None:
+            record = set_record(pipe, ref, self.replay_texts, config, "replay")
+            self.replay_dir = self.entry / f"replay-{digest(record)}"
+            parts.append(replay_cost(len(self.replay_texts), config, is_cached(self.replay_dir, record)))
+        if self.surrogate_texts is not None:
+            record = set_record(pipe, ref, self.surrogate_texts, config, "surrogate")
+            cached = is_cached(work / "data" / "surrogate", record)
+            passes = generation_passes(len(self.surrogate_texts), config.num_inference_steps, config.guidance_scale)
+            parts.append((f"surrogate set ({len(self.surrogate_texts)} images x {config.num_inference_steps} steps)",
+                          None if cached else passes))
+        if not config.fim:
+            replay_size = len(self.replay_texts) if self.replay_texts is not None else \
+                len(load_image_set(config.replay_dir).latents)
+            self.fim_count = min(config.fim_num_images or max(1, replay_size // DEFAULT_FIM_FRACTION), replay_size)
+            self.fim_steps = len(timestep_set(pipe.scheduler.config.num_train_timesteps,
+                                              config.fim_num_timesteps or DEFAULT_FIM_TIMESTEPS))
+            self.fim_file = None  # named after the replay set it is computed on
+            name, passes = fisher_cost(self.fim_count, self.fim_steps)
+            parts.append((name, passes))
+        steps = config.max_train_steps * config.gradient_accumulation_steps
+        parts.append((f"training ({config.max_train_steps} steps x {2 * config.train_batch_size * num_processes} "
+                      f"images x {config.gradient_accumulation_steps} accumulation, forward+backward)",
+                      steps * 2 * config.train_batch_size * num_processes))
+        announce("forget", parts)
+
+    def sets(self, accelerator) -> tuple[ImageSet, ImageSet]:
+        config, pipe, ref = self.config, self.pipe, self.ref
+        if config.replay_dir:
+            replay = load_image_set(config.replay_dir, pipe.unet)
+        else:
+            replay = generate_image_set(pipe, ref, self.replay_texts, config, self.replay_dir, "replay",
+                                        accelerator, reuse=True)
+        if config.surrogate_dir:
+            surrogate = load_image_set(config.surrogate_dir, pipe.unet)
+        elif config.surrogate_images:
+            surrogate = encode_image_folder(pipe, ref, config.surrogate_images, self.work / "data" / "surrogate",
+                                            config.resolution, accelerator, reuse=True)
+        else:
+            surrogate = generate_image_set(pipe, ref, self.surrogate_texts, config, self.work / "data" / "surrogate",
+                                           "surrogate", accelerator, reuse=True)
+        return replay, surrogate
+
+    def fisher(self, replay: ImageSet, accelerator) -> Path:
+        """The cached Fisher over `replay`: reused when its recorded settings match, else made now."""
+        config = self.config
+        wanted = {"num_samples": str(self.fim_count), "num_timesteps": str(self.fim_steps), "seed": str(config.seed),
+                  "replay_set": str(replay.path)}
+        path = self.entry / f"fim-{digest(wanted)}.safetensors"
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                if all((f.metadata() or {}).get(k) == v for k, v in wanted.items()):
+                    return path
+        write_fisher_of_set(self.pipe, self.ref, replay, self.fim_count, self.fim_steps, config.seed,
+                            DEFAULT_TIMESTEP_BATCH, config.gradient_checkpointing, accelerator, path)
+        return path
+
+
