@@ -24,6 +24,16 @@ def test_gpu_benchmark_code_path_on_cpu():
     assert report["train_images_per_second"] > 0 and set(report["fisher_seconds_per_image"]) == {"20", "5"}
 
 
+def test_cost_benchmark_multiplies_passes_by_measured_seconds():
+    report = run("cost.py", "--smoke", "--repeats", "1")
+    tiny = report["models"]["tiny"]
+    seconds, table = tiny["seconds_per_pass"], tiny["cost"]["paper"]
+    assert table["Fisher"] == {"forward_passes": 0, "forward_backward_passes": 5_000_000, "hours_here": round(
+        5_000_000 * seconds["forward_backward_s"] / 3600, 1)}
+    assert table["replay set"]["forward_passes"] == 500_000
+    assert tiny["cost"]["one-command defaults"]["forgetting"]["forward_backward_passes"] == 8_000
+
+
 def test_fisher_benchmark_agrees_with_the_reference(tiny_model):
     report = run("fisher.py", "--model", str(tiny_model), "--samples", "1", "--timesteps", "6",
                  "--subset-samples", "1", "--threads", "1")
