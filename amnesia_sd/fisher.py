@@ -37,7 +37,7 @@ def timestep_set(num_train_timesteps: int, num_timesteps: int | None) -> torch.T
 
 def sample_noise(seed: int, index: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Fresh noise for every timestep of sample `index`, independent of how the work is split."""
-    generator = torch.Generator("cpu").manual_seed(image_seed(seed, index))
+    generator = torch.Generator("cpu").manual_seed(image_seed(seed, index, "fisher"))
     return torch.randn((count, *shape), generator=generator)
 
 

@@ -96,7 +96,7 @@ def preflight(unet, params, config: ForgetConfig, replay_embeddings, ema: bool) 
 
 def draw_batch(seed: int, micro_step: int, world: int, rank: int, batch: int, sizes: dict, shapes: dict, num_t: int):
     """This process's slice of the global batch of one micro-step."""
-    g = torch.Generator("cpu").manual_seed(image_seed(seed, micro_step))
+    g = torch.Generator("cpu").manual_seed(image_seed(seed, micro_step, "train"))
     total, part = batch * world, slice(rank * batch, (rank + 1) * batch)
     drawn = {}
     for term in ("surrogate", "replay"):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import torch
@@ -12,9 +13,22 @@ from .config import GenerationSettings
 from .models import image_size
 
 
-def image_seed(seed: int, index: int) -> int:
-    """Seed of image `index`: fixed by the run's seed and the index alone."""
-    return seed * 2**32 + index
+STREAMS = ("image", "fisher", "train")
+
+
+def image_seed(seed: int, index: int, stream: str = "image") -> int:
+    """The generator seed of item `index` of a run seeded by `seed`, fixed by those alone.
+
+    torch's CPU generator keeps only the low 32 bits of a seed, so the run's seed cannot sit in the
+    high bits: each (stream, seed) gets its own 32-bit offset and items follow it consecutively, so
+    the items of one run never share noise. Streams keep the Fisher's noise apart from the noise the
+    same image was generated from (METHOD.md: salt the seed), and training batches apart from both.
+    Images of seed 0 start at 0, as they always have."""
+    if stream not in STREAMS:
+        raise ValueError(f"unknown seed stream {stream!r}")
+    offset = 0 if (stream, seed) == ("image", 0) else int.from_bytes(
+        hashlib.sha256(f"amnesia-sd:{stream}:{seed}".encode()).digest()[:4], "big")
+    return (offset + index) % 2**32
 
 
 def process_share(count: int, batch_size: int, rank: int, world: int) -> list[int]:

@@ -350,3 +350,18 @@ def test_one_command_makes_the_replay_set_and_fisher_once_per_base_model(tiny_mo
     assert not Path(after["replay_set"]).exists() and Path(record["replay_set"]).exists()
     assert CliRunner().invoke(app, ["cache", "clear"]).output.startswith("removed 1 entry")
     assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == ["not-ours"]
+
+
+def test_the_seed_changes_training_and_streams_never_share_noise(tiny_model, data, tmp_path):
+    """torch's CPU generator keeps only the low 32 bits of a seed: the run's seed must still count,
+    and the Fisher's noise must not be the noise an image was generated from."""
+    from amnesia_sd.generate import image_seed
+
+    a = unet_weights(run(tiny_model, data, tmp_path / "s0", max_train_steps=2, seed=0))
+    b = unet_weights(run(tiny_model, data, tmp_path / "s1", max_train_steps=2, seed=1))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    seeds = {(stream, s): [image_seed(s, i, stream) % 2**32 for i in range(1000)]
+             for stream in ("image", "fisher", "train") for s in (0, 1, 2**31 - 1)}
+    flat = [x for values in seeds.values() for x in values]
+    assert len(set(flat)) == len(flat)  # no two items of any two runs or streams share a generator
+    assert seeds[("image", 0)][:3] == [0, 1, 2]  # seed 0's images are what they always were
