@@ -365,3 +365,14 @@ def test_the_seed_changes_training_and_streams_never_share_noise(tiny_model, dat
     flat = [x for values in seeds.values() for x in values]
     assert len(set(flat)) == len(flat)  # no two items of any two runs or streams share a generator
     assert seeds[("image", 0)][:3] == [0, 1, 2]  # seed 0's images are what they always were
+
+
+def test_overwrite_reuses_the_old_results_surrogate_set_without_touching_it(tiny_model, data, tmp_path):
+    settings = {"fim": data["fim"], "replay_dir": data["replay_dir"], "surrogate": "a man", "num_surrogate_images": 2,
+                "num_inference_steps": 2}
+    out = run(tiny_model, settings, tmp_path / "o", max_train_steps=1)
+    latents = out / "data" / "surrogate" / "latents.safetensors"
+    before = (latents.stat().st_ino, latents.read_bytes())
+    run(tiny_model, settings, tmp_path / "o", max_train_steps=2, overwrite=True)
+    assert (latents.stat().st_ino, latents.read_bytes()) == before  # hard-linked in, not made again
+    assert json.loads((out / "amnesia.json").read_text())["steps"] == 2
