@@ -46,7 +46,9 @@ class DemoConfig:
     fim_timesteps: int = 100
     max_train_steps: int = 400
     train_batch_size: int = 32
-    learning_rate: float = 2e-4
+    # 5e-4 met the targets at training seeds 0, 1 and 2 (p_forgotten <= 0.025, held-out <= 0.046);
+    # 2e-4 missed them at two of three (README, the demo).
+    learning_rate: float = 5e-4
     # The paper's lambda = 50 is for SD v1.4. This 1M-parameter model's Fisher is orders of magnitude
     # larger per parameter: at lambda >= 0.01 EWC holds it too close to theta* to forget in 400 steps.
     lambda_ewc: float = 1e-4
