@@ -26,7 +26,7 @@ from .errors import Interrupted, UserError
 from .ewc import EWCPenalty
 from .fisher import load_fisher
 from .generate import image_seed
-from .imageset import ImageSet, load_image_set
+from .imageset import ImageSet, check_fits, load_image_set
 from .models import DTYPES, ModelRef, load_on_device, make_accelerator, origin, origin_mismatches
 from .paths import partial_of, publish
 from .prompts import concept_prompts
@@ -137,9 +137,9 @@ def forget(config: ForgetConfig) -> Path:
             f"`amnesia-sd fim --model {config.model} --output {config.fim}`"
         )
     finished = check_paths(config, out)  # every process checks, so all fail alike
-    for given in (config.replay_dir, config.surrogate_dir):
-        if given:
-            load_image_set(given)
+    # Given sets are read once, here, so a bad one fails before the model loads.
+    given = {name: load_image_set(path) for name, path in (("replay", config.replay_dir),
+                                                           ("surrogate", config.surrogate_dir)) if path}
     accelerator = make_accelerator(
         config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=str(work), logging_dir=str(work / "logs")),
@@ -161,11 +161,10 @@ def forget(config: ForgetConfig) -> Path:
     ref, pipe = load_on_device(config.model, accelerator)
     unet, tokenizer, text_encoder = pipe.unet, pipe.tokenizer, pipe.text_encoder
     fisher, fisher_meta = load_fisher(config.fim, unet) if config.fim else (None, {})
-    if config.replay_dir or config.surrogate_dir:  # given sets are checked before hours of generation
-        given = {n: load_image_set(p, unet) for n, p in (("replay", config.replay_dir),
-                                                          ("surrogate", config.surrogate_dir)) if p}
-        check_origins(config, ref, pipe, fisher_meta, given)
-    plan = Plan(config, ref, pipe, work, accelerator.num_processes)
+    for image_set in given.values():  # given sets are checked before hours of generation
+        check_fits(image_set, unet)
+    check_origins(config, ref, pipe, fisher_meta, given)
+    plan = Plan(config, ref, pipe, work, accelerator.num_processes, given)
     accelerator.wait_for_everyone()  # every process has checked the paths before the work folder changes
     if accelerator.is_main_process:  # only now, when everything given has been checked
         open_run(out, config, finished)

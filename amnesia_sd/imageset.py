@@ -68,12 +68,20 @@ def load_image_set(path: str | Path, unet=None) -> ImageSet:
         raise UserError(f"image set {path} is damaged: {len(prompts)} prompts for {len(latents)} latents")
     if not torch.isfinite(latents).all():
         raise UserError(f"image set {path} holds non-finite latents; make it again")
-    if unet is not None and latents.shape[1] != unet.config.in_channels:
+    image_set = ImageSet(path, prompts, latents, manifest)
+    if unet is not None:
+        check_fits(image_set, unet)
+    return image_set
+
+
+def check_fits(image_set: ImageSet, unet) -> None:
+    """The set's latents are what this model's UNet takes."""
+    channels = image_set.latents.shape[1]
+    if channels != unet.config.in_channels:
         raise UserError(
-            f"image set {path} has {latents.shape[1]}-channel latents but the model's UNet takes "
-            f"{unet.config.in_channels}: it was made with another model ({manifest.get('base_model')})"
+            f"image set {image_set.path} has {channels}-channel latents but the model's UNet takes "
+            f"{unet.config.in_channels}: it was made with another model ({image_set.manifest.get('base_model')})"
         )
-    return ImageSet(path, prompts, latents, manifest)
 
 
 def _finish(partial: Path, out: Path, prompts: list[str], manifest: dict) -> None:

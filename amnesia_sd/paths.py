@@ -198,9 +198,9 @@ def discard_on_failure(work: Path) -> Iterator[None]:
         raise
 
 
-def diff_settings(before: dict, now: dict, ignore: tuple[str, ...] = ()) -> str:
+def diff_settings(before: dict, now: dict) -> str:
     """'key: old -> new' for every setting that differs, or an empty string."""
-    keys = sorted((set(before) | set(now)) - set(ignore))
+    keys = sorted(set(before) | set(now))
     return "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k))
 
 

@@ -13,7 +13,7 @@ from .config import (DEFAULT_FIM_FRACTION, DEFAULT_FIM_TIMESTEPS, DEFAULT_REPLAY
                      FimConfig, ForgetConfig)
 from .cost import announce, generation_passes
 from .fisher import fisher_cost, replay_cost, timestep_set, write_fisher_of_set
-from .imageset import ImageSet, encode_image_folder, generate_image_set, is_cached, load_image_set, set_record
+from .imageset import ImageSet, encode_image_folder, generate_image_set, is_cached, set_record
 from .models import ModelRef, origin
 from .paths import check_overlap
 from .prompts import repeat_to, replay_prompts
@@ -27,8 +27,9 @@ class Plan:
     amnesia-sd cache of the base model, for every later `forget` on it; the surrogate set goes to
     the work folder's data/ (published with the result as OUT/data)."""
 
-    def __init__(self, config: ForgetConfig, ref: ModelRef, pipe, work: Path, num_processes: int):
-        self.config, self.ref, self.pipe, self.work = config, ref, pipe, work
+    def __init__(self, config: ForgetConfig, ref: ModelRef, pipe, work: Path, num_processes: int,
+                 given: dict[str, ImageSet]):
+        self.config, self.ref, self.pipe, self.work, self.given = config, ref, pipe, work, given
         self.entry = None if config.replay_dir and config.fim else model_entry(origin(ref, pipe), pipe.unet)
         if self.entry is not None:  # the result may not land in (or around) the cache it reads
             check_overlap([result_output(Path(config.output_dir))], {"the amnesia-sd cache entry": self.entry})
@@ -49,7 +50,7 @@ class Plan:
                           None if cached else passes))
         if not config.fim:
             replay_size = len(self.replay_texts) if self.replay_texts is not None else \
-                len(load_image_set(config.replay_dir).latents)
+                len(given["replay"].latents)
             self.fim_count = min(config.fim_num_images or max(1, replay_size // DEFAULT_FIM_FRACTION), replay_size)
             self.fim_steps = len(timestep_set(pipe.scheduler.config.num_train_timesteps,
                                               config.fim_num_timesteps or DEFAULT_FIM_TIMESTEPS))
@@ -65,12 +66,12 @@ class Plan:
     def sets(self, accelerator) -> tuple[ImageSet, ImageSet]:
         config, pipe, ref = self.config, self.pipe, self.ref
         if config.replay_dir:
-            replay = load_image_set(config.replay_dir, pipe.unet)
+            replay = self.given["replay"]
         else:
             replay = generate_image_set(pipe, ref, self.replay_texts, config, self.replay_dir, "replay",
                                         accelerator, reuse=True)
         if config.surrogate_dir:
-            surrogate = load_image_set(config.surrogate_dir, pipe.unet)
+            surrogate = self.given["surrogate"]
         elif config.surrogate_images:
             surrogate = encode_image_folder(pipe, ref, config.surrogate_images, self.work / "data" / "surrogate",
                                             config.resolution, accelerator, reuse=True)
