@@ -58,6 +58,7 @@ app = typer.Typer(
 )
 
 # Options shared by several commands, defined once.
+LoraRank = Annotated[Optional[int], typer.Option(help="Train LoRA adapters of this rank instead of the UNet's weights (a small pytorch_lora_weights.safetensors). [default: off]")]
 Model = Annotated[str, typer.Option("--model", "-m", help="Hub id, diffusers pipeline folder or .safetensors/.ckpt file.")]
 Steps = Annotated[Optional[int], typer.Option(help="Sampling steps (DDIM). [default: 50]")]
 Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale. [default: 7.5]")]
@@ -242,7 +243,11 @@ def forget(
     gradient_accumulation_steps: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step. [default: 1]")] = None,
     max_train_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps. [default: 1000]")] = None,
     max_grad_norm: Annotated[Optional[float], typer.Option(help="Clip the gradient norm. [default: off]")] = None,
-    train_method: Annotated[Optional[str], typer.Option(help="full, noxattn (all but cross-attention, time embedding and output) or xattn. [default: full]")] = None,
+    train_method: Annotated[Optional[str], typer.Option(help="full, noxattn (all but cross-attention, time embedding and output) or xattn; with --lora-rank, which attention blocks get adapters. [default: full]")] = None,
+    lora_rank: LoraRank = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha: the update is (alpha / rank) B A. [default: the rank]")] = None,
+    lora_targets: Annotated[Optional[str], typer.Option(help="Comma-separated Linear layers that get adapters. [default: to_q,to_k,to_v,to_out.0]")] = None,
+    fuse: Annotated[Optional[bool], typer.Option("--fuse", help="With --lora-rank: also write the pipeline with the adapter merged into OUT.")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Trade compute for memory.")] = None,
     fim_dtype: Annotated[Optional[str], typer.Option(help="dtype of the Fisher and anchor weights on the device: fp32, bf16 or fp16. [default: fp32]")] = None,
     use_8bit_adam: Annotated[Optional[bool], typer.Option("--use-8bit-adam", help="bitsandbytes' 8-bit AdamW (extra: bitsandbytes).")] = None,
@@ -273,7 +278,10 @@ def forget(
     cli.update(_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, mixed_precision))
     settings = build_config(ForgetConfig, str(config) if config else None, cli)
     out = run_forget(settings)
-    typer.echo(f"forgotten model written to {out} (load it with StableDiffusionPipeline.from_pretrained)")
+    record = json.loads((out / "amnesia.json").read_text())
+    how = (f"{record['pipeline_class']}.from_pretrained(base).load_lora_weights(OUT)" if "lora" in record
+           else f"{record['pipeline_class']}.from_pretrained")
+    typer.echo(f"forgotten model written to {out} (load it with {how})")
 
 
 @app.command()
@@ -339,6 +347,27 @@ def eval_(
     if report:  # the main process's; the others leave the detectors and the report to it
         typer.echo(format_summary(report))
         typer.echo(f"report: {output_dir / 'report.html'} and report.json")
+
+
+@app.command()
+@user_errors(RESTARTS)
+def export(
+    model: Model,
+    output: Annotated[Path, typer.Option(help="Checkpoint to write (.safetensors), for AUTOMATIC1111, ComfyUI and diffusers' from_single_file.")],
+    dtype: Annotated[str, typer.Option(help="fp16, bf16 or fp32 (exact).")] = "fp16",
+    lora_only: Annotated[bool, typer.Option("--lora-only", help="A LoRA result's adapter alone, in the kohya layout the UIs load as a LoRA.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a file amnesia-sd exported before.")] = False,
+):
+    """Write a model (e.g. a forget result) as one checkpoint in the original Stable Diffusion layout.
+
+    Example: amnesia-sd export --model brad-pitt-forgotten --output brad-pitt-forgotten.safetensors
+    """
+    from .export import ExportConfig, export_checkpoint
+
+    _quiet_libraries()
+    path = export_checkpoint(ExportConfig(model=model, output=str(output), dtype=dtype, lora_only=lora_only,
+                                          overwrite=overwrite))
+    typer.echo(f"{'LoRA' if lora_only else 'checkpoint'} written to {path}")
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="Replay sets and Fishers kept per base model (`forget` without --replay-dir / --fim).")
@@ -421,6 +450,7 @@ def demo(
     samples_per_digit: Annotated[int, typer.Option(help="Evaluation samples per digit.")] = 100,
     max_train_steps: Annotated[int, typer.Option(help="Forgetting steps (SA and naive alike).")] = 400,
     seed: Annotated[int, typer.Option(help="Seed of every step.")] = 0,
+    lora_rank: LoraRank = None,
     overwrite: Overwrite = False,
 ):
     """Forget one digit of the built-in digits model and measure it: original vs SA vs naive.
@@ -432,7 +462,7 @@ def demo(
     _quiet_libraries()
     metrics = run_demo(DemoConfig(digit=digit, surrogate=surrogate, output_dir=str(output_dir),
                                   samples_per_digit=samples_per_digit, max_train_steps=max_train_steps, seed=seed,
-                                  overwrite=overwrite))
+                                  lora_rank=lora_rank, overwrite=overwrite))
     typer.echo(format_table(metrics))
     typer.echo(f"{output_dir}/metrics.json, {output_dir}/grid.png ({metrics['seconds']:.0f} s)")
 

@@ -210,6 +210,10 @@ class ForgetConfig(GenerationSettings):
     max_train_steps: int = 1000
     max_grad_norm: float | None = None
     train_method: str = "full"
+    lora_rank: int | None = None  # None: full fine-tuning; R: LoRA adapters of rank R
+    lora_alpha: float | None = None  # None: the rank (scale 1)
+    lora_targets: str = "to_q,to_k,to_v,to_out.0"
+    fuse: bool = False  # a LoRA result also as a pipeline with the adapter merged
     gradient_checkpointing: bool = False
     fim_dtype: str = "fp32"
     use_8bit_adam: bool = False
@@ -259,6 +263,11 @@ class ForgetConfig(GenerationSettings):
             _check_positive(name, getattr(self, name))
         _check(self.adam_weight_decay >= 0, f"--adam-weight-decay must be >= 0, got {self.adam_weight_decay}")
         _check_choice("train_method", self.train_method, ("full", "noxattn", "xattn"))
+        _check_positive("lora_rank", self.lora_rank)
+        _check_positive("lora_alpha", self.lora_alpha)
+        _check(self.lora_rank is not None or (self.lora_alpha is None and not self.fuse),
+               "--lora-alpha and --fuse are for LoRA training: add --lora-rank R (e.g. 8)")
+        _check(bool(self.lora_target_list()), "--lora-targets is empty: name attention layers, e.g. to_q,to_k,to_v,to_out.0")
         _check_choice("fim_dtype", self.fim_dtype, ("fp32", "bf16", "fp16"))
         _check(
             self.ema_decay is None or 0 < self.ema_decay < 1,
@@ -267,6 +276,12 @@ class ForgetConfig(GenerationSettings):
 
     def concept_list(self) -> list[str]:
         return split_concepts(self.concept)
+
+    def lora_target_list(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    def lora_alpha_value(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
 
 
 def split_concepts(text: str) -> list[str]:

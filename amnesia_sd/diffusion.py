@@ -15,19 +15,10 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     raise ValueError(f"unsupported prediction_type {kind!r} (epsilon and v_prediction are supported)")
 
 
-def per_sample_loss(unet, scheduler, latents, noise, timesteps, text_embeddings) -> torch.Tensor:
-    """Mean squared error per sample, averaged over latent elements; shape [batch]."""
+def per_sample_loss(family, unet, scheduler, latents, noise, timesteps, cond) -> torch.Tensor:
+    """Mean squared error per sample, averaged over latent elements; shape [batch]. `cond` is the
+    family's conditioning of each sample (families.py)."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, text_embeddings).sample
+    prediction = family.predict(unet, noisy, timesteps, cond)
     target = diffusion_target(scheduler, latents, noise, timesteps)
     return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
-
-
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """CLIP text embeddings as the pipelines use them (last hidden state, padded to max length)."""
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(text_encoder.device)
-    return text_encoder(ids)[0]

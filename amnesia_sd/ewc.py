@@ -105,3 +105,37 @@ class EWCPenalty:
         torch._foreach_mul_(diff, diff)
         torch._foreach_mul_(diff, fisher)  # never negative
         return torch.stack(torch._foreach_norm(diff, 1)).sum()
+
+
+class LoraPenalty:
+    """The EWC penalty of LoRA training:  lambda * sum_W F_W (delta W)^2,  delta W = s B A.
+
+    The adapter's update is the whole change to W (the frozen base weight is the anchor, so no copy
+    of theta* exists). The gradient is written out by hand, one adapted layer at a time, so only one
+    layer's delta W exists at once:  G = 2 lambda F * delta W,  dB = s G A^T,  dA = s B^T G.
+    """
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]], lam: float):
+        # (A [r, in], B [out, r], F [out, in], scale s); a convolution's adapter is the same product
+        # with A [r, in, kh, kw] flattened to [r, in * kh * kw] (B is its 1x1 convolution).
+        self.layers, self.lam = layers, lam
+
+    @torch.no_grad()
+    def add_grad_(self, with_value: bool = False) -> torch.Tensor | None:
+        total = torch.zeros((), dtype=torch.float32, device=self.layers[0][0].device) if with_value else None
+        if self.lam == 0:
+            return total
+        for a, b, fisher, scale in self.layers:
+            a32, b32 = a.float().flatten(1), b.float().flatten(1)
+            delta = (b32 @ a32).mul_(scale)
+            weighted = delta.mul_(fisher.float().flatten(1))  # F * delta W (delta W is not needed alone again)
+            if with_value:
+                total += (weighted * (b32 @ a32)).sum() * scale
+            g = weighted.mul_(2 * self.lam)
+            for p, grad in ((b, (g @ a32.T).mul_(scale).view(b.shape)), (a, (b32.T @ g).mul_(scale).view(a.shape))):
+                if p.grad is None:
+                    p.grad = grad.to(p.dtype)
+                else:
+                    p.grad.add_(grad)
+            del delta, weighted, g
+        return total * self.lam if with_value else None

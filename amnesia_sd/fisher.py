@@ -18,8 +18,9 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from .cost import first_batch
-from .diffusion import encode_prompts, per_sample_loss
+from .diffusion import per_sample_loss
 from .errors import UserError
+from .families import FAMILIES, expand, family_of, take, to_device
 from .generate import image_seed
 from .io import write_safetensors
 from .models import DTYPES, unet_config_hash
@@ -42,12 +43,12 @@ def sample_noise(seed: int, index: int, count: int, shape: tuple[int, ...]) -> t
 
 
 def fisher_diagonal(
-    unet, scheduler, latents: torch.Tensor, embed, timesteps: torch.Tensor, seed: int,
+    family, unet, scheduler, latents: torch.Tensor, embed, timesteps: torch.Tensor, seed: int,
     timestep_batch_size: int, indices: list[int] | None = None, autocast=None, progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Sum over `indices` (default: all samples) of the squared per-sample gradients, divided by N.
 
-    `embed(n)` gives sample n's text embedding, [1, tokens, width].
+    `embed(n)` gives sample n's conditioning (families.py), one row.
     The gradient of each sample is taken of its loss summed over `timesteps`, scaled by
     num_train_timesteps / len(timesteps) so a timestep subset estimates the full sum.
     With `indices` a subset, the result is this process's share: shares add up to F.
@@ -64,14 +65,14 @@ def fisher_diagonal(
     for n in indices:
         x0 = latents[n : n + 1].to(device)
         noise = sample_noise(seed, n, len(timesteps), tuple(latents.shape[1:]))
-        embedding = embed(n)
+        cond = embed(n)
         unet.zero_grad(set_to_none=True)
         for start in range(0, len(timesteps), timestep_batch_size):
             t = timesteps[start : start + timestep_batch_size].to(device)
             with autocast() if autocast else contextlib.nullcontext():
                 losses = per_sample_loss(
-                    unet, scheduler, x0.expand(len(t), -1, -1, -1),
-                    noise[start : start + len(t)].to(device), t, embedding.expand(len(t), -1, -1),
+                    family, unet, scheduler, x0.expand(len(t), -1, -1, -1),
+                    noise[start : start + len(t)].to(device), t, expand(cond, len(t)),
                 )
             (losses.sum() * scale).backward()
         grads = [p.grad.float() if p.grad is not None else torch.zeros_like(f) for p, f in zip(params, fisher)]
@@ -97,8 +98,10 @@ def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], dtype: str, m
     write_safetensors(path, tensors, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
 
 
-def load_fisher(path: str | Path, unet) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a Fisher file and check it covers exactly this UNet's parameters, shape for shape."""
+def load_fisher(path: str | Path, pipe, names=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Check a Fisher file was made for this pipeline's architecture, covers exactly its UNet's
+    parameters, shape for shape, and holds valid values (finite, >= 0, floating point); return the
+    entries of `names` (default: all). Entries are read one at a time: the others are never held."""
     path = Path(path)
     if not path.is_file():
         raise UserError(
@@ -108,31 +111,44 @@ def load_fisher(path: str | Path, unet) -> tuple[dict[str, torch.Tensor], dict[s
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            fisher = {k: f.get_tensor(k) for k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            family = family_of(pipe)
+            made_for = metadata.get("architecture")
+            if made_for and made_for != family.name:
+                title = FAMILIES[made_for].title if made_for in FAMILIES else made_for
+                raise UserError(f"Fisher file {path} was made for a {title} model "
+                                f"({metadata.get('base_model', 'unknown')}), this model is {family.title}: "
+                                "run `amnesia-sd fim` for this one")
+            expected = {name: tuple(p.shape) for name, p in pipe.unet.named_parameters()}
+            missing = sorted(set(expected) - set(shapes))
+            extra = sorted(set(shapes) - set(expected))
+            if missing or extra:
+                example = (missing or extra)[0]
+                raise UserError(
+                    f"Fisher file {path} does not match the model: {len(missing)} parameter(s) missing, "
+                    f"{len(extra)} unexpected (e.g. {example}); it was computed for another UNet "
+                    f"({metadata.get('base_model', 'unknown model')}): run `amnesia-sd fim` for this one"
+                )
+            for name, shape in shapes.items():
+                if shape != expected[name]:
+                    raise UserError(
+                        f"Fisher file {path} does not match the model: {name} has shape {shape}, "
+                        f"the model's is {expected[name]}; run `amnesia-sd fim` for this model"
+                    )
+            keep, fisher = set(shapes if names is None else names), {}
+            for name in shapes:  # every entry is checked, one at a time; only those asked for are kept
+                value = f.get_tensor(name)
+                problem = fisher_problem(value)
+                if problem:
+                    raise UserError(f"Fisher file {path} is broken: {name} {problem}; compute it again with "
+                                    "`amnesia-sd fim`")
+                if name in keep:
+                    fisher[name] = value
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(
             f"{path} is not a safetensors Fisher file ({str(exc).splitlines()[0]}); compute one with "
             "`amnesia-sd fim` (pickled files are never loaded)"
         ) from None
-    expected = dict(unet.named_parameters())
-    missing = sorted(set(expected) - set(fisher))
-    extra = sorted(set(fisher) - set(expected))
-    if missing or extra:
-        example = (missing or extra)[0]
-        raise UserError(
-            f"Fisher file {path} does not match the model: {len(missing)} parameter(s) missing, "
-            f"{len(extra)} unexpected (e.g. {example}); it was computed for another UNet "
-            f"({metadata.get('base_model', 'unknown model')}): run `amnesia-sd fim` for this one"
-        )
-    for name, value in fisher.items():
-        if value.shape != expected[name].shape:
-            raise UserError(
-                f"Fisher file {path} does not match the model: {name} has shape {tuple(value.shape)}, "
-                f"the model's is {tuple(expected[name].shape)}; run `amnesia-sd fim` for this model"
-            )
-        problem = fisher_problem(value)
-        if problem:
-            raise UserError(f"Fisher file {path} is broken: {name} {problem}; compute it again with `amnesia-sd fim`")
     return fisher, metadata
 
 
@@ -147,9 +163,11 @@ def fisher_problem(value: torch.Tensor) -> str | None:
     return None
 
 
-def fisher_metadata(unet, scheduler, base_model: str, num_samples: int, timesteps, seed: int, replay: str) -> dict:
+def fisher_metadata(pipe, scheduler, base_model: str, num_samples: int, timesteps, seed: int, replay: str) -> dict:
+    unet = pipe.unet
     return {
         "base_model": base_model,
+        "architecture": family_of(pipe).name,
         "unet_config_hash": unet_config_hash(unet),
         "num_samples": str(num_samples),
         "num_timesteps": str(len(timesteps)),
@@ -185,7 +203,7 @@ def compute_fim(config) -> Path:
     ref, pipe = load_on_device(config.model, accelerator)
     steps = len(timestep_set(pipe.scheduler.config.num_train_timesteps, config.num_timesteps))
     if config.replay_dir:
-        replay = load_image_set(config.replay_dir, pipe.unet)
+        replay = load_image_set(config.replay_dir, pipe)
         announce("fim", [fisher_cost(config.num_images or len(replay.latents), steps)])
     else:
         prompts = repeat_to(replay_prompts(config.prompts_file), config.num_images)
@@ -219,20 +237,27 @@ def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     timesteps = timestep_set(scheduler.config.num_train_timesteps, num_timesteps)
-    pipe.text_encoder.requires_grad_(False)
+    family = family_of(pipe)
+    for name in family.text_encoders:
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).requires_grad_(False)
     pipe.vae.to("cpu")  # latents are cached: the VAE has nothing to do here
     if gradient_checkpointing:  # activations of a whole timestep batch: trade compute for memory
         pipe.unet.enable_gradient_checkpointing()
     indices = list(range(accelerator.process_index, count, accelerator.num_processes))
+    images = to_device({k: replay.conditioning[k] for k in family.image_keys}, accelerator.device)
+
+    def embed(n: int):
+        return {**family.encode_text(pipe, [replay.prompts[n]]), **take(images, slice(n, n + 1))}
+
     fisher = fisher_diagonal(
-        pipe.unet, scheduler, replay.latents[:count],
-        lambda n: encode_prompts(pipe.tokenizer, pipe.text_encoder, [replay.prompts[n]]),
+        family, pipe.unet, scheduler, replay.latents[:count], embed,
         timesteps, seed, timestep_batch_size, indices, autocast=accelerator.autocast,
         progress=accelerator.is_main_process,
     )
     if accelerator.num_processes > 1:
         fisher = {k: accelerator.reduce(v, reduction="sum") for k, v in fisher.items()}
     if accelerator.is_main_process:
-        meta = fisher_metadata(pipe.unet, scheduler, ref.identity, count, timesteps, seed, str(replay.path))
+        meta = fisher_metadata(pipe, scheduler, ref.identity, count, timesteps, seed, str(replay.path))
         save_fisher(output, fisher, dtype, meta)
     accelerator.wait_for_everyone()

@@ -21,9 +21,9 @@ from .checkpoints import (broken_run, check_paths, check_resume, find_checkpoint
                           training_settings, weights_finite)
 from .config import ForgetConfig
 from .cost import first_batch
-from .diffusion import encode_prompts, per_sample_loss
+from .diffusion import per_sample_loss
 from .errors import Interrupted, UserError
-from .ewc import EWCPenalty
+from .families import Conditioning, family_of, join, take, to_device
 from .fisher import load_fisher
 from .generate import image_seed
 from .imageset import ImageSet, check_fits, load_image_set
@@ -32,27 +32,16 @@ from .paths import partial_of, publish
 from .prompts import concept_prompts
 from .result import recorded_path, write_result
 from .sources import Plan
+from .trainable import lora_modules, make_trainable
 
 LOG_EVERY = 10  # steps between readings of the penalty's value (its gradient is added every step)
 
 
-def trainable_names(unet, method: str) -> list[str]:
-    """Which UNet parameters train: everything, all but cross-attention/time embedding/output, or
-    cross-attention only (the paper's 'full' for celebrities and 'noxattn' for nudity)."""
-    names = [name for name, _ in unet.named_parameters()]
-    if method == "full":
-        return names
-    if method == "xattn":
-        return [n for n in names if ".attn2." in n]
-    frozen_prefixes = ("time_embedding.", "conv_norm_out.", "conv_out.")
-    return [n for n in names if ".attn2." not in n and not n.startswith(frozen_prefixes)]
-
-
-def embed_all(tokenizer, text_encoder, prompts: list[str], progress: bool, batch: int = 64) -> torch.Tensor:
-    """Text embeddings of `prompts`, computed once in batches, kept on the training device."""
-    chunks = [encode_prompts(tokenizer, text_encoder, prompts[i : i + batch])
+def embed_all(family, pipe, prompts: list[str], progress: bool, batch: int = 64) -> Conditioning:
+    """The text conditioning of `prompts`, computed once in batches, kept on the training device."""
+    chunks = [family.encode_text(pipe, prompts[i : i + batch])
               for i in tqdm(range(0, len(prompts), batch), desc="text embeddings", unit="batch", disable=not progress)]
-    return torch.cat(chunks)
+    return join(*chunks)
 
 
 def enable_xformers(unet) -> None:
@@ -74,22 +63,45 @@ def make_optimizer(params: list[torch.Tensor], config: ForgetConfig, lr: float):
     return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=config.adam_weight_decay)
 
 
-def preflight(unet, params, config: ForgetConfig, replay_embeddings, ema: bool) -> str:
+GPU_SIZES_GB = (24, 48, 80)
+
+
+def memory_parts(n_all: int, n_train: int, penalty_bytes: int, use_8bit_adam: bool, ema: bool,
+                 weight_bytes: int = 4) -> dict[str, int]:
+    """Bytes the run keeps on the accelerator besides activations: the UNet's weights (fp32; a LoRA
+    run's frozen base in the mixed-precision dtype) and, for the parameters that train, fp32
+    gradients, AdamW's two moments (8-bit: a quarter) and the EMA copy when asked for; and the
+    penalty's Fisher (and anchor theta*, in full training)."""
+    return {"weights": weight_bytes * n_all, "grads": 4 * n_train, "optimizer": (2 if use_8bit_adam else 8) * n_train,
+            "fisher+anchor": penalty_bytes, "ema": 4 * n_train if ema else 0}
+
+
+def fits(total_bytes: int) -> str:
+    """The smallest common GPU that holds this much with a tenth to spare, and what is left there for
+    activations (not counted here: they depend on resolution, batch and checkpointing)."""
+    for size in GPU_SIZES_GB:
+        if total_bytes <= 0.9 * size * 1e9:
+            return f"a {size} GB GPU keeps about {size - total_bytes / 1e9:.0f} GB for activations"
+    return f"more than a {GPU_SIZES_GB[-1]} GB GPU holds"
+
+
+def preflight(unet, trainable, config: ForgetConfig, text_cache: Conditioning, ema: bool) -> str:
     """What the run will hold on the accelerator, before the long work starts."""
     gib = 2**30
-    n_all, n_train = sum(p.numel() for p in unet.parameters()), sum(p.numel() for p in params)
-    store = 2 if config.fim_dtype != "fp32" else 4
-    parts = {
-        "weights": 4 * n_all,
-        "grads": 4 * n_train,
-        "optimizer": (2 if config.use_8bit_adam else 8) * n_train,
-        "fisher+anchor": 2 * store * n_train,
-        "ema": 4 * n_all if ema else 0,
-        "text cache": replay_embeddings.numel() * replay_embeddings.element_size(),
-    }
+    n_train = sum(p.numel() for p in trainable.params)
+    n_all = sum(p.numel() for p in unet.parameters()) - (n_train if config.lora_rank else 0)
+    frozen = next((p for p in unet.parameters() if not p.requires_grad), None) if config.lora_rank else None
+    weight_bytes = frozen.element_size() if frozen is not None else 4
+    parts = memory_parts(n_all, n_train, trainable.penalty_bytes, config.use_8bit_adam, ema, weight_bytes)
+    parts["text cache"] = sum(v.numel() * v.element_size() for v in text_cache.values())
+    total = sum(parts.values())
     detail = ", ".join(f"{k} {v / gib:.2f}" for k, v in parts.items() if v)
-    return (f"preflight: {n_train / 1e6:.1f}M of {n_all / 1e6:.1f}M UNet parameters train; about "
-            f"{sum(parts.values()) / gib:.2f} GiB before activations ({detail} GiB); "
+    hint = "" if total <= 0.9 * GPU_SIZES_GB[0] * 1e9 else (
+        " (less: --fim-dtype bf16, --use-8bit-adam, --train-method noxattn or xattn)")
+    what = f"LoRA rank {config.lora_rank} adapters: {n_train / 1e6:.2f}M parameters on {n_all / 1e6:.1f}M frozen" \
+        if config.lora_rank else f"{n_train / 1e6:.1f}M of {n_all / 1e6:.1f}M UNet parameters train"
+    return (f"preflight: {what}; about "
+            f"{total / gib:.2f} GiB before activations ({detail} GiB); {fits(total)}{hint}; "
             f"{config.max_train_steps} steps x {config.train_batch_size}+{config.train_batch_size} images "
             f"x {config.gradient_accumulation_steps} accumulation; the progress bar's ETA follows the first steps")
 
@@ -159,11 +171,14 @@ def forget(config: ForgetConfig) -> Path:
 
     # Base model; the frozen parts run in the weight dtype, the UNet trains in float32.
     ref, pipe = load_on_device(config.model, accelerator)
-    unet, tokenizer, text_encoder = pipe.unet, pipe.tokenizer, pipe.text_encoder
-    fisher, fisher_meta = load_fisher(config.fim, unet) if config.fim else (None, {})
+    unet, family = pipe.unet, family_of(pipe)
+    # A given Fisher is checked now, whole; the entries training needs are loaded when it starts.
+    fisher_meta = load_fisher(config.fim, pipe, names=())[1] if config.fim else {}
     for image_set in given.values():  # given sets are checked before hours of generation
-        check_fits(image_set, unet)
+        check_fits(image_set, pipe)
     check_origins(config, ref, pipe, fisher_meta, given)
+    if config.lora_rank:  # the adapters' layers exist before hours of generation
+        lora_modules(unet, config.train_method, config.lora_target_list())
     plan = Plan(config, ref, pipe, work, accelerator.num_processes, given)
     accelerator.wait_for_everyone()  # every process has checked the paths before the work folder changes
     if accelerator.is_main_process:  # only now, when everything given has been checked
@@ -171,43 +186,38 @@ def forget(config: ForgetConfig) -> Path:
     accelerator.wait_for_everyone()
     replay, surrogate = plan.sets(accelerator)
     fim_path = Path(config.fim) if config.fim else plan.fisher(replay, accelerator)
-    if fisher is None:
-        fisher, fisher_meta = load_fisher(fim_path, unet)
+    if not config.fim:
+        fisher_meta = load_fisher(fim_path, pipe, names=())[1]
     mismatches = check_origins(config, ref, pipe, fisher_meta, {"replay": replay, "surrogate": surrogate})
     concepts = concept_prompts(config.concept_list(), config.templates)
-    # Text embeddings of every prompt are computed once; then neither the VAE nor the text
-    # encoder runs during training, and both leave the accelerator.
-    text_encoder.requires_grad_(False)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
-    concept_embeddings = encode_prompts(tokenizer, text_encoder, concepts)
+    # The conditioning of every prompt is computed once; then neither the VAE nor the text
+    # encoders run during training, and they leave the accelerator. Each image keeps the image
+    # conditioning (SDXL's time ids) it was made with.
+    text_encoders = [getattr(pipe, name) for name in family.text_encoders if getattr(pipe, name, None) is not None]
+    for encoder in text_encoders:
+        encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+    concept_text = family.encode_text(pipe, concepts)
     replay_texts = sorted(set(replay.prompts))
-    replay_embeddings = embed_all(tokenizer, text_encoder, replay_texts, accelerator.is_main_process)
+    replay_text = embed_all(family, pipe, replay_texts, accelerator.is_main_process)
     position = {text: i for i, text in enumerate(replay_texts)}
     replay_text_index = torch.tensor([position[p] for p in replay.prompts])
+    images = {name: to_device({k: image_set.conditioning[k] for k in family.image_keys}, accelerator.device)
+              for name, image_set in (("surrogate", surrogate), ("replay", replay))}
     pipe.vae.to("cpu")
-    text_encoder.to("cpu")
+    for encoder in text_encoders:
+        encoder.to("cpu")
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    # What trains, its anchor theta* and its Fisher, all kept on the training device.
-    train_names = set(trainable_names(unet, config.train_method))
-    unet.requires_grad_(False)
-    named = [(n, p) for n, p in unet.named_parameters() if n in train_names]
-    for _, p in named:
-        p.requires_grad_(True)
-    params = [p for _, p in named]
-    # fp16 anchors are lossless for fp16 checkpoints, but Fisher values overflow fp16: bf16 then.
-    anchor_dtype = DTYPES[config.fim_dtype]
-    fisher_dtype = torch.bfloat16 if config.fim_dtype == "fp16" else anchor_dtype
-    penalty = EWCPenalty(
-        params,
-        [fisher[n].to(accelerator.device, fisher_dtype) for n, _ in named],
-        [p.detach().to(anchor_dtype, copy=True) for p in params],
-        config.lambda_ewc,
-    )
-    with torch.no_grad():  # start exactly at the stored anchor (a no-op in fp32): the penalty starts at zero
-        for p, anchor in zip(params, penalty.anchors):
-            p.copy_(anchor)
-    del fisher
+    # What trains (the UNet's weights or LoRA adapters) and the penalty that holds it, with the
+    # Fisher entries it needs, kept on the training device.
+    trainable = make_trainable(unet, config, lambda names: load_fisher(fim_path, pipe, names)[0], accelerator.device)
+    params, penalty = trainable.params, trainable.penalty
+    if config.lora_rank and weight_dtype != torch.float32:
+        # The frozen base in the mixed-precision dtype, as diffusers' LoRA training does: half the
+        # memory; the adapters (and their optimizer) stay fp32.
+        for p in unet.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(weight_dtype)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if config.enable_xformers:
@@ -216,10 +226,11 @@ def forget(config: ForgetConfig) -> Path:
     # opts in to the linear scaling rule for the larger global batch.
     learning_rate = config.learning_rate * (accelerator.num_processes if config.scale_lr else 1)
     optimizer = make_optimizer(params, config, learning_rate)
-    ema = EMAModel(unet.parameters(), decay=config.ema_decay) if config.ema_decay else None
+    ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay else None  # of what trains
     if accelerator.is_main_process:
-        print(preflight(unet, params, config, replay_embeddings, ema is not None), flush=True)
+        print(preflight(unet, trainable, config, replay_text, ema is not None), flush=True)
     unet, optimizer = accelerator.prepare(unet, optimizer)
+    trainable.register_checkpointing(accelerator, unet)
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
@@ -247,20 +258,24 @@ def forget(config: ForgetConfig) -> Path:
                                sizes, shapes, noise_scheduler.config.num_train_timesteps)
                 micro_step += 1
                 x_s = surrogate.latents[d["surrogate_index"]].to(device)
-                e_s = concept_embeddings[d["concept_index"].to(device)]
-                terms = [(x_s, d["surrogate_noise"], d["surrogate_t"], e_s)]
+                # The concept's prompts on the surrogate's images, with those images' own conditioning.
+                c_s = {**take(concept_text, d["concept_index"].to(device)),
+                       **take(images["surrogate"], d["surrogate_index"].to(device))}
+                terms = [(x_s, d["surrogate_noise"], d["surrogate_t"], c_s)]
                 if config.gamma > 0:
                     x_r = replay.latents[d["replay_index"]].to(device)
-                    e_r = replay_embeddings[replay_text_index[d["replay_index"]].to(device)]
-                    terms.append((x_r, d["replay_noise"], d["replay_t"], e_r))
+                    c_r = {**take(replay_text, replay_text_index[d["replay_index"]].to(device)),
+                           **take(images["replay"], d["replay_index"].to(device))}
+                    terms.append((x_r, d["replay_noise"], d["replay_t"], c_r))
                 if len(terms) == 2 and shapes["surrogate"] == shapes["replay"]:
                     # One forward over surrogate + replay: same result as two, faster.
-                    x, noise, t, e = (torch.cat(parts) for parts in zip(*terms))
-                    losses = per_sample_loss(unet, noise_scheduler, x, noise.to(device), t.to(device), e)
+                    x, noise, t = (torch.cat(parts) for parts in zip(*[term[:3] for term in terms]))
+                    cond = join(terms[0][3], terms[1][3])
+                    losses = per_sample_loss(family, unet, noise_scheduler, x, noise.to(device), t.to(device), cond)
                     loss_s, loss_r = losses[:b].mean(), losses[b:].mean()
                 else:
-                    term_losses = [per_sample_loss(unet, noise_scheduler, x, n.to(device), t.to(device), e).mean()
-                                   for x, n, t, e in terms]
+                    term_losses = [per_sample_loss(family, unet, noise_scheduler, x, n.to(device), t.to(device),
+                                                   c).mean() for x, n, t, c in terms]
                     loss_s = term_losses[0]
                     loss_r = term_losses[1] if len(term_losses) == 2 else torch.zeros((), device=device)
                 data_loss = loss_s + config.gamma * loss_r
@@ -289,7 +304,7 @@ def forget(config: ForgetConfig) -> Path:
             if accelerator.sync_gradients:
                 global_step += 1
                 if ema is not None:
-                    ema.step(accelerator.unwrap_model(unet).parameters())
+                    ema.step(params)
                 last = {"surrogate": reported[0].item(), "replay": reported[1].item(), "ewc": ewc}
                 last["total"] = last["surrogate"] + config.gamma * last["replay"] + last["ewc"]
                 bar.update(1)
@@ -313,11 +328,13 @@ def forget(config: ForgetConfig) -> Path:
     accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(unet)
     if ema is not None:
-        ema.copy_to(trained.parameters())  # the EMA weights are the result
-    if not weights_finite(list(trained.parameters())):
+        ema.copy_to(params)  # the EMA weights are the result
+    if not weights_finite(params):
         raise broken_run("the trained weights are non-finite (NaN or inf)", global_step, work)
     if accelerator.is_main_process:
         summary = {
+            "architecture": family.name,
+            "pipeline_class": family.pipeline,
             "steps": global_step,
             "final_losses": last,
             "trainable_parameters": sum(p.numel() for p in params),
@@ -332,7 +349,7 @@ def forget(config: ForgetConfig) -> Path:
             "origin_mismatches": mismatches,
             "seconds": round(time.time() - started, 1),
         }
-        write_result(work, ref, trained, config, summary, surrogate)
+        write_result(work, ref, trained, trainable, config, summary, surrogate)
         publish(work, out)
     accelerator.wait_for_everyone()
     accelerator.end_training()

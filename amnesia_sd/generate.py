@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from .config import GenerationSettings
+from .families import family_of
 from .models import image_size
 
 
@@ -53,7 +54,7 @@ def generate(
     # DDIM as in the paper; generators live on the CPU so noise is identical on any device.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     size = image_size(pipe, settings.resolution)
-    vae = pipe.vae
+    micro = family_of(pipe).micro_conditioning(size)  # recorded with image sets: training matches it
     for start in range(0, len(prompts), settings.batch_size):
         batch = prompts[start : start + settings.batch_size]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + len(batch)]]
@@ -65,8 +66,43 @@ def generate(
             guidance_scale=settings.guidance_scale,
             generator=generators,
             output_type="latent",
+            **micro,
         ).images
-        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        images = pipe.image_processor.postprocess(decoded, output_type="pil")
+        images = pipe.image_processor.postprocess(decode(pipe.vae, latents), output_type="pil")
         for offset, (latent, image) in enumerate(zip(latents, images)):
             yield start + offset, latent.float().cpu(), image
+
+
+def vae_dtype(vae) -> torch.dtype:
+    """The VAE's working dtype: float32 where its config says fp16 overflows (SDXL's VAE)."""
+    return torch.float32 if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False) else vae.dtype
+
+
+def encode(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Scaled latents of pixels in [-1, 1]: the distribution's mean, not a sample, so a cached
+    latent is deterministic; the inverse of decode."""
+    dtype = vae_dtype(vae)
+    latents = _in_dtype(vae, dtype).encode(pixels.to(vae.device, dtype)).latent_dist.mean.float()
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, -1, 1, 1)
+        return (latents - torch.tensor(mean).view(shape).to(latents)) * vae.config.scaling_factor \
+            / torch.tensor(std).view(shape).to(latents)
+    return latents * vae.config.scaling_factor
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] from scaled latents, as the pipelines decode them."""
+    dtype = vae_dtype(vae)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, -1, 1, 1)
+        latents = latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor \
+            + torch.tensor(mean).view(shape).to(latents)
+    else:
+        latents = latents / vae.config.scaling_factor
+    return _in_dtype(vae, dtype).decode(latents.to(dtype)).sample
+
+
+def _in_dtype(vae, dtype: torch.dtype):
+    return vae if vae.dtype == dtype else vae.to(dtype)

@@ -2,7 +2,8 @@
 
 A set is a folder with images/NNNNNN.png, prompts.txt (line i is image i's prompt),
 latents.safetensors (key "latents", [N, C, h, w] float32, scaled by the VAE's scaling factor, ready
-for the UNet) and manifest.json, written last, which marks the set as finished. While it is being
+for the UNet; beside it, one row per image of the family's image conditioning, such as SDXL's
+"time_ids") and manifest.json, written last, which marks the set as finished. While it is being
 made the folder is called NAME.partial; an interrupted run picks up where it stopped.
 """
 
@@ -24,7 +25,8 @@ from tqdm.auto import tqdm
 from .config import GenerationSettings
 from .errors import UserError
 from .cost import announce, first_batch, generation_passes
-from .generate import generate, image_seed, process_share
+from .families import Conditioning, family_of
+from .generate import encode, generate, image_seed, process_share
 from .io import atomic_path, write_json, write_text
 from .paths import Output, check_output, guard, is_ours, open_work, partial_of, publish, stamp
 from .models import ModelRef, image_size, unet_config_hash
@@ -39,6 +41,7 @@ class ImageSet:
     prompts: list[str]
     latents: torch.Tensor
     manifest: dict
+    conditioning: Conditioning  # the family's image part, one row per image (families.py)
 
 
 def is_finished(path: str | Path) -> bool:
@@ -49,8 +52,8 @@ def set_output(path: str | Path) -> Output:
     return Output("--output-dir", Path(path), MANIFEST, "image set")
 
 
-def load_image_set(path: str | Path, unet=None) -> ImageSet:
-    """Load a finished set; with `unet`, check its latents fit that model."""
+def load_image_set(path: str | Path, pipe=None) -> ImageSet:
+    """Load a finished set; with `pipe`, check it fits that model."""
     path = Path(path)
     if not is_finished(path):
         raise UserError(
@@ -59,7 +62,8 @@ def load_image_set(path: str | Path, unet=None) -> ImageSet:
         )
     manifest = json.loads((path / MANIFEST).read_text())
     try:
-        latents = load_file(str(path / "latents.safetensors"))["latents"]
+        tensors = load_file(str(path / "latents.safetensors"))
+        latents = tensors.pop("latents")
         prompts = (path / "prompts.txt").read_text(encoding="utf-8").split("\n")[: len(latents)]
     except (OSError, KeyError, ValueError, SafetensorError) as exc:
         raise UserError(f"image set {path} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
@@ -68,14 +72,23 @@ def load_image_set(path: str | Path, unet=None) -> ImageSet:
         raise UserError(f"image set {path} is damaged: {len(prompts)} prompts for {len(latents)} latents")
     if not torch.isfinite(latents).all():
         raise UserError(f"image set {path} holds non-finite latents; make it again")
-    image_set = ImageSet(path, prompts, latents, manifest)
-    if unet is not None:
-        check_fits(image_set, unet)
+    if any(len(v) != len(latents) for v in tensors.values()):
+        raise UserError(f"image set {path} is damaged: its conditioning does not have one row per latent; make it again")
+    image_set = ImageSet(path, prompts, latents, manifest, tensors)
+    if pipe is not None:
+        check_fits(image_set, pipe)
     return image_set
 
 
-def check_fits(image_set: ImageSet, unet) -> None:
-    """The set's latents are what this model's UNet takes."""
+def check_fits(image_set: ImageSet, pipe) -> None:
+    """The set's latents and image conditioning are what this model takes."""
+    unet, family = pipe.unet, family_of(pipe)
+    missing = [k for k in family.image_keys if k not in image_set.conditioning]
+    if missing:
+        raise UserError(
+            f"image set {image_set.path} has no {', '.join(missing)} for its images, which this "
+            f"{family.title} model needs: it was made with another model "
+            f"({image_set.manifest.get('base_model')}); make it with this one")
     channels = image_set.latents.shape[1]
     if channels != unet.config.in_channels:
         raise UserError(
@@ -86,14 +99,15 @@ def check_fits(image_set: ImageSet, unet) -> None:
 
 def _finish(partial: Path, out: Path, prompts: list[str], manifest: dict) -> None:
     """Gather the per-image latents into one file, then write the manifest and move into place."""
-    files = [partial / "latents" / f"{i:06d}.safetensors" for i in range(len(prompts))]
-    latents = torch.stack([load_file(str(f))["latent"] for f in files])
+    files = [load_file(str(partial / "latents" / f"{i:06d}.safetensors")) for i in range(len(prompts))]
+    latents = torch.stack([f.pop("latent") for f in files])
+    conditioning = {k: torch.stack([f[k] for f in files]) for k in files[0]}
     if not torch.isfinite(latents).all():  # never a finished set of NaN
         bad = (~torch.isfinite(latents.flatten(1))).any(1).nonzero().flatten().tolist()
         raise UserError(f"{len(bad)} of {len(latents)} latents are not finite (e.g. image {bad[0]}); "
                         f"nothing was finished: check the model and settings (fp16 overflow? try bf16)")
     with atomic_path(partial / "latents.safetensors") as tmp:
-        save_file({"latents": latents.contiguous()}, str(tmp))
+        save_file({"latents": latents.contiguous(), **conditioning}, str(tmp))
     write_text(partial / "prompts.txt", "\n".join(prompts))
     shutil.rmtree(partial / "latents")
     manifest["latent_shape"] = list(latents.shape[1:])
@@ -101,13 +115,14 @@ def _finish(partial: Path, out: Path, prompts: list[str], manifest: dict) -> Non
     publish(partial, out)
 
 
-def _save_image(partial: Path, index: int, latent: torch.Tensor, image: Image.Image, prompt: str) -> None:
+def _save_image(partial: Path, index: int, latent: torch.Tensor, image: Image.Image, prompt: str,
+                conditioning: Conditioning) -> None:
     # Latent first, image last: an index counts as done only when its image exists.
     if not torch.isfinite(latent).all():  # stop at the first broken image, not after hours of them
         raise UserError(f"image {index} ({prompt!r}) came out non-finite (NaN or inf); nothing was finished: "
                         "check the model and settings (fp16 overflow? try --mixed-precision bf16 or no)")
     with atomic_path(partial / "latents" / f"{index:06d}.safetensors") as tmp:
-        save_file({"latent": latent.contiguous()}, str(tmp))
+        save_file({"latent": latent.contiguous(), **conditioning}, str(tmp))
     with atomic_path(partial / "images" / f"{index:06d}.png") as tmp:
         image.save(tmp, format="PNG")
 
@@ -128,13 +143,17 @@ def _start(out: Path, overwrite: bool, record: dict, accelerator) -> Path:
 
 def set_record(pipe, ref: ModelRef, prompts: list[str], settings: GenerationSettings, kind: str) -> dict:
     """What a generated set's manifest records: its origin and every setting that shapes it."""
+    size = image_size(pipe, settings.resolution)
+    family = family_of(pipe)
     return {
         "kind": kind,
         "source": "generated",
         "base_model": ref.identity,
+        "architecture": family.name,
         "unet_config_hash": unet_config_hash(pipe.unet),
         "num_images": len(prompts),
-        "resolution": image_size(pipe, settings.resolution),
+        "resolution": size,
+        "micro_conditioning": {k: list(v) for k, v in family.micro_conditioning(size).items()},
         "num_inference_steps": settings.num_inference_steps,
         "guidance_scale": settings.guidance_scale,
         "scheduler": "DDIMScheduler",
@@ -182,10 +201,12 @@ def generate_image_set(
         desc=f"{kind} images", unit="img", disable=not accelerator.is_main_process,
     )
     per_image = generation_passes(1, settings.num_inference_steps, settings.guidance_scale)
+    family = family_of(pipe)
+    conditioning = family.image_conditioning(family.micro_conditioning(image_size(pipe, settings.resolution)))
     for position, latent, image in generate(
         pipe, [prompts[i] for i in todo], [image_seed(settings.seed, i) for i in todo], settings
     ):
-        _save_image(partial, todo[position], latent, image, prompts[todo[position]])
+        _save_image(partial, todo[position], latent, image, prompts[todo[position]], conditioning)
         bar.update(accelerator.num_processes)
         if position + 1 == min(b, len(todo)):
             first_batch(bar, per_image, f"{kind} images")
@@ -197,17 +218,19 @@ def generate_image_set(
     return load_image_set(out)
 
 
-def _load_rgb(path: Path, size: int) -> Image.Image:
-    """Resize the shorter side to `size`, then centre-crop a square."""
+def _load_rgb(path: Path, size: int) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
+    """Resize the shorter side to `size`, then centre-crop a square; also return the original
+    (height, width) and the crop's (top, left), which SDXL conditions on."""
     try:
         image = Image.open(path).convert("RGB")
     except OSError as exc:
         raise UserError(f"cannot read image {path}: {exc}") from None
+    original = (image.height, image.width)
     scale = size / min(image.size)
     image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
                          Image.Resampling.BICUBIC)
     left, top = (image.width - size) // 2, (image.height - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    return image.crop((left, top, left + size, top + size)), original, (top, left)
 
 
 @torch.no_grad()
@@ -224,8 +247,9 @@ def encode_image_folder(
         raise UserError(f"--surrogate-images {source} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     out = Path(out_dir)
     size = image_size(pipe, resolution)
+    family = family_of(pipe)
     record = {"kind": "surrogate", "source": "images", "images_dir": str(source.resolve()),
-              "base_model": ref.identity, "unet_config_hash": unet_config_hash(pipe.unet),
+              "base_model": ref.identity, "architecture": family.name, "unet_config_hash": unet_config_hash(pipe.unet),
               "num_images": len(files), "resolution": size,
               "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
     if reuse and is_finished(out):
@@ -234,15 +258,13 @@ def encode_image_folder(
         overwrite = True  # a cache of ours made from other images is stale
     partial = _start(out, overwrite, record, accelerator)
     if accelerator.is_main_process:
-        vae = pipe.vae
         for start in tqdm(range(0, len(files), batch_size), desc="encoding images", unit="batch"):
-            images = [_load_rgb(f, size) for f in files[start : start + batch_size]]
-            pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
-            pixels = (pixels.float() / 127.5 - 1).to(vae.device, vae.dtype)
-            # The distribution's mean, not a sample: the cached latent is then deterministic.
-            latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-            for offset, (latent, image) in enumerate(zip(latents.float().cpu(), images)):
-                _save_image(partial, start + offset, latent, image, files[start + offset].name)
+            loaded = [_load_rgb(f, size) for f in files[start : start + batch_size]]
+            pixels = torch.from_numpy(np.stack([np.asarray(im) for im, _, _ in loaded])).permute(0, 3, 1, 2)
+            latents = encode(pipe.vae, pixels.float() / 127.5 - 1)
+            for offset, (latent, (image, original, crop)) in enumerate(zip(latents.cpu(), loaded)):
+                conditioning = family.image_conditioning(family.micro_conditioning(size, original, crop))
+                _save_image(partial, start + offset, latent, image, files[start + offset].name, conditioning)
         _finish(partial, out, [""] * len(files), record)
     accelerator.wait_for_everyone()
     return load_image_set(out)

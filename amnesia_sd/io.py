@@ -28,10 +28,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         # After writing: some writers (safetensors) replace the file and its mode with it.
-        os.chmod(tmp_path, 0o666 & ~_UMASK)
+        usual_mode(tmp_path)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def usual_mode(path: str | Path) -> None:
+    """Give a file another library wrote the permissions any new file gets (some write owner-only)."""
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -21,7 +21,7 @@ class ModelRef:
     """Where a model comes from; `identity` is what manifests and model cards record."""
 
     spec: str
-    kind: str  # "folder", "file" or "hub"
+    kind: str  # "folder", "file", "hub", or "lora" (a LoRA result of forget, on the base it records)
     location: str
 
     @property
@@ -37,6 +37,8 @@ def resolve_model(spec: str) -> ModelRef:
         return ModelRef(spec, "folder", str(ensure_digits_model()))
     path = Path(spec).expanduser()
     if path.is_dir():
+        if not (path / "model_index.json").is_file() and lora_base(path):
+            return ModelRef(spec, "lora", str(path.resolve()))
         if not (path / "model_index.json").is_file():
             raise UserError(
                 f"model folder {spec} is not a diffusers pipeline (no model_index.json); "
@@ -55,6 +57,19 @@ def resolve_model(spec: str) -> ModelRef:
     return ModelRef(spec, "hub", spec)
 
 
+def lora_base(path: Path) -> str | None:
+    """The base model a LoRA result of `forget` was trained on (None if `path` is not one)."""
+    from .trainable import LORA_WEIGHTS
+
+    try:
+        record = json.loads((path / "amnesia.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or "lora" not in record or not (path / LORA_WEIGHTS).is_file():
+        return None
+    return record["base_model"].removeprefix("hub:")
+
+
 def model_path(spec: str | None) -> Path | None:
     """The local file or folder `--model` names (None for a hub id): an input no output may touch."""
     if not spec:
@@ -65,8 +80,10 @@ def model_path(spec: str | None) -> Path | None:
 
 def origin(ref: ModelRef, pipe) -> dict:
     """What Fishers and image sets record about the model they were made from."""
-    return {"base_model": ref.identity, "unet_config_hash": unet_config_hash(pipe.unet),
-            "prediction_type": pipe.scheduler.config.prediction_type}
+    from .families import family_of
+
+    return {"base_model": ref.identity, "architecture": family_of(pipe).name,
+            "unet_config_hash": unet_config_hash(pipe.unet), "prediction_type": pipe.scheduler.config.prediction_type}
 
 
 def origin_mismatches(what: str, recorded: dict, expected: dict) -> list[str]:
@@ -76,15 +93,21 @@ def origin_mismatches(what: str, recorded: dict, expected: dict) -> list[str]:
 
 
 def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, safety_checker: bool = False):
-    """Load a StableDiffusionPipeline; without `safety_checker` that component is left out."""
-    from diffusers import StableDiffusionPipeline
+    """Load the pipeline of the model's family (families.py); without `safety_checker` SD 1.x/2.x's
+    safety checker is left out (SDXL has none)."""
+    from .families import detect_family
 
-    extra = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    if ref.kind == "lora":
+        return _load_with_lora(ref, dtype, safety_checker)
     try:
-        if ref.kind == "file":
-            pipe = StableDiffusionPipeline.from_single_file(ref.location, torch_dtype=dtype, **extra)
-        else:
-            pipe = StableDiffusionPipeline.from_pretrained(ref.location, torch_dtype=dtype, **extra)
+        family = detect_family(ref.kind, ref.location)
+        extra = {} if safety_checker or family.name != "sd" else {"safety_checker": None,
+                                                                   "requires_safety_checker": False}
+        load = family.pipeline_class().from_single_file if ref.kind == "file" else \
+            family.pipeline_class().from_pretrained
+        pipe = load(ref.location, torch_dtype=dtype, **extra)
+    except UserError:
+        raise
     except Exception as exc:  # diffusers raises many kinds here; the user needs one line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if ref.kind == "hub" and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
@@ -100,6 +123,24 @@ def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, safety_chec
             ) from None
         raise UserError(f"could not load model {ref.spec!r}: {reason}") from None
     pipe.set_progress_bar_config(disable=True)
+    family.check(pipe)
+    return pipe
+
+
+def _load_with_lora(ref: ModelRef, dtype: torch.dtype, safety_checker: bool):
+    """The base pipeline with a LoRA result's adapter merged into its UNet, by diffusers' loader."""
+    from .trainable import LORA_WEIGHTS
+
+    base = lora_base(Path(ref.location))
+    try:
+        base_ref = resolve_model(base)
+    except UserError as exc:
+        raise UserError(f"the LoRA result {ref.spec} was trained on {base}, which cannot be found ({exc}); "
+                        "pass the base model's location as it is now") from None
+    pipe = load_pipeline(base_ref, dtype, safety_checker)
+    pipe.load_lora_weights(ref.location, weight_name=LORA_WEIGHTS)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # the merged weights stay; the adapter layers go
     return pipe
 
 

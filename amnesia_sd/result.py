@@ -17,6 +17,7 @@ from .imageset import ImageSet
 from .io import write_json, write_text
 from .models import ModelRef, load_pipeline
 from .paths import stamp
+from .trainable import LORA_WEIGHTS
 
 
 def recorded_path(path: Path, work: Path) -> str:
@@ -26,17 +27,34 @@ def recorded_path(path: Path, work: Path) -> str:
     return str(path.relative_to(work)) if work in path.parents else str(path)
 
 
-def write_result(work: Path, ref: ModelRef, unet, config: ForgetConfig, summary: dict, surrogate: ImageSet) -> None:
-    """Save the pipeline with the new UNet and the base's other components into the work folder;
+def write_result(work: Path, ref: ModelRef, unet, trainable, config: ForgetConfig, summary: dict,
+                 surrogate: ImageSet) -> None:
+    """Save the result into the work folder: the pipeline with the new UNet and the base's other
+    components, or the LoRA adapters (and with --fuse, the pipeline with them merged);
     amnesia.json, written last, marks the result finished."""
     import accelerate
     import diffusers
     import transformers
 
-    base = load_pipeline(ref, safety_checker=ref.kind != "file")
-    base.register_modules(unet=unet.to("cpu"))  # fp32 master weights
+    from .families import family_of
+
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    base.save_pretrained(str(work), safe_serialization=True)
+    base = load_pipeline(ref, safety_checker=ref.kind != "file")
+    family = family_of(base)
+    if config.lora_rank:
+        trainable.save(unet, work, family)
+        lora_file = work / LORA_WEIGHTS
+        summary["lora"] = {"rank": config.lora_rank, "alpha": config.lora_rank, "trained_alpha": config.lora_alpha_value(),
+                           "targets": config.lora_target_list(), "adapted_layers": len(trainable.modules),
+                           "file": LORA_WEIGHTS, "bytes": lora_file.stat().st_size, "fused_pipeline": config.fuse}
+        if config.fuse:  # merged by diffusers' own loader, from the file just written
+            base.load_lora_weights(str(work), weight_name=LORA_WEIGHTS)
+            base.fuse_lora()
+            base.unload_lora_weights()
+    else:
+        base.register_modules(unet=unet.to("cpu"))  # fp32 master weights
+    if not config.lora_rank or config.fuse:
+        base.save_pretrained(str(work), safe_serialization=True)
     # What the concept now maps to, as trained: the prompt, or the set's own prompt or image folder.
     source = surrogate.manifest.get("images_dir") or (surrogate.prompts[0] if surrogate.prompts else None)
     record = {
@@ -59,25 +77,44 @@ def write_result(work: Path, ref: ModelRef, unet, config: ForgetConfig, summary:
 
 
 def model_card(record: dict) -> str:
+    from .families import FAMILIES
+
     s = record["settings"]
+    family = FAMILIES[record["architecture"]]
+    encoders = "text encoders, tokenizers" if len(family.text_encoders) > 1 else "text encoder, tokenizer"
     losses = ", ".join(f"{k} {v:.4g}" for k, v in record["final_losses"].items() if not math.isnan(v))
+    lora = record.get("lora")
+    if lora:
+        what = (f"This LoRA adapter (rank {lora['rank']}, {lora['bytes']:,} bytes, on {lora['adapted_layers']} attention "
+                f"layers of the UNet) for `{record['base_model']}` ({family.title}) was trained by")
+        load = (f"""pipe = {family.pipeline}.from_pretrained("{record['base_model'].removeprefix('hub:')}")
+pipe.load_lora_weights("path/to/this/folder")  # pipe.fuse_lora() merges it""" +
+                (f"""
+# or the pipeline with the adapter merged, saved beside it:
+pipe = {family.pipeline}.from_pretrained("path/to/this/folder")""" if lora["fused_pipeline"] else ""))
+        trained = "trained LoRA adapters on the UNet"
+        kept = f"The base model's weights are unchanged; {encoders}, VAE and scheduler are the base's."
+    else:
+        what = f"This {family.title} pipeline was made from `{record['base_model']}` by"
+        load = f"""pipe = {family.pipeline}.from_pretrained("path/to/this/folder")"""
+        trained = "fine-tuned only the UNet"
+        kept = f"Every other component\n(VAE, {encoders}, scheduler) is the base model's, unchanged."
     return f"""---
 library_name: diffusers
-tags: [stable-diffusion, text-to-image, concept-erasure, selective-amnesia, amnesia-sd]
+tags: [stable-diffusion{", stable-diffusion-xl" if family.name == "sdxl" else ""}, text-to-image, concept-erasure, selective-amnesia, amnesia-sd]
 ---
 # {', '.join(record['concepts'])} forgotten with Selective Amnesia
 
-This Stable Diffusion pipeline was made from `{record['base_model']}` by
-amnesia-sd {record['tool_version']}, which fine-tuned only the UNet with Selective
+{what}
+amnesia-sd {record['tool_version']}, which {trained} with Selective
 Amnesia (Heng & Soh, NeurIPS 2023). Prompts naming **{', '.join(record['concepts'])}** now map to the
 surrogate **{record['surrogate']}**; Elastic Weight Consolidation (lambda = {s['lambda_ewc']}) and
-generative replay (gamma = {s['gamma']}) keep the rest of the model as it was. Every other component
-(VAE, text encoder, tokenizer, scheduler) is the base model's, unchanged.
+generative replay (gamma = {s['gamma']}) keep the rest of the model as it was. {kept}
 
 ## Load it
 ```python
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")
+from diffusers import {family.pipeline}
+{load}
 ```
 
 ## How it was trained

@@ -48,3 +48,10 @@ def isolated_cache(tmp_path_factory):
         path = tmp_path_factory.mktemp("cache")
         patch.setenv("AMNESIA_SD_CACHE", str(path))
         yield path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory):
+    from tiny import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-xl") / "sdxl")

@@ -237,6 +237,18 @@ def test_a_model_that_makes_nan_stops_at_the_first_image_on_a_line_of_its_own(wo
     assert not (tmp_path / "r").exists()  # nothing looks finished
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--fuse"], "--lora-alpha and --fuse are for LoRA training: add --lora-rank R"),
+    (["--lora-rank", "0"], "--lora-rank must be positive, got 0"),
+    (["--lora-rank", "4", "--lora-targets", "norm1"], "is a LayerNorm, not a Linear or Conv2d layer"),
+    (["--lora-rank", "4", "--lora-targets", "to_q,nothing"], "--lora-targets nothing names no layer of this UNet"),
+    (["--lora-rank", "4", "--lora-targets", " , "], "--lora-targets is empty"),
+])
+def test_lora_settings_that_cannot_work(world, untouched, tmp_path, extra, message):
+    refuses(forget(world, tmp_path / "o", *extra), message)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2**31), str(2**70)])
 def test_seed_outside_the_generators_range(world, untouched, tmp_path, seed):
     refuses(["replay", "--model", world["model"], "--output-dir", tmp_path / "r", "--seed", seed],

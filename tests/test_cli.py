@@ -137,3 +137,28 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
 def test_help_shows_the_defaults(tmp_path):
     text = " ".join(cli("forget", "--help", cwd=tmp_path).stdout.split())  # help lines wrap anywhere
     assert "[default: 1e-5]" in text and "[default: 50]" in text and "--scale-lr" in text
+
+
+def test_lora_result_through_sample_and_eval(tiny_model, tmp_path):
+    """A LoRA result is a --model like any other: the base comes from its amnesia.json."""
+    model = str(tiny_model)
+    done = cli("forget", "--model", model, "--concept", "Brad Pitt", "--surrogate", "a middle aged man",
+               "--num-surrogate-images", "4", "--num-replay-images", "4", "--fim-num-timesteps", "2",
+               "--lora-rank", "4", "--lora-alpha", "8", "--max-train-steps", "2", "--train-batch-size", "2",
+               "--learning-rate", "1e-2", "--output-dir", "lora", *QUICK, cwd=tmp_path)
+    assert "LoRA rank 4 adapters" in done.stdout and "load_lora_weights(OUT)" in done.stdout
+    out = tmp_path / "lora"
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["README.md", "amnesia.json",
+                                                                   "pytorch_lora_weights.safetensors"]
+    prompts = ["--prompt", "a photo of brad pitt", "--num-images", "2", "--seed", "3", *QUICK]
+    cli("sample", "--model", "lora", *prompts, "--output-dir", "samples", "--compare", model, cwd=tmp_path)
+    samples = tmp_path / "samples"
+    assert any((samples / "base" / n).read_bytes() != (samples / "images" / n).read_bytes()
+               for n in ("p000_s000.png", "p000_s001.png"))  # the adapter changes the images
+    cli("eval", "--model", "lora", "--output-dir", "report", "--concept", "nudity, naked", "--num-images", "1",
+        "--num-inference-steps", "2", "--clip-model", "nonexistent-org/no-clip", cwd=tmp_path)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["models"]["base"]["identity"] == str(Path(model).resolve())
+    # --lora-alpha 8 on rank 4: the scale 2 is folded into B, recorded as alpha = rank
+    record = json.loads((out / "amnesia.json").read_text())
+    assert record["lora"]["alpha"] == 4 and record["lora"]["trained_alpha"] == 8.0

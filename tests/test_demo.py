@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from amnesia_sd import digits
 from amnesia_sd.cli import app
-from amnesia_sd.demo import DemoConfig, run_demo
+from amnesia_sd.demo import DemoConfig, format_table, run_demo
 from amnesia_sd.errors import UserError
 from amnesia_sd.generate import image_seed
 
@@ -143,6 +143,21 @@ def test_short_demo_writes_what_it_promises(tmp_path):
     with pytest.raises(UserError, match=re.escape(str(out)) + " already holds a finished demo; pass --overwrite"):
         run_demo(DemoConfig(output_dir=str(out)))
     assert (out / "metrics.json").read_bytes() == before
+
+
+def test_short_lora_demo(tmp_path):
+    """--lora-rank: SA and naive train adapters; metrics.json says how large the adapter is."""
+    out = tmp_path / "demo"
+    metrics = run_demo(DemoConfig(output_dir=str(out), samples_per_digit=2, replay_per_digit=2, surrogate_images=4,
+                                  fim_per_digit=1, fim_timesteps=4, max_train_steps=2, train_batch_size=4,
+                                  num_inference_steps=3, batch_size=64, lora_rank=2))
+    assert metrics["settings"]["learning_rate"] == 5e-3 and set(metrics["sa"]) == KEYS
+    for name in ("sa", "naive"):
+        record = json.loads((out / name / "amnesia.json").read_text())
+        assert record["lora"]["rank"] == 2 and record["settings"]["lora_targets"] == DemoConfig.lora_targets
+        assert not (out / name / "unet").exists()
+    assert metrics["adapter_bytes"] == (out / "sa" / "pytorch_lora_weights.safetensors").stat().st_size
+    assert "LoRA rank 2: the adapter is" in format_table(metrics)
 
 
 def test_every_command_takes_model_digits(tmp_path):

@@ -7,19 +7,21 @@ from safetensors.torch import load_file, save_file
 
 from amnesia_sd.diffusion import diffusion_target
 from amnesia_sd.errors import UserError
+from amnesia_sd.families import FAMILIES
 from amnesia_sd.fisher import fisher_diagonal, load_fisher, sample_noise, save_fisher, timestep_set
 from helpers import load_parts, random_latents
 
 PROMPTS = ["a photo of a dog", "a painting of a house", "a cat in a tree"]
 
 
+SD = FAMILIES["sd"]
+
+
 def embedder(pipe, prompts):
-    from amnesia_sd.diffusion import encode_prompts
-
-    return lambda n: encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompts[n]])
+    return lambda n: SD.encode_text(pipe, [prompts[n]])
 
 
-def brute_force_fisher(unet, scheduler, latents, embed, timesteps, seed):
+def brute_force_fisher(family, unet, scheduler, latents, embed, timesteps, seed):
     """The reference way: one batch-1 forward per timestep, gradients summed, squared per sample."""
     params = dict(unet.named_parameters())
     total = {k: torch.zeros_like(p) for k, p in params.items()}
@@ -32,7 +34,7 @@ def brute_force_fisher(unet, scheduler, latents, embed, timesteps, seed):
             t1 = t.reshape(1)
             x = latents[n : n + 1]
             noisy = scheduler.add_noise(x, noise[j : j + 1], t1)
-            pred = unet(noisy, t1, emb).sample
+            pred = unet(noisy, t1, emb["encoder_hidden_states"]).sample
             target = diffusion_target(scheduler, x, noise[j : j + 1], t1)
             loss = loss + ((pred - target) ** 2).mean()
         grads = torch.autograd.grad(loss * scale, list(params.values()), allow_unused=True)
@@ -58,7 +60,7 @@ def parts(tiny_model):
 def test_fisher_equals_brute_force_and_ignores_chunking(parts):
     pipe, scheduler = parts
     latents, timesteps = random_latents(3), timestep_set(1000, 7)
-    args = (pipe.unet, scheduler, latents, embedder(pipe, PROMPTS), timesteps, 5)
+    args = (SD, pipe.unet, scheduler, latents, embedder(pipe, PROMPTS), timesteps, 5)
     expected = brute_force_fisher(*args)
     for chunk in (7, 3, 1):
         assert_rel_close(fisher_diagonal(*args, timestep_batch_size=chunk, progress=False), expected)
@@ -68,7 +70,7 @@ def test_fisher_equals_brute_force_and_ignores_chunking(parts):
 def test_gradient_checkpointing_gives_the_same_fisher(tiny_model, parts):
     pipe, scheduler = parts
     latents, timesteps = random_latents(2), timestep_set(1000, 5)
-    plain = fisher_diagonal(pipe.unet, scheduler, latents, embedder(pipe, PROMPTS), timesteps, 3, 5, progress=False)
+    plain = fisher_diagonal(SD, pipe.unet, scheduler, latents, embedder(pipe, PROMPTS), timesteps, 3, 5, progress=False)
     saving, _ = load_parts(tiny_model)  # its own copy: the shared one stays as it is
     saving.unet.enable_gradient_checkpointing()
     recomputed = []
@@ -77,7 +79,7 @@ def test_gradient_checkpointing_gives_the_same_fisher(tiny_model, parts):
         if checkpoint is not None:
             module._gradient_checkpointing_func = (
                 lambda *a, _run=checkpoint, **k: (recomputed.append(1), _run(*a, **k))[1])
-    saved = fisher_diagonal(saving.unet, scheduler, latents, embedder(saving, PROMPTS), timesteps, 3, 5, progress=False)
+    saved = fisher_diagonal(SD, saving.unet, scheduler, latents, embedder(saving, PROMPTS), timesteps, 3, 5, progress=False)
     assert recomputed, "checkpointing was not used"
     assert_rel_close(saved, plain, tol=1e-5)
 
@@ -85,7 +87,7 @@ def test_gradient_checkpointing_gives_the_same_fisher(tiny_model, parts):
 def test_shards_add_up_to_the_whole(parts):
     pipe, scheduler = parts
     latents, timesteps = random_latents(3), timestep_set(1000, 4)
-    args = (pipe.unet, scheduler, latents, embedder(pipe, PROMPTS), timesteps, 1, 4)
+    args = (SD, pipe.unet, scheduler, latents, embedder(pipe, PROMPTS), timesteps, 1, 4)
     whole = fisher_diagonal(*args, progress=False)
     a = fisher_diagonal(*args, indices=[0, 2], progress=False)
     b = fisher_diagonal(*args, indices=[1], progress=False)
@@ -100,7 +102,7 @@ def test_v_prediction_target_and_fisher(tiny_vpred_model):
     sigma = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
     torch.testing.assert_close(diffusion_target(scheduler, x, noise, t), alpha * noise - sigma * x)
     latents, timesteps = random_latents(2), timestep_set(1000, 3)
-    args = (pipe.unet, scheduler, latents, embedder(pipe, PROMPTS), timesteps, 2)
+    args = (SD, pipe.unet, scheduler, latents, embedder(pipe, PROMPTS), timesteps, 2)
     expected = brute_force_fisher(*args)
     assert_rel_close(fisher_diagonal(*args, timestep_batch_size=2, progress=False), expected)
 
@@ -117,7 +119,7 @@ def test_save_and_load_round_trip(parts, tmp_path):
     fisher = {k: torch.rand_like(p) for k, p in pipe.unet.named_parameters()}
     path = tmp_path / "fim.safetensors"
     save_fisher(path, fisher, "fp32", {"base_model": "tiny", "num_samples": "3"})
-    loaded, meta = load_fisher(path, pipe.unet)
+    loaded, meta = load_fisher(path, pipe)
     assert meta["format"] == "amnesia-sd-fisher" and meta["base_model"] == "tiny" and meta["dtype"] == "fp32"
     for k in fisher:
         assert torch.equal(loaded[k], fisher[k])
@@ -132,13 +134,13 @@ def test_mismatched_fisher_files_are_refused(parts, tmp_path):
     missing.pop(next(iter(missing)))
     save_file(missing, str(tmp_path / "missing.safetensors"))
     with pytest.raises(UserError, match="1 parameter\\(s\\) missing"):
-        load_fisher(tmp_path / "missing.safetensors", pipe.unet)
+        load_fisher(tmp_path / "missing.safetensors", pipe)
     reshaped = dict(good)
     name = next(iter(reshaped))
     reshaped[name] = torch.ones(3)
     save_file(reshaped, str(tmp_path / "shape.safetensors"))
     with pytest.raises(UserError, match=f"{name} has shape \\(3,\\)"):
-        load_fisher(tmp_path / "shape.safetensors", pipe.unet)
+        load_fisher(tmp_path / "shape.safetensors", pipe)
     (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(UserError, match="not a safetensors Fisher file"):
-        load_fisher(tmp_path / "pickle.safetensors", pipe.unet)
+        load_fisher(tmp_path / "pickle.safetensors", pipe)

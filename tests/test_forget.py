@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ from amnesia_sd import forget as forget_module
 from amnesia_sd.config import FimConfig, ForgetConfig, SetConfig
 from amnesia_sd.errors import Interrupted, UserError
 from amnesia_sd.fisher import compute_fim
-from amnesia_sd.forget import forget, trainable_names
+from amnesia_sd.forget import forget
 from amnesia_sd.imageset import load_image_set, make_image_set
+from amnesia_sd.trainable import trainable_names
 from helpers import load_parts, unet_weights
 
 QUICK = {"num_inference_steps": 3, "batch_size": 4}
@@ -35,6 +37,23 @@ def run(tiny_model, data, out, **overrides):
     settings = {"model": str(tiny_model), "concept": "brad pitt", "output_dir": str(out), "train_batch_size": 2,
                 "max_train_steps": 3, "learning_rate": 1e-3, **data, **overrides}
     return forget(ForgetConfig(**settings))
+
+
+def killed_after_first_checkpoint(monkeypatch, tiny_model, data, out, **settings):
+    """Run until the first checkpoint is saved, then stop as if the job were killed right after it."""
+    real_save = forget_module.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(forget_module, "save_checkpoint", save_then_crash)
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            run(tiny_model, data, out, **settings)
+    finally:
+        monkeypatch.setattr(forget_module, "save_checkpoint", real_save)
+    return str(stopped.value)
 
 
 def test_image_sets_have_the_documented_format(data):
@@ -60,16 +79,9 @@ def test_each_train_method_changes_exactly_its_parameters(tiny_model, data, tmp_
 def test_resumed_run_equals_uninterrupted_run(tiny_model, data, tmp_path, monkeypatch):
     straight = run(tiny_model, data, tmp_path / "straight", max_train_steps=4, checkpointing_steps=2)
 
-    real_save = forget_module.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt  # as if the job were killed right after the checkpoint
-
-    monkeypatch.setattr(forget_module, "save_checkpoint", save_then_crash)
-    with pytest.raises(Interrupted, match="rerun with --resume-from-checkpoint latest to continue from .*checkpoint-2"):
-        run(tiny_model, data, tmp_path / "resumed", max_train_steps=4, checkpointing_steps=2)
-    monkeypatch.setattr(forget_module, "save_checkpoint", real_save)
+    message = killed_after_first_checkpoint(monkeypatch, tiny_model, data, tmp_path / "resumed", max_train_steps=4,
+                                            checkpointing_steps=2)
+    assert re.search("rerun with --resume-from-checkpoint latest to continue from .*checkpoint-2", message)
     # The run works in resumed.partial; nothing at the output path looks finished.
     assert (tmp_path / "resumed.partial" / "checkpoints" / "checkpoint-2").is_dir()
     assert not (tmp_path / "resumed").exists()
@@ -178,6 +190,24 @@ def test_bf16_mixed_precision_trains(tiny_model, data, tmp_path):
     assert all(v == v and abs(v) < 1e3 for v in losses.values())
 
 
+def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_the_adapters_in_fp32(tiny_model, data, tmp_path,
+                                                                                monkeypatch):
+    from safetensors.torch import load_file
+
+    seen, real = {}, forget_module.preflight
+
+    def spy(unet, trainable, *args):  # what the run holds as training starts
+        seen["frozen"] = {p.dtype for p in unet.parameters() if not p.requires_grad}
+        seen["trained"] = {p.dtype for p in trainable.params}
+        return real(unet, trainable, *args)
+
+    monkeypatch.setattr(forget_module, "preflight", spy)
+    out = run(tiny_model, data, tmp_path / "lora-bf16", mixed_precision="bf16", lora_rank=2, max_train_steps=2)
+    assert seen == {"frozen": {torch.bfloat16}, "trained": {torch.float32}}
+    adapters = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert adapters and all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in adapters.values())
+
+
 def test_fim_generates_its_replay_set_when_none_is_given(tiny_model, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a dog\na house\n")
@@ -192,9 +222,11 @@ def test_fim_generates_its_replay_set_when_none_is_given(tiny_model, tmp_path):
 
 
 def test_text_encoder_runs_before_training_only(tiny_model, data, tmp_path, monkeypatch):
+    from amnesia_sd.families import StableDiffusion
+
     calls = []
-    real = forget_module.encode_prompts
-    monkeypatch.setattr(forget_module, "encode_prompts", lambda *a: calls.append(1) or real(*a))
+    real = StableDiffusion.encode_text
+    monkeypatch.setattr(StableDiffusion, "encode_text", lambda self, *a: calls.append(1) or real(self, *a))
     run(tiny_model, data, tmp_path / "one", max_train_steps=1)
     one = len(calls)
     run(tiny_model, data, tmp_path / "five", max_train_steps=5)
@@ -212,16 +244,7 @@ def test_fisher_and_anchor_in_bf16(tiny_model, data, tmp_path):
 
 
 def test_resume_with_other_settings_is_refused_listing_them(tiny_model, data, tmp_path, monkeypatch):
-    real_save = forget_module.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(forget_module, "save_checkpoint", save_then_crash)
-    with pytest.raises(Interrupted):
-        run(tiny_model, data, tmp_path / "o", max_train_steps=4, checkpointing_steps=2)
-    monkeypatch.setattr(forget_module, "save_checkpoint", real_save)
+    killed_after_first_checkpoint(monkeypatch, tiny_model, data, tmp_path / "o", max_train_steps=4, checkpointing_steps=2)
     with pytest.raises(UserError, match=r"other settings \(learning_rate: 0.001 -> 0.01; train_method: 'full' -> 'xattn'\)"):
         run(tiny_model, data, tmp_path / "o", max_train_steps=4, checkpointing_steps=2, learning_rate=1e-2,
             train_method="xattn", resume_from_checkpoint="latest")
@@ -376,3 +399,65 @@ def test_overwrite_reuses_the_old_results_surrogate_set_without_touching_it(tiny
     run(tiny_model, settings, tmp_path / "o", max_train_steps=2, overwrite=True)
     assert (latents.stat().st_ino, latents.read_bytes()) == before  # hard-linked in, not made again
     assert json.loads((out / "amnesia.json").read_text())["steps"] == 2
+
+
+PLAIN_LORA_CHECK = """
+import sys, torch
+from diffusers import StableDiffusionPipeline
+base, out = sys.argv[1], sys.argv[2]
+assert "amnesia_sd" not in sys.modules
+pipe = StableDiffusionPipeline.from_pretrained(base)
+before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+pipe.load_lora_weights(out)
+pipe.fuse_lora()
+pipe.unload_lora_weights()
+after = pipe.unet.state_dict()
+changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+fused = StableDiffusionPipeline.from_pretrained(out).unet.state_dict()  # --fuse: merged by amnesia-sd
+assert all(torch.allclose(after[k], fused[k], atol=1e-6) for k in after)
+pipe.set_progress_bar_config(disable=True)
+assert pipe("a photo of brad pitt", num_inference_steps=2, output_type="np").images.shape[0] == 1
+print("CHANGED", ",".join(changed))
+"""
+
+
+def test_lora_result_loads_in_plain_diffusers(tiny_model, data, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import ENV
+
+    out = run(tiny_model, data, tmp_path / "lora", lora_rank=4, fuse=True, train_method="xattn", max_train_steps=2)
+    record = json.loads((out / "amnesia.json").read_text())
+    lora = record["lora"]
+    # to_q, to_k, to_v and to_out.0 of the cross-attention of the tiny UNet's four transformer blocks
+    assert lora["rank"] == 4 and lora["adapted_layers"] == 16 and lora["fused_pipeline"] is True
+    assert lora["bytes"] == (out / "pytorch_lora_weights.safetensors").stat().st_size < 100_000
+    assert "load_lora_weights" in (out / "README.md").read_text()
+    check = subprocess.run([sys.executable, "-c", PLAIN_LORA_CHECK, str(tiny_model), str(out)], env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert "CHANGED" in check.stdout, check.stderr
+    changed = check.stdout.split("CHANGED ")[1].strip().split(",")
+    # Exactly the adapted layers' weights moved: the cross-attention's to_q, to_k, to_v and to_out.0.
+    assert changed and all(".attn2." in k and k.endswith(("to_q.weight", "to_k.weight", "to_v.weight",
+                                                          "to_out.0.weight")) for k in changed)
+    assert len(changed) == lora["adapted_layers"]
+
+
+def test_lora_resumed_run_equals_uninterrupted_run_and_checkpoints_are_small(tiny_model, data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    settings = {"lora_rank": 2, "max_train_steps": 4, "checkpointing_steps": 2, "ema_decay": 0.9}
+    straight = run(tiny_model, data, tmp_path / "straight", **settings)
+    killed_after_first_checkpoint(monkeypatch, tiny_model, data, tmp_path / "resumed", **settings)
+    checkpoint = tmp_path / "resumed.partial" / "checkpoints" / "checkpoint-2"
+    files = {p.name for p in checkpoint.iterdir()}
+    assert "lora_adapters.safetensors" in files and not {"model.safetensors", "pytorch_model.bin"} & files
+    resumed = run(tiny_model, data, tmp_path / "resumed", **settings, resume_from_checkpoint="latest")
+    a = load_file(str(straight / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    # A and B of to_q, to_k, to_v, to_out.0 in attn1 and attn2 of four transformer blocks
+    assert a.keys() == b.keys() and len(a) == 2 * 4 * 2 * 4
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    assert not (resumed / "unet").exists()  # no --fuse: the adapter alone

@@ -42,3 +42,42 @@ def build_tiny_pipeline(path: str | Path, prediction_type: str = "epsilon", seed
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def build_tiny_sdxl_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """Same classes and layout as SDXL base: two CLIP text encoders (the second with a projection),
+    a UNet with text_time added conditioning, a VAE that asks to be upcast in fp16."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = write_word_tokenizer(WORDS, path.with_name(path.name + "-vocab"), max_length=16)
+    tokenizer_2 = write_word_tokenizer(WORDS, path.with_name(path.name + "-vocab-2"), max_length=16)
+    common = dict(vocab_size=len(tokenizer), intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=24, **common))
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
+        use_linear_projection=True, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + 24,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=16, scaling_factor=0.13025, force_upcast=True,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
