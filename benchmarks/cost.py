@@ -19,17 +19,7 @@ import torch
 
 from amnesia_sd.config import DEFAULT_FIM_FRACTION, DEFAULT_FIM_TIMESTEPS, DEFAULT_REPLAY_IMAGES, DEFAULT_SURROGATE_IMAGES
 from amnesia_sd.cost import generation_passes
-from step import SD14_UNET
-
-# The UNet of stabilityai/stable-diffusion-xl-base-1.0 (its unet/config.json).
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
-)
+from unets import SD14_UNET, SDXL_UNET
 
 
 def counts(replay: int, fim_images: int, fim_timesteps: int, steps: int, batch: int) -> dict[str, tuple[int, int]]:

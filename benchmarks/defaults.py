@@ -25,7 +25,7 @@ from amnesia_sd import digits
 from amnesia_sd.config import ForgetConfig, GenerationSettings
 from amnesia_sd.demo import (DemoConfig, evaluation_samples, noise_images, per_digit_prompts, sample_and_classify,
                              summarize)
-from amnesia_sd.diffusion import encode_prompts
+from amnesia_sd.families import FAMILIES
 from amnesia_sd.fisher import fisher_diagonal, fisher_metadata, save_fisher, timestep_set
 from amnesia_sd.forget import forget
 from amnesia_sd.imageset import generate_image_set
@@ -50,10 +50,11 @@ def fishers(pipe, scheduler, fim_set, counts: list[int], steps: int, seed: int) 
     """Fishers over the first n samples for every n in `counts`, in one pass over the samples:
     each is the running sum of squared per-sample gradients divided by its own n."""
     timesteps = timestep_set(scheduler.config.num_train_timesteps, steps)
-    embed = lambda n: encode_prompts(pipe.tokenizer, pipe.text_encoder, [fim_set.prompts[n]])  # noqa: E731
+    family = FAMILIES["sd"]  # the digits model is a Stable Diffusion 1.x pipeline
+    embed = lambda n: family.encode_text(pipe, [fim_set.prompts[n]])  # noqa: E731
     total, start, result = None, 0, {}
     for n in sorted(counts):
-        part = fisher_diagonal(pipe.unet, scheduler, fim_set.latents[:n], embed, timesteps, seed, 100,
+        part = fisher_diagonal(family, pipe.unet, scheduler, fim_set.latents[:n], embed, timesteps, seed, 100,
                                list(range(start, n)), progress=False)
         part = {k: v * n for k, v in part.items()}  # fisher_diagonal divides by n: back to a sum
         total = part if total is None else {k: total[k] + part[k] for k in total}
@@ -98,7 +99,7 @@ def main() -> None:
         for n, fisher in fishers(pipe, scheduler, fim_set, counts, steps, 0).items():
             name = f"n{n}-t{steps}"
             files[name] = work / f"fim-{name}.safetensors"
-            meta = fisher_metadata(pipe.unet, scheduler, ref.identity, n, timestep_set(1000, steps), 0,
+            meta = fisher_metadata(pipe, scheduler, ref.identity, n, timestep_set(1000, steps), 0,
                                    str(fim_set.path))
             save_fisher(files[name], fisher, "fp32", meta)
             costs[name] = n * steps

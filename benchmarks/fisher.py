@@ -21,9 +21,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def reference_fisher(unet, scheduler, embeddings, latents, timesteps, seed):
+def reference_fisher(family, unet, scheduler, cond, latents, timesteps, seed):
     """Batch-1 forward and backward for every timestep of every sample, as the reference code does."""
     from amnesia_sd.diffusion import per_sample_loss
+    from amnesia_sd.families import take
     from amnesia_sd.fisher import sample_noise
 
     params = [p for p in unet.parameters()]
@@ -31,9 +32,10 @@ def reference_fisher(unet, scheduler, embeddings, latents, timesteps, seed):
     scale = scheduler.config.num_train_timesteps / len(timesteps)
     for n in range(len(latents)):
         noise = sample_noise(seed, n, len(timesteps), tuple(latents.shape[1:]))
+        one = take(cond, slice(n, n + 1))
         unet.zero_grad(set_to_none=True)
         for j, t in enumerate(timesteps):
-            loss = per_sample_loss(unet, scheduler, latents[n : n + 1], noise[j : j + 1], t.reshape(1), embeddings[n : n + 1])
+            loss = per_sample_loss(family, unet, scheduler, latents[n : n + 1], noise[j : j + 1], t.reshape(1), one)
             (loss.sum() * scale).backward()
         for f, p in zip(fisher, params):
             f += p.grad**2
@@ -66,24 +68,27 @@ def main() -> None:
 
     from diffusers import DDPMScheduler
 
-    from amnesia_sd.diffusion import encode_prompts
+    from amnesia_sd.families import family_of, take
     from amnesia_sd.fisher import fisher_diagonal, timestep_set
     from amnesia_sd.models import load_pipeline, resolve_model
 
     pipe = load_pipeline(resolve_model(args.model))
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    unet, tokenizer, text_encoder = pipe.unet, pipe.tokenizer, pipe.text_encoder
+    unet, family = pipe.unet, family_of(pipe)
     channels, size = unet.config.in_channels, unet.config.sample_size
     n_all = max(args.samples, args.subset_samples)
     latents = torch.randn((n_all, channels, size, size), generator=torch.Generator().manual_seed(0))
     prompts = [f"a photo number {i}" for i in range(n_all)]
-    embeddings = encode_prompts(tokenizer, text_encoder, prompts)
+    cond = family.encode_text(pipe, prompts)
+    # SDXL's image part: every sample made at the native size, uncropped (none for SD 1.x/2.x).
+    image = family.image_conditioning(family.micro_conditioning(size * pipe.vae_scale_factor))
+    cond.update({k: v.expand(n_all, *v.shape) for k, v in image.items()})
     full = timestep_set(scheduler.config.num_train_timesteps, None)
     seed = 7
 
     def ours(count, timesteps):
-        return fisher_diagonal(unet, scheduler, latents[:count], lambda n: embeddings[n : n + 1], timesteps, seed,
-                               args.timestep_batch_size, progress=False)
+        return fisher_diagonal(family, unet, scheduler, latents[:count], lambda n: take(cond, slice(n, n + 1)),
+                               timesteps, seed, args.timestep_batch_size, progress=False)
 
     compared = timestep_set(scheduler.config.num_train_timesteps, args.timesteps)
     ours(1, compared[: args.timestep_batch_size])  # warm-up: first-call allocations are not the method's cost
@@ -94,7 +99,7 @@ def main() -> None:
         ours_times.append(time.perf_counter() - start)
     ours_seconds = statistics.median(ours_times)
     start = time.perf_counter()
-    slow = reference_fisher(unet, scheduler, embeddings, latents[: args.samples], compared, seed)
+    slow = reference_fisher(family, unet, scheduler, cond, latents[: args.samples], compared, seed)
     reference_seconds = time.perf_counter() - start
     max_rel_diff = max(((fast[k] - slow[k]).abs().max() / slow[k].abs().max().clamp_min(1e-30)).item() for k in slow)
 

@@ -1,16 +1,26 @@
-"""GPU benchmark at full Stable Diffusion v1.4 size: the SD v1.4 UNet architecture with random
-weights (no download) at 512x512 (64x64 latents).
+"""GPU benchmark at full Stable Diffusion v1.4 size (or, with --sdxl, SDXL base size): the UNet
+architecture with random weights (no download) at its native resolution, 512x512 (64x64 latents)
+for SD v1.4, 1024x1024 (128x128 latents) for SDXL.
 
-Measures forget-training images per second and peak GPU memory at batch 4 surrogate + 4 replay in
-bf16 autocast with gradient checkpointing, 8-bit AdamW (when bitsandbytes is installed) and the
-Fisher/anchor in bf16; and Fisher seconds per image with all 1000 timesteps and with 50. Targets:
-peak <= 24 GB, >= 20 training images/s on one H100/H200-class GPU, and the Fisher processing at
-least as many timestep-samples per second as training processes images.
+Measures forget-training images per second and peak GPU memory at batch 4 surrogate + 4 replay
+(SDXL: 1 + 1) in bf16 autocast with gradient checkpointing, 8-bit AdamW (when bitsandbytes is
+installed) and the Fisher/anchor in bf16, all UNet parameters trained; and Fisher seconds per image
+with all 1000 timesteps and with 50. Targets (SD v1.4): peak <= 24 GB, >= 20 training images/s on
+one H100/H200-class GPU, and the Fisher processing at least as many timestep-samples per second as
+training processes images. SDXL has no targets here: its figures are reported as measured.
 
-Without CUDA it prints {"skipped": ...} and exits 0. `--smoke` runs the same code on a tiny UNet on
-the CPU (the test suite does this, so the script cannot rot while no GPU is at hand).
+With --lora-rank R it measures the LoRA SA step instead (the same batch, autocast and
+checkpointing): rank-R adapters (alpha = R) on the library's default targets
+(to_q,to_k,to_v,to_out.0) in fp32 with their own fp32 AdamW, the frozen base UNet in bf16 (as
+`forget --lora-rank R` under bf16 mixed precision), the bf16 Fisher of the adapted weights, and the
+LoRA EWC penalty (amnesia_sd.ewc.LoraPenalty); training images per second and peak GPU memory, no
+Fisher timing (the Fisher is the full model's, as above). No targets: reported as measured.
 
-    python benchmarks/gpu_sd14.py [--steps 10] [--smoke]
+Without CUDA it prints {"skipped": ...} and exits 0. `--smoke` runs the same code on a tiny UNet
+(SD- or, with --sdxl, SDXL-shaped) on the CPU (the test suite does this, so the script cannot rot
+while no GPU is at hand).
+
+    python benchmarks/gpu_sd14.py [--steps 10] [--sdxl] [--lora-rank 8] [--smoke]
 """
 
 from __future__ import annotations
@@ -22,15 +32,9 @@ import time
 
 import torch
 
-from step import SD14_UNET
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=8,
-)
+from unets import SD14_UNET, SDXL_UNET, TINY_SDXL_UNET, TINY_UNET, random_conditioning, sd_scheduler  # noqa: E402
 
 
 def synchronize(device):
@@ -41,48 +45,82 @@ def synchronize(device):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
-    parser.add_argument("--batch", type=int, default=4, help="surrogate (= replay) images per step")
-    parser.add_argument("--timestep-batch-size", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=None, help="surrogate (= replay) images per step (4; SDXL 1)")
+    parser.add_argument("--timestep-batch-size", type=int, default=None, help="the Fisher's (50; SDXL 20)")
+    parser.add_argument("--sdxl", action="store_true", help="the SDXL base UNet at 1024x1024 instead of SD v1.4's")
+    parser.add_argument("--lora-rank", type=int, default=None,
+                        help="the LoRA SA step with adapters of this rank instead (no Fisher timing)")
     parser.add_argument("--smoke", action="store_true", help="tiny UNet on the CPU: checks the code path only")
     args = parser.parse_args()
+    name = "sdxl" if args.sdxl else "sd14"
     if not args.smoke and not torch.cuda.is_available():
-        print(json.dumps({"benchmark": "gpu_sd14", "skipped": "no CUDA device"}))
+        print(json.dumps({"benchmark": "gpu_sd14", "architecture": name, "skipped": "no CUDA device"}))
         return
+    b = args.batch or (1 if args.sdxl else 4)
+    timestep_batch_size = args.timestep_batch_size or (20 if args.sdxl else 50)
 
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     from amnesia_sd.diffusion import per_sample_loss
     from amnesia_sd.ewc import EWCPenalty
+    from amnesia_sd.families import FAMILIES, take, to_device
     from amnesia_sd.fisher import fisher_diagonal, timestep_set
 
     device = torch.device("cpu" if args.smoke else "cuda")
+    config = {(False, False): SD14_UNET, (False, True): SDXL_UNET,
+              (True, False): TINY_UNET, (True, True): TINY_SDXL_UNET}[args.smoke, args.sdxl]
+    family = FAMILIES["sdxl" if args.sdxl else "sd"]
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**(TINY_UNET if args.smoke else SD14_UNET)).to(device)
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    size, b = unet.config.sample_size, args.batch
+    unet = UNet2DConditionModel(**config).to(device)
+    scheduler = sd_scheduler()
+    size = unet.config.sample_size
     params = list(unet.parameters())
+    unet_parameters = sum(p.numel() for p in params)
     g = torch.Generator().manual_seed(0)
 
-    # Training: bf16 autocast, fp32 master weights, checkpointing, bf16 Fisher and anchor.
     unet.enable_gradient_checkpointing()
     unet.train()
-    try:
-        import bitsandbytes as bnb
+    if args.lora_rank:
+        # LoRA: fp32 adapters and their AdamW, the frozen base in bf16, the bf16 Fisher of the
+        # adapted weights (random, made on the device), the penalty on delta W = s B A.
+        from types import SimpleNamespace
 
-        optimizer, optimizer_name = bnb.optim.AdamW8bit(params, lr=1e-5), "AdamW8bit"
-    except ImportError:
-        optimizer, optimizer_name = torch.optim.AdamW(params, lr=1e-5), "AdamW (bitsandbytes not installed)"
-    penalty = EWCPenalty(params, [torch.rand(p.shape, generator=g).to(device, torch.bfloat16) for p in params],
-                         [p.detach().to(torch.bfloat16, copy=True) for p in params], 50.0)
+        from amnesia_sd.config import ForgetConfig
+        from amnesia_sd.trainable import LoraAdapters
+
+        lora_targets = [t for t in ForgetConfig.lora_targets.split(",") if t]
+        lora_config = SimpleNamespace(train_method="full", lora_rank=args.lora_rank,
+                                      lora_alpha_value=lambda: float(args.lora_rank),
+                                      lora_target_list=lambda: lora_targets, fim_dtype="bf16", lambda_ewc=50.0)
+        shapes = {n: p.shape for n, p in unet.named_parameters()}
+        trainable = LoraAdapters(unet, lora_config, lambda names: {
+            n: torch.rand(shapes[n], device=device, dtype=torch.bfloat16) for n in names}, device)
+        for p in unet.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+        params, penalty, penalty_bytes = trainable.params, trainable.penalty, trainable.penalty_bytes
+        optimizer, optimizer_name = torch.optim.AdamW(params, lr=1e-4), "AdamW (fp32 adapters)"
+    else:
+        # Training: bf16 autocast, fp32 master weights, checkpointing, bf16 Fisher and anchor.
+        try:
+            import bitsandbytes as bnb
+
+            optimizer, optimizer_name = bnb.optim.AdamW8bit(params, lr=1e-5), "AdamW8bit"
+        except ImportError:
+            optimizer, optimizer_name = torch.optim.AdamW(params, lr=1e-5), "AdamW (bitsandbytes not installed)"
+        penalty = EWCPenalty(params, [torch.rand(p.shape, generator=g).to(device, torch.bfloat16) for p in params],
+                             [p.detach().to(torch.bfloat16, copy=True) for p in params], 50.0)
+        penalty_bytes = 2 * 2 * unet_parameters  # F and theta* in bf16
     latents = torch.randn((2 * b, 4, size, size), generator=g).to(device)
     noise = torch.randn(latents.shape, generator=g).to(device)
-    embeddings = torch.randn((2 * b, 77, 768), generator=g).to(device)
+    # The text part of each image's prompt and (SDXL) its micro-conditioning at the native size.
+    cond = to_device(random_conditioning(config, 2 * b, g, image_size=8 * size), device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def step():
         t = torch.randint(0, 1000, (2 * b,), device=device)
         with autocast:
-            losses = per_sample_loss(unet, scheduler, latents, noise, t, embeddings)
+            losses = per_sample_loss(family, unet, scheduler, latents, noise, t, cond)
         (losses[:b].mean() + losses[b:].mean()).backward()
         penalty.add_grad_()
         optimizer.step()
@@ -90,6 +128,7 @@ def main() -> None:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    before = [p.detach().clone() for p in params] if args.lora_rank else None  # adapters: megabytes
     step()
     step()  # warm-up
     synchronize(device)
@@ -100,44 +139,60 @@ def main() -> None:
     train_seconds = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     del optimizer, penalty
-
-    # The Fisher of one image: all 1000 timesteps, and a subset of 50; a timestep batch of 64x64
-    # latents needs checkpointing to fit (as `amnesia-sd fim --gradient-checkpointing`).
-    fisher_seconds = {}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    embed = lambda n: embeddings[n : n + 1]  # noqa: E731
-    full, subset = (20, 5) if args.smoke else (1000, 50)  # the smoke test only proves the code runs
-    for count in (full, subset):
-        timesteps = timestep_set(1000, count)
-        fisher_diagonal(unet, scheduler, latents[:1], embed, timesteps[:8], 0, args.timestep_batch_size,
-                        autocast=lambda: autocast, progress=False)  # warm-up
-        synchronize(device)
-        start = time.perf_counter()
-        fisher_diagonal(unet, scheduler, latents[:1], embed, timesteps, 0, args.timestep_batch_size,
-                        autocast=lambda: autocast, progress=False)
-        synchronize(device)
-        fisher_seconds[str(count)] = round(time.perf_counter() - start, 3)
-    fisher_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     images_per_second = 2 * b / train_seconds
-    timestep_samples_per_second = full / fisher_seconds[str(full)]
-    print(json.dumps({
+    common = {
         "benchmark": "gpu_sd14",
+        "architecture": name + (" (tiny)" if args.smoke else ""),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke test, tiny UNet)",
-        "unet_parameters": sum(p.numel() for p in params),
+        "unet_parameters": unet_parameters,
         "latent_size": size,
+        "image_size": 8 * size,
         "batch": f"{b}+{b}",
         "optimizer": optimizer_name,
         "train_images_per_second": round(images_per_second, 2),
         "train_seconds_per_step": round(train_seconds, 4),
         "peak_gpu_memory_gb": round(peak / 1e9, 2) if peak is not None else None,
+        "penalty_state_gb": round(penalty_bytes / 1e9, 3),
+    }
+    if args.lora_rank:
+        print(json.dumps({**common, "mode": "lora", "lora_rank": args.lora_rank, "lora_targets": ",".join(lora_targets),
+                          "trainable_parameters": sum(p.numel() for p in params),
+                          "base_dtype": "bf16", "adapter_dtype": "fp32",
+                          # every adapter got a gradient through the checkpointed bf16 base
+                          "adapters_updated": all(not torch.equal(p0, p) for p0, p in zip(before, params)),
+                          "targets": None}, indent=2))
+        return
+
+    # The Fisher of one image: all 1000 timesteps, and a subset of 50; a timestep batch of 64x64
+    # (SDXL: 128x128) latents needs checkpointing to fit (as `amnesia-sd fim --gradient-checkpointing`).
+    fisher_seconds = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    embed = lambda n: take(cond, slice(n, n + 1))  # noqa: E731
+    full, subset = (20, 5) if args.smoke else (1000, 50)  # the smoke test only proves the code runs
+    for count in (full, subset):
+        timesteps = timestep_set(1000, count)
+        fisher_diagonal(family, unet, scheduler, latents[:1], embed, timesteps[:8], 0, timestep_batch_size,
+                        autocast=lambda: autocast, progress=False)  # warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        fisher_diagonal(family, unet, scheduler, latents[:1], embed, timesteps, 0, timestep_batch_size,
+                        autocast=lambda: autocast, progress=False)
+        synchronize(device)
+        fisher_seconds[str(count)] = round(time.perf_counter() - start, 3)
+    fisher_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    timestep_samples_per_second = full / fisher_seconds[str(full)]
+    targets = None if args.sdxl else {"peak_gpu_memory_gb": "<= 24", "train_images_per_second": ">= 20",
+                                      "fisher_vs_training_throughput": ">= 1"}
+    print(json.dumps({
+        **common,
+        "mode": "full",
         "fisher_seconds_per_image": fisher_seconds,
-        "fisher_timestep_batch_size": args.timestep_batch_size,
+        "fisher_timestep_batch_size": timestep_batch_size,
         "fisher_peak_gpu_memory_gb": round(fisher_peak / 1e9, 2) if fisher_peak is not None else None,
         "fisher_timestep_samples_per_second": round(timestep_samples_per_second, 1),
         "fisher_vs_training_throughput": round(timestep_samples_per_second / images_per_second, 2),
-        "targets": {"peak_gpu_memory_gb": "<= 24", "train_images_per_second": ">= 20",
-                    "fisher_vs_training_throughput": ">= 1"},
+        "targets": targets,
     }, indent=2))
 
 

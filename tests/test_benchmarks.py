@@ -24,6 +24,18 @@ def test_gpu_benchmark_code_path_on_cpu():
     assert report["train_images_per_second"] > 0 and set(report["fisher_seconds_per_image"]) == {"20", "5"}
 
 
+def test_gpu_benchmark_sdxl_code_path_on_cpu():
+    report = run("gpu_sd14.py", "--smoke", "--sdxl", "--steps", "1")
+    assert report["architecture"] == "sdxl (tiny)" and report["batch"] == "1+1"
+    assert report["train_images_per_second"] > 0 and set(report["fisher_seconds_per_image"]) == {"20", "5"}
+
+
+def test_gpu_benchmark_lora_code_path_on_cpu():
+    report = run("gpu_sd14.py", "--smoke", "--lora-rank", "4", "--steps", "1")
+    assert report["mode"] == "lora" and report["lora_rank"] == 4 and report["train_images_per_second"] > 0
+    assert 0 < report["trainable_parameters"] < report["unet_parameters"] and report["adapters_updated"]
+
+
 def test_cost_benchmark_multiplies_passes_by_measured_seconds():
     report = run("cost.py", "--smoke", "--repeats", "1")
     tiny = report["models"]["tiny"]
@@ -41,8 +53,22 @@ def test_fisher_benchmark_agrees_with_the_reference(tiny_model):
     assert set(report["subset"]) == {"10", "50", "100", "250"}
 
 
+def test_step_benchmark_lora_worker_times_both_lora_steps(tiny_model):
+    # One worker process (seconds): the LoRA SA step alternating with the plain LoRA steps.
+    report = run("step.py", "--worker", "--model", str(tiny_model), "--variant", "lora_sa", "--lora-rank", "4",
+                 "--batch", "2", "--steps", "1", "--threads", "1")
+    assert all(report[f"{kind}_seconds_per_step"] > 0 for kind in ("lora_sa", "lora_plain", "lora_plain_same_batch"))
+    assert 0 < report["trainable_parameters"] < report["unet_parameters"]
+    assert report["penalty_state_bytes"] > 0 and report["penalty_seconds_per_step"] > 0
+
+
 @pytest.mark.slow
 def test_step_benchmark_reports_ratios(tiny_model):
-    report = run("step.py", "--model", str(tiny_model), "--skip-sd14", "--batch", "2", "--steps", "1",
+    # The architecture rows build the full SD v1.4 and SDXL UNets: minutes and up to ~18 GB each.
+    report = run("step.py", "--model", str(tiny_model), "--skip-sd14", "--skip-sdxl", "--batch", "2", "--steps", "1",
                  "--threads", "1")
     assert {"time_ratio", "extra_peak_mem_over_param_bytes", "time_ratio_bf16"} <= set(report)
+    lora = report["lora"]
+    assert lora["rank"] == 8 and 0 < lora["trainable_parameters"] < report["trainable_parameters"]
+    assert {"lora_time_ratio", "lora_peak_over_full_sa_peak", "lora_time_over_full_sa_time", "lora_sa_peak_rss_gb",
+            "full_sa_peak_rss_gb", "lora_sa_seconds_per_step", "lora_plain_seconds_per_step"} <= set(lora)

@@ -1,0 +1,67 @@
+"""Memory plan: what `forget` holds on the GPU before activations, for the SD v1.4 and SDXL base
+UNets, per --train-method and LoRA, with the settings that shrink it. Computed by the same function
+as forget's preflight line (amnesia_sd.forget.memory_parts) on UNets built on the meta device (no
+weights, no download, a second), so the README's table is the code's.
+
+    python benchmarks/memory.py
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+from unets import SD14_UNET, SDXL_UNET
+
+GB = 1e9
+SETTINGS = {  # name -> (--fim-dtype, --use-8bit-adam)
+    "fp32 Fisher, AdamW": ("fp32", False),
+    "bf16 Fisher, AdamW": ("bf16", False),
+    "bf16 Fisher, 8-bit AdamW": ("bf16", True),
+}
+
+
+def plan(config: dict, lora_rank: int = 8) -> dict:
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from amnesia_sd.forget import fits, memory_parts
+    from amnesia_sd.trainable import lora_modules, trainable_names
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**config)
+    sizes = {name: p.numel() for name, p in unet.named_parameters()}
+    modules = dict(unet.named_modules())
+    n_all = sum(sizes.values())
+    rows = {}
+    for method in ("full", "noxattn", "xattn"):
+        n = sum(sizes[k] for k in trainable_names(unet, method))
+        rows[method] = {"trained_parameters": n}
+        for name, (fim_dtype, adam8) in SETTINGS.items():
+            store = 2 if fim_dtype != "fp32" else 4
+            total = sum(memory_parts(n_all, n, 2 * store * n, adam8, False).values())
+            rows[method][name] = {"gb": round(total / GB, 1), "gpu": fits(total)}
+    # LoRA on the default targets: adapters train; the Fisher of the adapted weights, no anchor.
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    adapted = lora_modules(unet, "full", targets)
+    n_lora = sum(lora_rank * (modules[m].in_features + modules[m].out_features) for m in adapted)
+    n_adapted = sum(sizes[f"{m}.weight"] for m in adapted)
+    key = f"lora rank {lora_rank} ({','.join(targets)})"
+    rows[key] = {"trained_parameters": n_lora, "adapted_weights": n_adapted}
+    for name, (fim_dtype, adam8) in SETTINGS.items():
+        store = 2 if fim_dtype != "fp32" else 4
+        total = sum(memory_parts(n_all, n_lora, store * n_adapted, adam8, False).values())
+        rows[key][name] = {"gb": round(total / GB, 1), "gpu": fits(total)}
+    # --mixed-precision bf16: LoRA keeps the frozen base in bf16
+    total = sum(memory_parts(n_all, n_lora, 2 * n_adapted, True, False, weight_bytes=2).values())
+    rows[key]["bf16 Fisher, 8-bit AdamW, --mixed-precision bf16"] = {"gb": round(total / GB, 1), "gpu": fits(total)}
+    return {"unet_parameters": n_all, "before_activations": rows}
+
+
+def main() -> None:
+    print(json.dumps({"benchmark": "memory", "gb": "10^9 bytes", "sd14": plan(SD14_UNET), "sdxl": plan(SDXL_UNET)},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
