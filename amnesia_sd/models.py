@@ -128,17 +128,21 @@ def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, safety_chec
 
 
 def _load_with_lora(ref: ModelRef, dtype: torch.dtype, safety_checker: bool):
-    """The base pipeline with a LoRA result's adapter merged into its UNet, by diffusers' loader."""
-    from .trainable import LORA_WEIGHTS
-
+    """The base pipeline with a LoRA result's adapter merged into its UNet."""
     base = lora_base(Path(ref.location))
     try:
         base_ref = resolve_model(base)
     except UserError as exc:
         raise UserError(f"the LoRA result {ref.spec} was trained on {base}, which cannot be found ({exc}); "
                         "pass the base model's location as it is now") from None
-    pipe = load_pipeline(base_ref, dtype, safety_checker)
-    pipe.load_lora_weights(ref.location, weight_name=LORA_WEIGHTS)
+    return merge_lora(load_pipeline(base_ref, dtype, safety_checker), ref.location)
+
+
+def merge_lora(pipe, folder: str | Path):
+    """Merge the LoRA file of a result folder into the pipeline's UNet with diffusers' own loader."""
+    from .trainable import LORA_WEIGHTS
+
+    pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS)
     pipe.fuse_lora()
     pipe.unload_lora_weights()  # the merged weights stay; the adapter layers go
     return pipe

@@ -15,7 +15,7 @@ from .checkpoints import FINISHED
 from .config import ForgetConfig
 from .imageset import ImageSet
 from .io import write_json, write_text
-from .models import ModelRef, load_pipeline
+from .models import ModelRef, load_pipeline, merge_lora
 from .paths import stamp
 from .trainable import LORA_WEIGHTS
 
@@ -47,10 +47,8 @@ def write_result(work: Path, ref: ModelRef, unet, trainable, config: ForgetConfi
         summary["lora"] = {"rank": config.lora_rank, "alpha": config.lora_rank, "trained_alpha": config.lora_alpha_value(),
                            "targets": config.lora_target_list(), "adapted_layers": len(trainable.modules),
                            "file": LORA_WEIGHTS, "bytes": lora_file.stat().st_size, "fused_pipeline": config.fuse}
-        if config.fuse:  # merged by diffusers' own loader, from the file just written
-            base.load_lora_weights(str(work), weight_name=LORA_WEIGHTS)
-            base.fuse_lora()
-            base.unload_lora_weights()
+        if config.fuse:  # merged from the file just written
+            merge_lora(base, work)
     else:
         base.register_modules(unet=unet.to("cpu"))  # fp32 master weights
     if not config.lora_rank or config.fuse:
@@ -85,7 +83,7 @@ def model_card(record: dict) -> str:
     losses = ", ".join(f"{k} {v:.4g}" for k, v in record["final_losses"].items() if not math.isnan(v))
     lora = record.get("lora")
     if lora:
-        what = (f"This LoRA adapter (rank {lora['rank']}, {lora['bytes']:,} bytes, on {lora['adapted_layers']} attention "
+        what = (f"This LoRA adapter (rank {lora['rank']}, {lora['bytes']:,} bytes, on {lora['adapted_layers']} "
                 f"layers of the UNet) for `{record['base_model']}` ({family.title}) was trained by")
         load = (f"""pipe = {family.pipeline}.from_pretrained("{record['base_model'].removeprefix('hub:')}")
 pipe.load_lora_weights("path/to/this/folder")  # pipe.fuse_lora() merges it""" +
