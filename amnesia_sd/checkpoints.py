@@ -13,7 +13,7 @@ import torch
 
 from .config import ForgetConfig
 from .errors import UserError
-from .imageset import is_finished
+from .imageset import is_finished, link_set
 from .io import write_json
 from .models import model_path
 from .paths import Output, check_output, check_overlap, diff_settings, open_work, partial_of, real
@@ -35,13 +35,44 @@ def result_output(out: Path) -> Output:
     return Output("--output-dir", out, FINISHED, "forgotten model")
 
 
+def earlier_run(model: str) -> tuple[dict, list[dict]] | None:
+    """When --model is a forget result (sequential forgetting): its amnesia.json, and the pairs it
+    trained, each with its finished surrogate set (`set`, a Path) and the concept prompts it used."""
+    folder = model_path(model)
+    if folder is None or not (folder / FINISHED).is_file():
+        return None
+    where = folder / FINISHED
+    try:
+        record = json.loads(where.read_text(encoding="utf-8"))
+        # Results made before several concepts per run recorded one pair at the top level.
+        pairs = record.get("pairs") or [{"concept": ", ".join(record["concepts"]), "surrogate_set": record["surrogate_set"],
+                                         "concept_prompts": record["concept_prompts"]}]
+        pairs = [{**p, "set": Path(p["surrogate_set"]) if Path(p["surrogate_set"]).is_absolute()
+                  else folder / p["surrogate_set"]} for p in pairs]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{where} is not a readable amnesia-sd record ({type(exc).__name__}: {exc}); sequential "
+                        "forgetting replays the concepts it lists, so it must be the file `amnesia-sd forget` "
+                        "wrote") from None
+    for pair in pairs:
+        if not is_finished(pair["set"]):
+            raise UserError(f"the surrogate set of the earlier concept {pair['concept']!r} is missing at {pair['set']}: "
+                            "forgetting more keeps it forgotten by replaying that set; restore it, or forget all "
+                            "concepts in one run from the base model")
+    return record, pairs
+
+
 def check_paths(config: ForgetConfig, out: Path) -> bool:
     """The guard, before any work: no output touches an input; OUT is new, empty or a finished
     result of ours (replaced only with --overwrite). Returns whether one is there."""
     work = partial_of(out)
     inputs = {"--model": model_path(config.model), "--fim": config.fim, "--replay-dir": config.replay_dir,
-              "--surrogate-dir": config.surrogate_dir, "--surrogate-images": config.surrogate_images,
               "--prompts": config.prompts_file, "--config": config.config_file}
+    for i, pair in enumerate(config.pairs()):
+        inputs[f"--surrogate-dir of concept {i + 1}"] = pair["surrogate_dir"]
+        inputs[f"--surrogate-images of concept {i + 1}"] = pair["surrogate_images"]
+    earlier = earlier_run(config.model)
+    for i, pair in enumerate(earlier[1] if earlier else []):
+        inputs[f"the surrogate set of earlier concept {i + 1}"] = pair["set"]
     resume = config.resume_from_checkpoint
     if resume and resume != "latest" and real(work / "checkpoints") not in real(resume).parents:
         inputs["--resume-from-checkpoint"] = resume  # a checkpoint of this run's own work folder is ours
@@ -64,15 +95,8 @@ def open_run(out: Path, config: ForgetConfig, finished: bool) -> Path:
         for entry in (out / "data").iterdir():
             target = work / "data" / entry.name
             if is_finished(entry) and not target.exists():  # settings are checked on reuse
-                shutil.copytree(entry, target, copy_function=_link_or_copy)
+                link_set(entry, target)
     return work
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)  # our set files are replaced, never written in place: sharing them is safe
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def find_checkpoint(work: Path, resume: str | None) -> Path | None:

@@ -221,15 +221,16 @@ def fim(
 @user_errors(RESUMES)
 def forget(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, diffusers pipeline folder or .safetensors/.ckpt file.")] = None,
-    concept: Annotated[Optional[str], typer.Option(help="Concept to forget; comma-separated alternatives, e.g. 'nudity, naked, erotic, sexual'.")] = None,
-    surrogate: Annotated[Optional[str], typer.Option(help="Surrogate prompt q(x|c_f), e.g. 'a middle aged man'; its set is generated.")] = None,
+    concept: Annotated[Optional[list[str]], typer.Option(help="Concept to forget; comma-separated alternatives, e.g. 'nudity, naked, erotic, sexual'. Repeat the flag for several concepts: each pairs with the surrogate flag given in the same position, or all with one.")] = None,
+    surrogate: Annotated[Optional[list[str]], typer.Option(help="Surrogate prompt q(x|c_f), e.g. 'a middle aged man'; its set is generated. Once per --concept, or once for all.")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="Start from a bundled recipe (paper-celebrity, paper-nudity; `amnesia-sd recipes` lists them); --config and flags override it.")] = None,
     fim: Annotated[Optional[Path], typer.Option("--fim", help="Fisher file from `amnesia-sd fim`. [default: the base model's Fisher from the amnesia-sd cache, made there on first use]")] = None,
     fim_num_images: Annotated[Optional[int], typer.Option(help="Samples of the Fisher made for the cache. [default: a quarter of the replay set]")] = None,
     fim_num_timesteps: Annotated[Optional[int], typer.Option(help="Evenly spaced timesteps of the Fisher made for the cache (1000: the paper's). [default: 50]")] = None,
     output_dir: Annotated[Optional[Path], typer.Option(help="Where the forgotten pipeline is written.")] = None,
-    surrogate_dir: Annotated[Optional[Path], typer.Option(help="Reuse a set from `amnesia-sd surrogate`.")] = None,
-    surrogate_images: Annotated[Optional[Path], typer.Option(help="Your own surrogate images (a folder).")] = None,
-    num_surrogate_images: Annotated[Optional[int], typer.Option(help="Surrogate images to generate. [default: 1000]")] = None,
+    surrogate_dir: Annotated[Optional[list[Path]], typer.Option(help="Reuse a set from `amnesia-sd surrogate`; once per --concept, or once for all.")] = None,
+    surrogate_images: Annotated[Optional[list[Path]], typer.Option(help="Your own surrogate images (a folder); once per --concept, or once for all.")] = None,
+    num_surrogate_images: Annotated[Optional[int], typer.Option(help="Surrogate images to generate per --surrogate. [default: 1000]")] = None,
     replay_dir: Annotated[Optional[Path], typer.Option(help="Replay set from `amnesia-sd replay`. [default: the base model's replay set from the amnesia-sd cache, made there on first use]")] = None,
     prompts: PromptsFile = None,
     num_replay_images: Annotated[Optional[int], typer.Option(help="Replay images to generate for the cache. [default: 1000]")] = None,
@@ -253,6 +254,7 @@ def forget(
     use_8bit_adam: Annotated[Optional[bool], typer.Option("--use-8bit-adam", help="bitsandbytes' 8-bit AdamW (extra: bitsandbytes).")] = None,
     enable_xformers: Annotated[Optional[bool], typer.Option("--enable-xformers", help="xformers attention instead of PyTorch SDPA (extra: xformers).")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(help="Keep an EMA of the weights and save it (the paper: 0.9999). [default: off]")] = None,
+    ema_warmup: Annotated[Optional[bool], typer.Option("--ema-warmup/--no-ema-warmup", help="Ramp the EMA decay up as (1+step)/(10+step) (diffusers); --no-ema-warmup holds it from the first step, as the reference code. [default: on]")] = None,
     checkpointing_steps: Annotated[Optional[int], typer.Option(help="Save a resumable checkpoint every N steps. [default: 500]")] = None,
     checkpoints_total_limit: Annotated[Optional[int], typer.Option(help="Checkpoints kept. [default: 2]")] = None,
     resume_from_checkpoint: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint folder.")] = None,
@@ -274,7 +276,8 @@ def forget(
 
     _quiet_libraries()
     renames = {"prompts": "prompts_file"}
-    cli = {renames.get(k, k): (str(v) if isinstance(v, Path) else v) for k, v in given.items()}
+    cli = {renames.get(k, k): ([str(p) for p in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v)
+           for k, v in given.items()}
     cli.update(_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, mixed_precision))
     settings = build_config(ForgetConfig, str(config) if config else None, cli)
     out = run_forget(settings)
@@ -282,6 +285,21 @@ def forget(
     how = (f"{record['pipeline_class']}.from_pretrained(base).load_lora_weights(OUT)" if "lora" in record
            else f"{record['pipeline_class']}.from_pretrained")
     typer.echo(f"forgotten model written to {out} (load it with {how})")
+
+
+@app.command()
+@user_errors(RESTARTS)
+def recipes():
+    """List the bundled recipes of forget settings (use one with `forget --recipe NAME`).
+
+    Example: amnesia-sd recipes
+    """
+    from .recipes import recipes as bundled
+
+    for name, recipe in bundled().items():
+        typer.echo(f"{name}: {recipe['description']}")
+        for key, value in recipe["settings"].items():
+            typer.echo(f"  {key}: {json.dumps(value)}")
 
 
 @app.command()
@@ -444,23 +462,27 @@ def digits_build(
 @app.command()
 @user_errors("a rerun starts the demo again (finished image sets and the Fisher are reused)")
 def demo(
-    digit: Annotated[int, typer.Option(help="The digit to forget.")] = 0,
+    digit: Annotated[Optional[list[int]], typer.Option(help="The digit to forget; repeat the flag to forget several. [default: 0]")] = None,
+    sequential: Annotated[bool, typer.Option("--sequential", help="Forget the digits one after another, each run on the result of the one before.")] = False,
+    sequential_fisher: Annotated[str, typer.Option(help="With --sequential: each later run's Fisher and replay set, 'reuse' (the base model's) or 'recompute' (on the model being trained).")] = "reuse",
     surrogate: Annotated[str, typer.Option(help="'noise' (uniform noise images, as the paper) or another digit.")] = "noise",
     output_dir: Annotated[Path, typer.Option(help="Where metrics.json, grid.png, sa/ and naive/ go.")] = Path("demo-output"),
     samples_per_digit: Annotated[int, typer.Option(help="Evaluation samples per digit.")] = 100,
-    max_train_steps: Annotated[int, typer.Option(help="Forgetting steps (SA and naive alike).")] = 400,
+    max_train_steps: Annotated[Optional[int], typer.Option(help="Forgetting steps (SA and naive alike), per run. [default: 400 per digit forgotten in one run; 400 per run with --sequential]")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every step.")] = 0,
     lora_rank: LoraRank = None,
     overwrite: Overwrite = False,
 ):
-    """Forget one digit of the built-in digits model and measure it: original vs SA vs naive.
+    """Forget digits of the built-in digits model and measure it: original vs SA vs naive.
 
     Example: amnesia-sd demo --digit 0 --surrogate noise --output-dir demo-output
+    (several: --digit 0 --digit 1, add --sequential to forget them one after another)
     """
     from .demo import DemoConfig, format_table, run_demo
 
     _quiet_libraries()
-    metrics = run_demo(DemoConfig(digit=digit, surrogate=surrogate, output_dir=str(output_dir),
+    metrics = run_demo(DemoConfig(digit=digit or [0], sequential=sequential, sequential_fisher=sequential_fisher,
+                                  surrogate=surrogate, output_dir=str(output_dir),
                                   samples_per_digit=samples_per_digit, max_train_steps=max_train_steps, seed=seed,
                                   lora_rank=lora_rank, overwrite=overwrite))
     typer.echo(format_table(metrics))

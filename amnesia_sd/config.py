@@ -76,8 +76,12 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         _check(isinstance(value, str), f"{where} must be text, got {value!r}")
         return value
     if typing.get_origin(kind) is list:
-        _check(isinstance(value, list) and all(isinstance(v, str) for v in value),
-               f"{where} must be a list of strings, got {value!r}")
+        item = typing.get_args(kind)[0]
+        if item in (str, int) and isinstance(value, item) and not isinstance(value, bool):
+            value = [value]  # one value for a list: a flag given once
+        _check(isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value),
+               f"{where} must be a list of {({str: 'strings', int: 'whole numbers'}).get(item, 'mappings')}, "
+               f"got {value!r}")
         return value
     return value
 
@@ -187,15 +191,20 @@ class ForgetConfig(GenerationSettings):
     """`amnesia-sd forget`: Selective Amnesia training of the UNet (METHOD.md's objective)."""
 
     model: str = ""
-    concept: str = ""
+    # What to forget: flags given once per concept (pairing in order with one kind of surrogate
+    # flag, or one surrogate for all), or a config file's `concepts:` list. Both end up in
+    # `concepts`, the one form that is validated and recorded.
+    concept: list[str] = field(default_factory=list)
+    surrogate: list[str] = field(default_factory=list)
+    surrogate_dir: list[str] = field(default_factory=list)
+    surrogate_images: list[str] = field(default_factory=list)
+    concepts: list[dict] = field(default_factory=list)
+    recipe: str | None = None  # the bundled recipe the settings started from (recipes.py)
     output_dir: str = ""
     fim: str | None = None  # None: the base model's Fisher from the cache, made there on first use
     fim_num_images: int | None = None  # when made here; None: 1/DEFAULT_FIM_FRACTION of the replay set
     fim_num_timesteps: int | None = None  # when made here; None: DEFAULT_FIM_TIMESTEPS
-    surrogate: str | None = None
-    surrogate_dir: str | None = None
-    surrogate_images: str | None = None
-    num_surrogate_images: int | None = None  # None: 1000 when the set is generated from --surrogate
+    num_surrogate_images: int | None = None  # None: 1000 per set generated from --surrogate
     replay_dir: str | None = None
     prompts_file: str | None = None
     num_replay_images: int | None = None
@@ -219,6 +228,9 @@ class ForgetConfig(GenerationSettings):
     use_8bit_adam: bool = False
     enable_xformers: bool = False
     ema_decay: float | None = None
+    # diffusers' EMA ramps its decay up as (1 + step) / (10 + step); the reference's holds 0.9999
+    # from the first step, so its EMA keeps much more of the base weights (METHOD.md).
+    ema_warmup: bool = True
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None
@@ -231,12 +243,9 @@ class ForgetConfig(GenerationSettings):
         super().__post_init__()
         _check(bool(self.model), "--model is required (a hub id, a diffusers folder or a .safetensors/.ckpt file)")
         _check(bool(self.output_dir), "--output-dir is required")
-        _check(bool(self.concept_list()), "--concept is empty: give the concept to forget, e.g. --concept 'Brad Pitt'")
-        sources = [flag for flag, value in (("--surrogate", self.surrogate), ("--surrogate-dir", self.surrogate_dir),
-                                            ("--surrogate-images", self.surrogate_images)) if value is not None]
-        _check(len(sources) == 1, "give exactly one surrogate: --surrogate PROMPT, --surrogate-dir DIR or "
-                                  "--surrogate-images DIR" + (f" (got {' and '.join(sources)})" if sources else ""))
-        _check(self.num_surrogate_images is None or self.surrogate is not None,
+        self.concepts = concept_pairs(self)
+        self.concept, self.surrogate, self.surrogate_dir, self.surrogate_images = [], [], [], []
+        _check(self.num_surrogate_images is None or any(p["surrogate"] for p in self.pairs()),
                "--num-surrogate-images sizes a set generated from --surrogate; a --surrogate-dir or "
                "--surrogate-images set is used whole")
         _check(not (self.replay_dir and (self.prompts_file or self.num_replay_images)),
@@ -244,13 +253,6 @@ class ForgetConfig(GenerationSettings):
                "with --replay-dir, which uses a finished one")
         _check(not (self.overwrite and self.resume_from_checkpoint),
                "--overwrite starts again from scratch; it cannot be combined with --resume-from-checkpoint")
-        if self.surrogate is not None:
-            _check(bool(self.surrogate.strip()), "--surrogate is empty: give a prompt such as 'a middle aged man'")
-            _check(
-                self.surrogate.strip().lower() not in [c.lower() for c in self.concept_list()],
-                f"--surrogate {self.surrogate!r} is the concept itself: pick a different prompt "
-                "to map the concept to, e.g. 'a middle aged man' for a celebrity",
-            )
         _check(self.fim != "", "--fim is empty: give a Fisher file, or leave the flag out to use the cached one")
         _check(not (self.fim and (self.fim_num_images or self.fim_num_timesteps)),
                "--fim-num-images and --fim-num-timesteps size a Fisher made here; they cannot be combined with --fim")
@@ -274,14 +276,78 @@ class ForgetConfig(GenerationSettings):
             f"--ema-decay must be between 0 and 1 (e.g. 0.9999), got {self.ema_decay}",
         )
 
+    def pairs(self) -> list[dict]:
+        """[{concept, surrogate, surrogate_dir, surrogate_images}], one per concept, in order (one of
+        the three surrogate sources set)."""
+        return [{"surrogate": None, "surrogate_dir": None, "surrogate_images": None, **p} for p in self.concepts]
+
     def concept_list(self) -> list[str]:
-        return split_concepts(self.concept)
+        """Every alternative of every concept."""
+        return [c for p in self.concepts for c in split_concepts(p["concept"])]
 
     def lora_target_list(self) -> list[str]:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
     def lora_alpha_value(self) -> float:
         return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
+
+
+SURROGATE_SOURCES = ("surrogate", "surrogate_dir", "surrogate_images")
+
+
+def concept_pairs(config: "ForgetConfig") -> list[dict]:
+    """The (concept, surrogate source) pairs from the flags or from a `concepts:` list, checked."""
+    flags = {key: getattr(config, key) for key in ("concept", *SURROGATE_SOURCES)}
+    if config.concepts:
+        given = [_flag(k) for k, v in flags.items() if v]
+        _check(not given, f"the concepts come either from a `concepts:` list (config file or recipe) or from "
+                          f"--concept and a surrogate flag, not both (also got {', '.join(given)})")
+        pairs = [_concept_entry(i, entry) for i, entry in enumerate(config.concepts)]
+    else:
+        concepts = flags["concept"]
+        _check(bool(concepts) and all(split_concepts(c) for c in concepts),
+               "--concept is empty: give the concept to forget, e.g. --concept 'Brad Pitt'")
+        kinds = [k for k in SURROGATE_SOURCES if flags[k]]
+        _check(len(kinds) == 1,
+               "give exactly one kind of surrogate: --surrogate PROMPT, --surrogate-dir DIR or --surrogate-images DIR"
+               + (f" (got {' and '.join(map(_flag, kinds))}; to mix kinds, list the concepts in a config file: "
+                  "concepts: [{concept: ..., surrogate: ...}, {concept: ..., surrogate_dir: ...}])" if kinds else ""))
+        kind, sources = kinds[0], flags[kinds[0]]
+        _check(len(sources) in (1, len(concepts)),
+               f"--concept is given {len(concepts)} times but {_flag(kind)} {len(sources)} times: give one "
+               f"{_flag(kind)} per --concept (they pair up in order), or one for all of them")
+        pairs = [_concept_entry(i, {"concept": c, kind: sources[i if len(sources) > 1 else 0]})
+                 for i, c in enumerate(concepts)]
+    seen: dict[str, int] = {}
+    for i, pair in enumerate(pairs):
+        for c in split_concepts(pair["concept"]):
+            _check(seen.setdefault(c.lower(), i) == i, f"the concept {c!r} is given twice (concepts "
+                                                        f"{seen[c.lower()] + 1} and {i + 1}): name each concept once")
+    return pairs
+
+
+def _concept_entry(i: int, entry: Any) -> dict:
+    where = f"concept {i + 1}"
+    _check(isinstance(entry, dict), f"{where} must be a mapping such as {{concept: 'Brad Pitt', surrogate: 'a middle "
+                                    f"aged man'}}, got {entry!r}")
+    unknown = sorted(set(entry) - {"concept", *SURROGATE_SOURCES})
+    _check(not unknown, f"{where} has unknown key(s) {', '.join(map(str, unknown))}; valid keys: concept, "
+                        f"{', '.join(SURROGATE_SOURCES)}")
+    concept = entry.get("concept")
+    _check(isinstance(concept, str) and bool(split_concepts(concept)),
+           f"{where} has no concept: give e.g. concept: 'Brad Pitt'")
+    sources = {k: entry[k] for k in SURROGATE_SOURCES if entry.get(k) is not None}
+    _check(len(sources) == 1, f"{where} ({concept!r}) needs exactly one of surrogate, surrogate_dir, surrogate_images"
+                              + (f", got {', '.join(sources)}" if sources else ""))
+    (kind, source), = sources.items()
+    _check(isinstance(source, str) and bool(source.strip()),
+           f"{where} ({concept!r}): {_flag(kind)} is empty: give "
+           + ("a prompt such as 'a middle aged man'" if kind == "surrogate" else "a folder"))
+    source = source.strip() if kind == "surrogate" else source
+    _check(kind != "surrogate" or source.lower() not in [c.lower() for c in split_concepts(concept)],
+           f"--surrogate {source!r} is the concept itself: pick a different prompt to map the concept to, "
+           "e.g. 'a middle aged man' for a celebrity")
+    return {"concept": concept.strip(), kind: source}
 
 
 def split_concepts(text: str) -> list[str]:
@@ -316,16 +382,32 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+# A key given in a layer (recipe < config file < flags) drops these keys of the layers below it:
+# naming the concepts replaces every concept and surrogate below, and a finished replay set or
+# Fisher replaces the settings for making one.
+REPLACES = {"concept": ("concept", "concepts", *SURROGATE_SOURCES), "concepts": ("concept", "concepts", *SURROGATE_SOURCES),
+            "replay_dir": ("num_replay_images", "prompts_file"), "fim": ("fim_num_images", "fim_num_timesteps")}
+
+
 def build_config(cls: type, config_file: str | None, cli: dict[str, Any]):
-    """defaults < config file < CLI flags (flags left unset are None and do not override)."""
-    merged = load_config_file(config_file) if config_file else {}
+    """defaults < recipe < config file < CLI flags (flags left unset are None and do not override).
+    The recipe is named by --recipe or the config file's `recipe:`."""
+    from .recipes import recipe_settings
+
+    file = load_config_file(config_file) if config_file else {}
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(merged) - known)
+    unknown = sorted(set(file) - known)
     if unknown:
         raise UserError(
             f"unknown key(s) in {config_file}: {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
         )
-    merged.update({k: v for k, v in cli.items() if v is not None})
+    flags = {k: v for k, v in cli.items() if v is not None and v != []}
+    name = flags.get("recipe") or file.get("recipe")
+    merged: dict[str, Any] = {}
+    for layer in (recipe_settings(name) if name and "recipe" in known else {}, file, flags):
+        dropped = {k for key, keys in REPLACES.items() if key in layer for k in keys}
+        merged = {k: v for k, v in merged.items() if k not in dropped}
+        merged.update(layer)
     if config_file and "config_file" in known:
         merged["config_file"] = str(config_file)
     return cls(**merged)  # __post_init__ checks every value's type, naming the key

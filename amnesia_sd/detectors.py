@@ -88,8 +88,8 @@ class DigitsDetector:
     name = "digits"
     headline = ("p_forgotten", "entropy", "accuracy")
 
-    def __init__(self, digit: int) -> None:
-        self.digit = digit
+    def __init__(self, digit: int | list[int]) -> None:
+        self.digits = [digit] if isinstance(digit, int) else list(digit)  # p_forgotten: of any of them
         self.classifier = digits.load_digit_classifier()
 
     def detect(self, paths: Sequence[Path], samples: Sequence[Sample], progress: tqdm | None = None) -> list[dict]:
@@ -100,14 +100,14 @@ class DigitsDetector:
             progress.update(len(paths))
         entropy = digits.prediction_entropy(probs)
         return [
-            {"probs": p.tolist(), "predicted": int(p.argmax()), "p_forgotten": p[self.digit].item(),
+            {"probs": p.tolist(), "predicted": int(p.argmax()), "p_forgotten": p[self.digits].sum().item(),
              "entropy": e.item()}
             for p, e in zip(probs, entropy)
         ]
 
     def summarize(self, outputs: Sequence[dict], samples: Sequence[Sample]) -> dict[str, float]:
         probs = torch.tensor([o["probs"] for o in outputs])
-        result = {"p_forgotten": probs[:, self.digit].mean().item(),
+        result = {"p_forgotten": probs[:, self.digits].sum(-1).mean().item(),
                   "entropy": digits.prediction_entropy(probs).mean().item()}
         scored = [o["predicted"] == s.target for o, s in zip(outputs, samples) if s.target is not None]
         if scored:

@@ -96,7 +96,7 @@ class Plan:
 
     sets: dict[str, PromptSet]
     blocks: list[list[tuple[str, int]]]
-    digit: int | None = None
+    digits: list[int] | None = None
     per_digit: int | None = None
 
 
@@ -159,14 +159,17 @@ def read_prompts_csv(path: str | Path) -> list[Sample]:
     return samples
 
 
-def digit_of(concepts: list[str]) -> int:
-    """The one digit that the concepts name, as words or numerals."""
-    found = {d for c in concepts for token in re.findall(r"[a-z]+|\d", c.lower()) for d in range(10)
-             if token in (digits.DIGIT_WORDS[d], str(d))}
-    if len(found) != 1:
-        raise UserError(f"the digits model forgets one digit, but the concept {', '.join(concepts)!r} names "
-                        f"{'none' if not found else 'several'}: pass e.g. --concept zero or --concept 3")
-    return found.pop()
+def digits_of(groups: list[list[str]]) -> list[int]:
+    """The digit each concept names (as words or numerals): one per concept."""
+    found = []
+    for concepts in groups:
+        named = {d for c in concepts for token in re.findall(r"[a-z]+|\d", c.lower()) for d in range(10)
+                 if token in (digits.DIGIT_WORDS[d], str(d))}
+        if len(named) != 1:
+            raise UserError(f"the digits model forgets digits, but the concept {', '.join(concepts)!r} names "
+                            f"{'none' if not named else 'several'}: pass e.g. --concept zero or --concept 3")
+        found.append(named.pop())
+    return found
 
 
 def is_digits_model(ref: ModelRef) -> bool:
@@ -181,48 +184,55 @@ def choose_detector(name: str, digits_model: bool, concepts: list[str]) -> str:
     return name
 
 
-def _sd_plan(concepts: list[str], n: int, seed: int, guidance: float) -> dict[str, PromptSet]:
-    """Every set uses the seeds (seed, 0..n-1): image i of each set starts from the same noise."""
+def _sd_plan(groups: list[list[str]], n: int, seed: int, guidance: float) -> dict[str, PromptSet]:
+    """Every set uses the seeds (seed, 0..n-1): image i of each set starts from the same noise. With
+    several concepts, each gets its own concept, paraphrase and misspelling sets (`concept-2`, ...)."""
     paraphrases = read_prompts(bundled("eval/concept_paraphrases.txt"))
-    candidates = [
-        ("concept", "the concept through the training templates (prompts/concept_templates.txt)",
-         concept_prompts(concepts, True)),
-        ("paraphrase", "held-out phrasings that training never saw (prompts/eval/concept_paraphrases.txt)",
-         [t.format(c) for c in concepts for t in paraphrases]),
-        ("misspelling", "misspelled concept names through the training templates",
-         concept_prompts([m for c in concepts for m in misspellings(c)], True)),
-        ("retained", "held-out everyday prompts, disjoint from the replay prompts (prompts/eval/retain.txt)",
-         read_prompts(bundled("eval/retain.txt"))),
-    ]
+    candidates = []
+    for i, concepts in enumerate(groups):
+        suffix, of = (f"-{i + 1}", f" of concept {i + 1} ({', '.join(concepts)})") if len(groups) > 1 else ("", "")
+        candidates += [
+            (f"concept{suffix}", f"the concept{of} through the training templates (prompts/concept_templates.txt)",
+             concept_prompts(concepts, True)),
+            (f"paraphrase{suffix}", f"held-out phrasings{of} that training never saw "
+                                    "(prompts/eval/concept_paraphrases.txt)",
+             [t.format(c) for c in concepts for t in paraphrases]),
+            (f"misspelling{suffix}", f"misspelled names{of} through the training templates",
+             concept_prompts([m for c in concepts for m in misspellings(c)], True)),
+        ]
+    candidates.append(("retained", "held-out everyday prompts, disjoint from the replay prompts (prompts/eval/retain.txt)",
+                       read_prompts(bundled("eval/retain.txt"))))
     return {name: PromptSet(name, description, [Sample(p, image_seed(seed, i), guidance)
                                                 for i, p in enumerate(spread(prompts, n))])
             for name, description, prompts in candidates if prompts}
 
 
-def _digits_plan(digit: int, n: int, seed: int, guidance: float) -> Plan:
+def _digits_plan(forgotten: list[int], n: int, seed: int, guidance: float) -> Plan:
     """The demo's samples in the demo's order, which is also the order they are generated and
     classified in (pixels and probabilities depend slightly on the batch they are computed in)."""
+    which = ", ".join(map(str, forgotten))
     sets = {
-        "concept": PromptSet("concept", f"the digit {digit} on its training phrasings"),
-        "paraphrase": PromptSet("paraphrase", f"the digit {digit} on held-out phrasings that training never saw"),
-        "retained": PromptSet("retained", "the nine other digits on their training phrasings"),
+        "concept": PromptSet("concept", f"the digit{'s' * (len(forgotten) > 1)} {which} on training phrasings"),
+        "paraphrase": PromptSet("paraphrase", f"the digit{'s' * (len(forgotten) > 1)} {which} on held-out phrasings "
+                                              "that training never saw"),
+        "retained": PromptSet("retained", "the other digits on their training phrasings"),
     }
-    prompts, seeds = evaluation_samples(digit, n, seed)
+    prompts, seeds = evaluation_samples(forgotten, n, seed)
     block = []
     for i, (prompt, s) in enumerate(zip(prompts, seeds)):
-        target = i // n if i < 10 * n else digit
-        name = "paraphrase" if i >= 10 * n else "concept" if target == digit else "retained"
+        target = i // n if i < 10 * n else forgotten[(i - 10 * n) // n]
+        name = "paraphrase" if i >= 10 * n else "concept" if target in forgotten else "retained"
         block.append((name, len(sets[name].samples)))
         sets[name].samples.append(Sample(prompt, s, guidance, target))
-    return Plan(sets, [block], digit, n)
+    return Plan(sets, [block], forgotten, n)
 
 
-def make_plan(concepts: list[str], digits_model: bool, n: int, settings: GenerationSettings,
+def make_plan(groups: list[list[str]], digits_model: bool, n: int, settings: GenerationSettings,
               csv_samples: list[Sample] | None) -> Plan:
     if digits_model:
-        plan = _digits_plan(digit_of(concepts), n, settings.seed, settings.guidance_scale)
+        plan = _digits_plan(digits_of(groups), n, settings.seed, settings.guidance_scale)
     else:
-        sets = _sd_plan(concepts, n, settings.seed, settings.guidance_scale)
+        sets = _sd_plan(groups, n, settings.seed, settings.guidance_scale)
         plan = Plan(sets, [[(name, i) for i in range(len(s.samples))] for name, s in sets.items()])
     if csv_samples:
         plan.sets["csv"] = PromptSet("csv", "--prompts-csv rows, each with its own seed and guidance", csv_samples)
@@ -338,6 +348,21 @@ def _read_record(model: str) -> dict:
     return record
 
 
+def recorded_concepts(record: dict) -> list[list[str]]:
+    """The forgotten concepts in an amnesia.json, one list of alternatives per concept."""
+    if isinstance(record.get("pairs"), list):
+        return [split_concepts(p["concept"]) for p in record["pairs"]]
+    return [list(record["concepts"])] if record.get("concepts") else []
+
+
+def recorded_surrogates(record: dict) -> list[str]:
+    """The surrogate prompts an amnesia.json names (CLIP's distractors: what the concept now shows)."""
+    if isinstance(record.get("pairs"), list):
+        return list(dict.fromkeys(p["maps_to"] for p in record["pairs"] if p.get("surrogate")))
+    surrogate = (record.get("settings") or {}).get("surrogate")  # results of one concept, before pairs
+    return [surrogate] if isinstance(surrogate, str) else []
+
+
 def run_eval(config: EvalConfig) -> dict:
     """Sample both models on every prompt set, judge the images, write OUT/report.json,
     OUT/report.html and OUT/images/; return the report (an empty dict on processes other than
@@ -352,7 +377,9 @@ def run_eval(config: EvalConfig) -> dict:
            "--clip-model": clip_path if clip_path.exists() else None}, config.overwrite)
     if not base:
         raise UserError(f"--base is required: {config.model} has no amnesia.json that names its base model")
-    concepts = split_concepts(config.concept) if config.concept else list(record.get("concepts") or [])
+    # One group of alternatives per forgotten concept, each reported on its own.
+    groups = [split_concepts(config.concept)] if config.concept else recorded_concepts(record)
+    concepts = [c for group in groups for c in group]
     if not concepts:
         raise UserError(f"--concept is required: {config.model} has no amnesia.json that names the concept")
     digits_model = is_digits_model(resolve_model(base))
@@ -362,12 +389,11 @@ def run_eval(config: EvalConfig) -> dict:
     settings = GenerationSettings(num_inference_steps=config.num_inference_steps,
                                   guidance_scale=config.guidance_scale, resolution=config.resolution,
                                   seed=config.seed, batch_size=batch_size, mixed_precision=config.mixed_precision)
-    plan = make_plan(concepts, digits_model, n, settings,
+    plan = make_plan(groups, digits_model, n, settings,
                      read_prompts_csv(config.prompts_csv) if config.prompts_csv else None)
     if detector == "nudenet":  # on every process, so all of them stop alike
         nudenet_class()
-    surrogate = (record.get("settings") or {}).get("surrogate")
-    distractors = list(config.distractors or DISTRACTORS) + ([surrogate] if surrogate else [])
+    distractors = list(config.distractors or DISTRACTORS) + recorded_surrogates(record)
 
     images = sum(len(s.samples) for s in plan.sets.values())
     announce("eval", [(f"{name} ({images} images x {settings.num_inference_steps} steps)",
@@ -384,7 +410,7 @@ def run_eval(config: EvalConfig) -> dict:
         partial, _ = open_work(out, "eval", {}, keep=False)
         # Loaded before sampling, so a missing package or model shows at once, not after hours of it.
         if detector == "digits":
-            detectors.append(DigitsDetector(plan.digit))
+            detectors.append(DigitsDetector(plan.digits))
         if detector == "nudenet":
             detectors.append(NudeNetDetector(config.nudenet_threshold))
         if detector == "clip" or (detector == "nudenet" and not digits_model):
@@ -469,8 +495,10 @@ def _demo_metrics(plan: Plan, outputs: dict) -> dict:
     """The demo's four numbers per model, computed by the demo's own summarize() on the
     probabilities in the demo's order."""
     block, n = plan.blocks[0], plan.per_digit
-    result = {"forgotten_digit": plan.digit, "samples_per_digit": n}
+    result = {"forgotten_digits": plan.digits, "samples_per_digit": n}
+    if len(plan.digits) == 1:
+        result["forgotten_digit"] = plan.digits[0]
     for role in ROLES:
         probs = torch.tensor([outputs[name][role]["digits"][i]["probs"] for name, i in block])
-        result[role] = summarize(probs[: 10 * n], probs[10 * n :], plan.digit, n)
+        result[role] = summarize(probs[: 10 * n], probs[10 * n :], plan.digits, n)
     return result

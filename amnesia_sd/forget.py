@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .checkpoints import (broken_run, check_paths, check_resume, find_checkpoint, open_run, save_checkpoint,
-                          training_settings, weights_finite)
-from .config import ForgetConfig
+from .checkpoints import (broken_run, check_paths, check_resume, earlier_run, find_checkpoint, open_run,
+                          save_checkpoint, training_settings, weights_finite)
+from .config import SURROGATE_SOURCES, ForgetConfig, split_concepts
 from .cost import first_batch
 from .diffusion import per_sample_loss
 from .errors import Interrupted, UserError
@@ -61,6 +62,14 @@ def make_optimizer(params: list[torch.Tensor], config: ForgetConfig, lr: float):
     except ImportError:
         raise UserError("--use-8bit-adam needs bitsandbytes: pip install 'amnesia-sd[bitsandbytes]'") from None
     return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=config.adam_weight_decay)
+
+
+class ConstantDecayEMA(EMAModel):
+    """The decay from the first step, as the reference (LDM's LitEma) keeps it: diffusers' EMAModel
+    ramps it up as (1 + step) / (10 + step)."""
+
+    def get_decay(self, optimization_step: int) -> float:
+        return self.decay
 
 
 GPU_SIZES_GB = (24, 48, 80)
@@ -106,30 +115,75 @@ def preflight(unet, trainable, config: ForgetConfig, text_cache: Conditioning, e
             f"x {config.gradient_accumulation_steps} accumulation; the progress bar's ETA follows the first steps")
 
 
-def draw_batch(seed: int, micro_step: int, world: int, rank: int, batch: int, sizes: dict, shapes: dict, num_t: int):
-    """This process's slice of the global batch of one micro-step."""
+def draw_batch(seed: int, micro_step: int, world: int, rank: int, batch: int, images: list[tuple[int, int]],
+               prompts: list[tuple[int, int]], replay_size: int, shapes: dict, num_t: int):
+    """This process's slice of the global batch of one micro-step. images[k] and prompts[k] are
+    (offset, count) of pair k's surrogate images and concept prompts in their concatenations: each
+    surrogate sample draws its pair uniformly (a concept with many images or alternatives does not
+    crowd out the others), then an image and a prompt of that pair."""
     g = torch.Generator("cpu").manual_seed(image_seed(seed, micro_step, "train"))
     total, part = batch * world, slice(rank * batch, (rank + 1) * batch)
+    pair = torch.randint(len(images), (total,), generator=g) if len(images) > 1 else None
+
+    def within(spans: list[tuple[int, int]]) -> torch.Tensor:
+        if pair is None:  # one pair draws exactly what runs of one concept always drew
+            return spans[0][0] + torch.randint(spans[0][1], (total,), generator=g)
+        offsets, counts = (torch.tensor(v) for v in zip(*spans))
+        return offsets[pair] + (torch.rand(total, generator=g) * counts[pair]).long().clamp_max(counts[pair] - 1)
+
     drawn = {}
     for term in ("surrogate", "replay"):
-        drawn[f"{term}_index"] = torch.randint(sizes[term], (total,), generator=g)[part]
+        drawn[f"{term}_index"] = (within(images) if term == "surrogate"
+                                  else torch.randint(replay_size, (total,), generator=g))[part]
         drawn[f"{term}_t"] = torch.randint(num_t, (total,), generator=g)[part]
         drawn[f"{term}_noise"] = torch.randn((total, *shapes[term]), generator=g)[part]
-    drawn["concept_index"] = torch.randint(sizes["concept"], (total,), generator=g)[part]
+    drawn["concept_index"] = within(prompts)[part]
     return drawn
 
 
-def check_origins(config: ForgetConfig, ref: ModelRef, pipe, fisher_meta: dict, sets: dict[str, ImageSet]) -> list[str]:
-    """The Fisher and the image sets must come from the model being trained, unless the user says
-    otherwise (--allow-origin-mismatch), which is recorded."""
+def check_origins(config: ForgetConfig, ref: ModelRef, pipe, fisher_meta: dict, sets: dict[str, ImageSet],
+                  ancestors: list[str]) -> list[str]:
+    """The Fisher and the image sets must come from the model being trained or, when it is a forget
+    result, from a model it was made from (`ancestors`), unless the user says otherwise
+    (--allow-origin-mismatch), which is recorded."""
     expected = origin(ref, pipe)
-    found = origin_mismatches(f"--fim {config.fim}", fisher_meta, expected)
+    accepted = [expected] + [{**expected, "base_model": a} for a in ancestors]
+
+    def mismatches(what: str, recorded: dict) -> list[str]:
+        found = [origin_mismatches(what, recorded, e) for e in accepted]
+        return [] if not all(found) else found[0]
+
+    found = mismatches(f"--fim {config.fim}", fisher_meta)
     for name, image_set in sets.items():
-        found += origin_mismatches(f"{name} set {image_set.path}", image_set.manifest, expected)
+        found += mismatches(f"{name} set {image_set.path}", image_set.manifest)
     if found and not config.allow_origin_mismatch:
         raise UserError("made from another model: " + "; ".join(found) + ". Make them with this model, or pass "
                         "--allow-origin-mismatch to use them anyway (recorded in amnesia.json)")
     return found
+
+
+def joined_sets(sets: list[ImageSet]) -> tuple[torch.Tensor, Conditioning]:
+    """The pairs' surrogate sets as one: latents and image conditioning concatenated in order."""
+    shapes = {tuple(s.latents.shape[1:]) for s in sets}
+    if len(shapes) > 1:
+        raise UserError("the surrogate sets have latents of different sizes (" + ", ".join(
+            f"{s.path}: {tuple(s.latents.shape[1:])}" for s in sets) + "): make them at one --resolution")
+    return torch.cat([s.latents for s in sets]), join(*[s.conditioning for s in sets])
+
+
+def check_sequence(config: ForgetConfig, earlier: dict) -> None:
+    """What may follow an earlier forget run: new concepts, trained the same way."""
+    if not earlier:
+        return
+    done = {c.lower() for c in earlier.get("concepts", [])}
+    again = [c for c in config.concept_list() if c.lower() in done]
+    if again:
+        raise UserError(f"{config.model} has already forgotten {', '.join(map(repr, again))}: give only new concepts "
+                        "(the earlier ones are kept forgotten by replaying their surrogate sets)")
+    if config.lora_rank and "lora" in earlier:
+        raise UserError(f"{config.model} is a LoRA result: a second adapter cannot be stacked on it. Forget every "
+                        "concept in one run (--concept A --surrogate a --concept B --surrogate b), or train the "
+                        "next concept without --lora-rank")
 
 
 def forget(config: ForgetConfig) -> Path:
@@ -137,7 +191,6 @@ def forget(config: ForgetConfig) -> Path:
     write a diffusers pipeline folder to config.output_dir."""
     from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from diffusers import DDPMScheduler
-    from diffusers.training_utils import EMAModel
 
     started = time.time()
     out = Path(config.output_dir)
@@ -150,8 +203,13 @@ def forget(config: ForgetConfig) -> Path:
         )
     finished = check_paths(config, out)  # every process checks, so all fail alike
     # Given sets are read once, here, so a bad one fails before the model loads.
-    given = {name: load_image_set(path) for name, path in (("replay", config.replay_dir),
-                                                           ("surrogate", config.surrogate_dir)) if path}
+    given = {name: load_image_set(path) for name, path in [("replay", config.replay_dir)] + [
+        (f"surrogate {i + 1}", pair["surrogate_dir"]) for i, pair in enumerate(config.pairs())] if path}
+    # Sequential forgetting: the concepts --model already forgot stay in the objective.
+    earlier, inherited = earlier_run(config.model) or ({}, [])
+    check_sequence(config, earlier)
+    inherited = [{**pair, "set": load_image_set(pair["set"])} for pair in inherited]
+    ancestors = [r["base_model"] for r in earlier.get("history", [])] + ([earlier["base_model"]] if earlier else [])
     accelerator = make_accelerator(
         config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=str(work), logging_dir=str(work / "logs")),
@@ -174,22 +232,31 @@ def forget(config: ForgetConfig) -> Path:
     unet, family = pipe.unet, family_of(pipe)
     # A given Fisher is checked now, whole; the entries training needs are loaded when it starts.
     fisher_meta = load_fisher(config.fim, pipe, names=())[1] if config.fim else {}
-    for image_set in given.values():  # given sets are checked before hours of generation
+    for image_set in [*given.values(), *(pair["set"] for pair in inherited)]:  # before hours of generation
         check_fits(image_set, pipe)
-    check_origins(config, ref, pipe, fisher_meta, given)
+    check_origins(config, ref, pipe, fisher_meta, given, ancestors)
     if config.lora_rank:  # the adapters' layers exist before hours of generation
         lora_modules(unet, config.train_method, config.lora_target_list())
-    plan = Plan(config, ref, pipe, work, accelerator.num_processes, given)
+    plan = Plan(config, ref, pipe, work, accelerator.num_processes, given, inherited)
     accelerator.wait_for_everyone()  # every process has checked the paths before the work folder changes
     if accelerator.is_main_process:  # only now, when everything given has been checked
         open_run(out, config, finished)
     accelerator.wait_for_everyone()
-    replay, surrogate = plan.sets(accelerator)
+    replay, surrogates = plan.sets(accelerator)
     fim_path = Path(config.fim) if config.fim else plan.fisher(replay, accelerator)
     if not config.fim:
         fisher_meta = load_fisher(fim_path, pipe, names=())[1]
-    mismatches = check_origins(config, ref, pipe, fisher_meta, {"replay": replay, "surrogate": surrogate})
-    concepts = concept_prompts(config.concept_list(), config.templates)
+    made_here = {f"surrogate {i + 1}": s for i, s in enumerate(surrogates[len(inherited):])}
+    mismatches = check_origins(config, ref, pipe, fisher_meta, {"replay": replay, **made_here}, ancestors)
+    # Every (concept, surrogate) pair, earlier ones first: its concept prompts and surrogate set.
+    pairs = [{"concept": p["concept"], "concept_prompts": p["concept_prompts"], "inherited": True,
+              **{k: p[k] for k in SURROGATE_SOURCES if p.get(k)}} for p in inherited]
+    pairs += [{"concept": p["concept"], "concept_prompts": concept_prompts(split_concepts(p["concept"]), config.templates),
+               "inherited": False, **{k: v for k, v in p.items() if k in SURROGATE_SOURCES and v}}
+              for p in config.pairs()]
+    distinct = list({id(image_set): image_set for image_set in surrogates}.values())  # pairs may share a set
+    surrogate_latents, surrogate_conditioning = joined_sets(distinct)
+    concepts = [prompt for p in pairs for prompt in p["concept_prompts"]]
     # The conditioning of every prompt is computed once; then neither the VAE nor the text
     # encoders run during training, and they leave the accelerator. Each image keeps the image
     # conditioning (SDXL's time ids) it was made with.
@@ -201,8 +268,8 @@ def forget(config: ForgetConfig) -> Path:
     replay_text = embed_all(family, pipe, replay_texts, accelerator.is_main_process)
     position = {text: i for i, text in enumerate(replay_texts)}
     replay_text_index = torch.tensor([position[p] for p in replay.prompts])
-    images = {name: to_device({k: image_set.conditioning[k] for k in family.image_keys}, accelerator.device)
-              for name, image_set in (("surrogate", surrogate), ("replay", replay))}
+    images = {name: to_device({k: conditioning[k] for k in family.image_keys}, accelerator.device)
+              for name, conditioning in (("surrogate", surrogate_conditioning), ("replay", replay.conditioning))}
     pipe.vae.to("cpu")
     for encoder in text_encoders:
         encoder.to("cpu")
@@ -226,7 +293,9 @@ def forget(config: ForgetConfig) -> Path:
     # opts in to the linear scaling rule for the larger global batch.
     learning_rate = config.learning_rate * (accelerator.num_processes if config.scale_lr else 1)
     optimizer = make_optimizer(params, config, learning_rate)
-    ema = EMAModel(params, decay=config.ema_decay) if config.ema_decay else None  # of what trains
+    ema = None
+    if config.ema_decay:  # of what trains
+        ema = EMAModel(params, decay=config.ema_decay) if config.ema_warmup else ConstantDecayEMA(params, decay=config.ema_decay)
     if accelerator.is_main_process:
         print(preflight(unet, trainable, config, replay_text, ema is not None), flush=True)
     unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -243,8 +312,11 @@ def forget(config: ForgetConfig) -> Path:
     elif config.resume_from_checkpoint:
         accelerator.print(f"no checkpoint in {work / 'checkpoints'}: starting from step 0")
 
-    sizes = {"surrogate": len(surrogate.latents), "replay": len(replay.latents), "concept": len(concepts)}
-    shapes = {"surrogate": tuple(surrogate.latents.shape[1:]), "replay": tuple(replay.latents.shape[1:])}
+    starts = {id(s): sum(len(t.latents) for t in distinct[:i]) for i, s in enumerate(distinct)}
+    image_spans = [(starts[id(image_set)], len(image_set.latents)) for image_set in surrogates]
+    prompt_counts = [len(p["concept_prompts"]) for p in pairs]
+    prompt_spans = [(sum(prompt_counts[:i]), n) for i, n in enumerate(prompt_counts)]
+    shapes = {"surrogate": tuple(surrogate_latents.shape[1:]), "replay": tuple(replay.latents.shape[1:])}
     device, b = accelerator.device, config.train_batch_size
     last = {}
     bar = tqdm(total=config.max_train_steps, initial=global_step, desc="forgetting", unit="step",
@@ -255,9 +327,10 @@ def forget(config: ForgetConfig) -> Path:
         while global_step < config.max_train_steps:
             with accelerator.accumulate(unet):
                 d = draw_batch(config.seed, micro_step, accelerator.num_processes, accelerator.process_index, b,
-                               sizes, shapes, noise_scheduler.config.num_train_timesteps)
+                               image_spans, prompt_spans, len(replay.latents), shapes,
+                               noise_scheduler.config.num_train_timesteps)
                 micro_step += 1
-                x_s = surrogate.latents[d["surrogate_index"]].to(device)
+                x_s = surrogate_latents[d["surrogate_index"]].to(device)
                 # The concept's prompts on the surrogate's images, with those images' own conditioning.
                 c_s = {**take(concept_text, d["concept_index"].to(device)),
                        **take(images["surrogate"], d["surrogate_index"].to(device))}
@@ -343,13 +416,19 @@ def forget(config: ForgetConfig) -> Path:
             "learning_rate": learning_rate,
             "mixed_precision": accelerator.mixed_precision,
             "replay_set": recorded_path(replay.path, work),
-            "surrogate_set": recorded_path(surrogate.path, work),
+            "pairs": [{**{k: v for k, v in p.items() if k != "inherited"},
+                       # what the concept now maps to: the set's prompt, or the folder of the user's images
+                       "maps_to": image_set.manifest.get("images_dir") or image_set.prompts[0],
+                       "surrogate_set": recorded_path(image_set.path, work), "earlier_run": p["inherited"]}
+                      for p, image_set in zip(pairs, surrogates)],
             "concept_prompts": concepts,
             "fim": {"path": str(fim_path.resolve()), "cached": not config.fim, "metadata": fisher_meta},
             "origin_mismatches": mismatches,
             "seconds": round(time.time() - started, 1),
         }
-        write_result(work, ref, trained, trainable, config, summary, surrogate)
+        if earlier:  # the whole sequence, oldest first; each entry is that run's own record
+            summary["history"] = [*earlier.get("history", []), {k: v for k, v in earlier.items() if k != "history"}]
+        write_result(work, ref, trained, trainable, config, summary)
         publish(work, out)
     accelerator.wait_for_everyone()
     accelerator.end_training()

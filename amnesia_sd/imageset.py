@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,24 @@ class ImageSet:
 
 def is_finished(path: str | Path) -> bool:
     return is_ours(Path(path), MANIFEST)
+
+
+def link_set(source: str | Path, target: str | Path) -> None:
+    """A finished set at `target` sharing `source`'s files (hard links where the file system allows,
+    else copies); it appears only when complete. Our set files are replaced, never written in place,
+    so sharing them is safe."""
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    target = Path(target)
+    partial = partial_of(target)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, partial, copy_function=link_or_copy)
+    os.replace(partial, target)
 
 
 def set_output(path: str | Path) -> Output:

@@ -60,7 +60,8 @@ def _not_loaded(report: dict) -> list[str]:
 def concept_title(report: dict) -> str:
     """What was forgotten, short enough for a title (the demo records every phrasing of its digit)."""
     if "digits" in report:
-        return f"digit {report['digits']['forgotten_digit']}"
+        forgotten = report["digits"]["forgotten_digits"]
+        return f"digit{'s' * (len(forgotten) > 1)} {', '.join(map(str, forgotten))}"
     text = ", ".join(report["concepts"])
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -172,7 +173,7 @@ def render_html(report: dict) -> str:
     parts.append("</table>")
     if "digits" in report:
         d = report["digits"]
-        parts.append(f"<p class=meta>The demo's numbers (digit {d['forgotten_digit']}, {d['samples_per_digit']} "
+        parts.append(f"<p class=meta>The demo's numbers ({concept_title(report)}, {d['samples_per_digit']} "
                      "samples per digit):</p><table class=metrics><tr><th class=l>model</th>"
                      + "".join(f"<th>{k}</th>" for k in DEMO_KEYS) + "</tr>")
         for role in ("base", "forgotten"):

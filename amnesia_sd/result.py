@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import FINISHED
-from .config import ForgetConfig
-from .imageset import ImageSet
+from .config import ForgetConfig, split_concepts
 from .io import write_json, write_text
 from .models import ModelRef, load_pipeline, merge_lora
 from .paths import stamp
@@ -27,8 +26,14 @@ def recorded_path(path: Path, work: Path) -> str:
     return str(path.relative_to(work)) if work in path.parents else str(path)
 
 
-def write_result(work: Path, ref: ModelRef, unet, trainable, config: ForgetConfig, summary: dict,
-                 surrogate: ImageSet) -> None:
+def surrogate_of(pair: dict) -> tuple[str, str]:
+    """What a pair's concept maps to (a prompt, or a folder of the user's images), and how the
+    surrogate was given: prompt, surrogate_dir or surrogate_images."""
+    kind = next(k for k in ("surrogate", "surrogate_dir", "surrogate_images") if pair.get(k))
+    return pair["maps_to"], {"surrogate": "prompt"}.get(kind, kind)
+
+
+def write_result(work: Path, ref: ModelRef, unet, trainable, config: ForgetConfig, summary: dict) -> None:
     """Save the result into the work folder: the pipeline with the new UNet and the base's other
     components, or the LoRA adapters (and with --fuse, the pipeline with them merged);
     amnesia.json, written last, marks the result finished."""
@@ -53,16 +58,14 @@ def write_result(work: Path, ref: ModelRef, unet, trainable, config: ForgetConfi
         base.register_modules(unet=unet.to("cpu"))  # fp32 master weights
     if not config.lora_rank or config.fuse:
         base.save_pretrained(str(work), safe_serialization=True)
-    # What the concept now maps to, as trained: the prompt, or the set's own prompt or image folder.
-    source = surrogate.manifest.get("images_dir") or (surrogate.prompts[0] if surrogate.prompts else None)
+    pairs = summary["pairs"]
     record = {
         **stamp(),
         "method": "Selective Amnesia (Heng & Soh, NeurIPS 2023)",
         "base_model": ref.identity,
-        "concepts": config.concept_list(),
-        "surrogate": config.surrogate.strip() if config.surrogate else source,
-        "surrogate_source": ("prompt" if config.surrogate else "surrogate_dir" if config.surrogate_dir
-                             else "surrogate_images"),
+        # Every concept the model has forgotten (earlier runs' too, in a sequence), each alternative.
+        "concepts": [c for p in pairs for c in split_concepts(p["concept"])],
+        "recipe": config.recipe,
         "settings": asdict(config),
         **summary,
         "versions": {
@@ -70,6 +73,9 @@ def write_result(work: Path, ref: ModelRef, unet, trainable, config: ForgetConfi
             "transformers": transformers.__version__, "accelerate": accelerate.__version__,
         },
     }
+    if len(pairs) == 1:  # one concept: also the fields results have always had
+        record["surrogate"], record["surrogate_source"] = surrogate_of(pairs[0])
+        record["surrogate_set"] = pairs[0]["surrogate_set"]
     write_text(work / "README.md", model_card(record))
     write_json(work / FINISHED, record)
 
@@ -97,6 +103,15 @@ pipe = {family.pipeline}.from_pretrained("path/to/this/folder")""" if lora["fuse
         load = f"""pipe = {family.pipeline}.from_pretrained("path/to/this/folder")"""
         trained = "fine-tuned only the UNet"
         kept = f"Every other component\n(VAE, {encoders}, scheduler) is the base model's, unchanged."
+    mapping = "\n".join(f"- **{p['concept']}** -> {surrogate_of(p)[0]}" + (" (an earlier run's; kept forgotten)"
+                                                                          if p.get("earlier_run") else "")
+                        for p in record["pairs"])
+    history = "".join(f"\n- run {i + 1}: `{r['base_model']}`, forgot {', '.join(r['concepts'])} ({r['steps']} steps)"
+                      for i, r in enumerate(record.get("history", [])))
+    if history:
+        history = "\n\nIt was forgotten in a sequence of runs, each on the result of the one before:" + history + \
+            f"\n- run {len(record['history']) + 1}: this one, on `{record['base_model']}`"
+    recipe = f" (recipe `{record['recipe']}`)" if record.get("recipe") else ""
     return f"""---
 library_name: diffusers
 tags: [stable-diffusion{", stable-diffusion-xl" if family.name == "sdxl" else ""}, text-to-image, concept-erasure, selective-amnesia, amnesia-sd]
@@ -105,9 +120,12 @@ tags: [stable-diffusion{", stable-diffusion-xl" if family.name == "sdxl" else ""
 
 {what}
 amnesia-sd {record['tool_version']}, which {trained} with Selective
-Amnesia (Heng & Soh, NeurIPS 2023). Prompts naming **{', '.join(record['concepts'])}** now map to the
-surrogate **{record['surrogate']}**; Elastic Weight Consolidation (lambda = {s['lambda_ewc']}) and
-generative replay (gamma = {s['gamma']}) keep the rest of the model as it was. {kept}
+Amnesia (Heng & Soh, NeurIPS 2023){recipe}. Prompts naming each concept now map to its surrogate:
+
+{mapping}
+
+Elastic Weight Consolidation (lambda = {s['lambda_ewc']}) and generative replay (gamma = {s['gamma']})
+keep the rest of the model as it was. {kept}{history}
 
 ## Load it
 ```python
@@ -119,7 +137,7 @@ from diffusers import {family.pipeline}
 - steps: {record['steps']} (batch {s['train_batch_size']} surrogate + {s['train_batch_size']} replay per device,
   gradient accumulation {s['gradient_accumulation_steps']}), learning rate {s['learning_rate']}, AdamW
 - parameters trained: `{s['train_method']}` ({record['trainable_parameters']:,} parameters)
-- EMA decay: {s['ema_decay'] or 'off'}; mixed precision: {s['mixed_precision']}; seed {s['seed']}
+- EMA decay: {s['ema_decay'] or 'off'}{'' if not s['ema_decay'] or s['ema_warmup'] else ' from the first step (no warm-up)'}; mixed precision: {s['mixed_precision']}; seed {s['seed']}
 - final losses: {losses}
 - {len(record['concept_prompts'])} concept prompts; the full settings are in `amnesia.json`.
 

@@ -10,10 +10,11 @@ from safetensors import safe_open
 from .cache import digest, model_entry
 from .checkpoints import result_output
 from .config import (DEFAULT_FIM_FRACTION, DEFAULT_FIM_TIMESTEPS, DEFAULT_REPLAY_IMAGES, DEFAULT_SURROGATE_IMAGES,
-                     FimConfig, ForgetConfig)
+                     SURROGATE_SOURCES, FimConfig, ForgetConfig)
 from .cost import announce, generation_passes
 from .fisher import fisher_cost, replay_cost, timestep_set, write_fisher_of_set
-from .imageset import ImageSet, encode_image_folder, generate_image_set, is_cached, set_record
+from .imageset import (ImageSet, encode_image_folder, generate_image_set, is_cached, is_finished, link_set,
+                       load_image_set, set_record)
 from .models import ModelRef, origin
 from .paths import check_overlap
 from .prompts import repeat_to, replay_prompts
@@ -21,33 +22,49 @@ from .prompts import repeat_to, replay_prompts
 DEFAULT_TIMESTEP_BATCH = FimConfig.timestep_batch_size
 
 
+def surrogate_folder(index: int, count: int) -> str:
+    """Where pair `index` of `count` keeps its surrogate set under OUT/data."""
+    return "surrogate" if count == 1 else f"surrogate-{index + 1}"
+
+
 class Plan:
     """Where forget's sets and Fisher come from (given, cached, or made now) and what that costs,
     said in one line before any of it starts. Replay sets and Fishers made here go to the
-    amnesia-sd cache of the base model, for every later `forget` on it; the surrogate set goes to
-    the work folder's data/ (published with the result as OUT/data)."""
+    amnesia-sd cache of the base model, for every later `forget` on it; each (concept, surrogate)
+    pair's surrogate set goes to the work folder's data/ (published with the result as OUT/data).
+    `inherited` are the pairs an earlier forget run on this model trained, with their finished
+    sets: they are linked in, not made again."""
 
     def __init__(self, config: ForgetConfig, ref: ModelRef, pipe, work: Path, num_processes: int,
-                 given: dict[str, ImageSet]):
+                 given: dict[str, ImageSet], inherited: list[dict]):
         self.config, self.ref, self.pipe, self.work, self.given = config, ref, pipe, work, given
+        self.inherited = inherited
         self.entry = None if config.replay_dir and config.fim else model_entry(origin(ref, pipe), pipe.unet)
         if self.entry is not None:  # the result may not land in (or around) the cache it reads
             check_overlap([result_output(Path(config.output_dir))], {"the amnesia-sd cache entry": self.entry})
         self.replay_texts = None if config.replay_dir else repeat_to(
             replay_prompts(config.prompts_file), config.num_replay_images or DEFAULT_REPLAY_IMAGES)
-        self.surrogate_texts = [config.surrogate.strip()] * (config.num_surrogate_images or DEFAULT_SURROGATE_IMAGES) \
-            if config.surrogate is not None else None
+        # One set per distinct surrogate: pairs that share a surrogate share its set.
+        keys = [("set", str(pair["set"].path.resolve())) for pair in inherited] + [
+            next((k, v) for k, v in pair.items() if k in SURROGATE_SOURCES and v) for pair in config.pairs()]
+        distinct = list(dict.fromkeys(keys))
+        self.folders = [work / "data" / surrogate_folder(distinct.index(key), len(distinct)) for key in keys]
+        self.surrogate_texts = [[pair["surrogate"]] * (config.num_surrogate_images or DEFAULT_SURROGATE_IMAGES)
+                                if pair["surrogate"] is not None else None for pair in config.pairs()]
         parts = []
         if self.replay_texts is not None:
             record = set_record(pipe, ref, self.replay_texts, config, "replay")
             self.replay_dir = self.entry / f"replay-{digest(record)}"
             parts.append(replay_cost(len(self.replay_texts), config, is_cached(self.replay_dir, record)))
-        if self.surrogate_texts is not None:
-            record = set_record(pipe, ref, self.surrogate_texts, config, "surrogate")
-            cached = is_cached(work / "data" / "surrogate", record)
-            passes = generation_passes(len(self.surrogate_texts), config.num_inference_steps, config.guidance_scale)
-            parts.append((f"surrogate set ({len(self.surrogate_texts)} images x {config.num_inference_steps} steps)",
-                          None if cached else passes))
+        counted = set()
+        for pair, texts, folder in zip(config.pairs(), self.surrogate_texts, self.folders[len(inherited):]):
+            if texts is not None and folder not in counted:
+                counted.add(folder)
+                cached = is_cached(folder, set_record(pipe, ref, texts, config, "surrogate"))
+                passes = generation_passes(len(texts), config.num_inference_steps, config.guidance_scale)
+                of = f" of {pair['concept']!r}" if len(keys) > 1 else ""
+                parts.append((f"surrogate set{of} ({len(texts)} images x {config.num_inference_steps} steps)",
+                              None if cached else passes))
         if not config.fim:
             replay_size = len(self.replay_texts) if self.replay_texts is not None else \
                 len(given["replay"].latents)
@@ -63,22 +80,37 @@ class Plan:
                       steps * 2 * config.train_batch_size * num_processes))
         announce("forget", parts)
 
-    def sets(self, accelerator) -> tuple[ImageSet, ImageSet]:
+    def sets(self, accelerator) -> tuple[ImageSet, list[ImageSet]]:
+        """The replay set, and one surrogate set per pair (inherited pairs first)."""
         config, pipe, ref = self.config, self.pipe, self.ref
         if config.replay_dir:
             replay = self.given["replay"]
         else:
             replay = generate_image_set(pipe, ref, self.replay_texts, config, self.replay_dir, "replay",
                                         accelerator, reuse=True)
-        if config.surrogate_dir:
-            surrogate = self.given["surrogate"]
-        elif config.surrogate_images:
-            surrogate = encode_image_folder(pipe, ref, config.surrogate_images, self.work / "data" / "surrogate",
-                                            config.resolution, accelerator, reuse=True)
-        else:
-            surrogate = generate_image_set(pipe, ref, self.surrogate_texts, config, self.work / "data" / "surrogate",
-                                           "surrogate", accelerator, reuse=True)
-        return replay, surrogate
+        surrogates, made = [], {}
+        for pair, folder in zip(self.inherited, self.folders):
+            if folder not in made:
+                if accelerator.is_main_process and not is_finished(folder):
+                    link_set(pair["set"].path, folder)
+                accelerator.wait_for_everyone()
+                made[folder] = load_image_set(folder)
+            surrogates.append(made[folder])
+        for i, (pair, texts, folder) in enumerate(zip(config.pairs(), self.surrogate_texts,
+                                                        self.folders[len(self.inherited):])):
+            if folder in made:  # a surrogate an earlier pair shares
+                surrogates.append(made[folder])
+                continue
+            if pair["surrogate_dir"]:
+                surrogates.append(self.given[f"surrogate {i + 1}"])
+            elif pair["surrogate_images"]:
+                surrogates.append(encode_image_folder(pipe, ref, pair["surrogate_images"], folder, config.resolution,
+                                                      accelerator, reuse=True))
+            else:
+                surrogates.append(generate_image_set(pipe, ref, texts, config, folder, "surrogate", accelerator,
+                                                     reuse=True))
+            made[folder] = surrogates[-1]
+        return replay, surrogates
 
     def fisher(self, replay: ImageSet, accelerator) -> Path:
         """The cached Fisher over `replay`: reused when its recorded settings match, else made now."""

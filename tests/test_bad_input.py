@@ -158,5 +158,6 @@ def test_config_file_unknown_key_and_precedence(tiny_model, tmp_path, fim):
     toml.write_text('lambda-ewc = 10.0\ngamma = 0.5\nmax_train_steps = 7\nconcept = "from file"\n')
     cfg = build_config(ForgetConfig, str(toml), {"model": "m", "output_dir": "o", "fim": "f", "surrogate": "s",
                                                   "gamma": 2.0, "lambda_ewc": None})
-    assert (cfg.lambda_ewc, cfg.gamma, cfg.max_train_steps, cfg.concept) == (10.0, 2.0, 7, "from file")
+    assert (cfg.lambda_ewc, cfg.gamma, cfg.max_train_steps) == (10.0, 2.0, 7)
+    assert cfg.concepts == [{"concept": "from file", "surrogate": "s"}]  # file concept, flag surrogate
     assert cfg.learning_rate == ForgetConfig.learning_rate  # untouched keys keep their defaults

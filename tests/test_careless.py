@@ -192,8 +192,8 @@ def test_fisher_of_another_model_is_refused_with_both_origins(world, untouched, 
 
 def test_mutually_exclusive_flags(world, untouched, tmp_path):
     refuses(forget(world, tmp_path / "o", "--surrogate-dir", world["replay"]),
-            "give exactly one surrogate: --surrogate PROMPT, --surrogate-dir DIR or --surrogate-images DIR "
-            "(got --surrogate and --surrogate-dir)")
+            "give exactly one kind of surrogate: --surrogate PROMPT, --surrogate-dir DIR or --surrogate-images DIR "
+            "(got --surrogate and --surrogate-dir; to mix kinds, list the concepts in a config file")
     refuses(forget(world, tmp_path / "o", "--prompts", world["prompts"]), "cannot be combined with --replay-dir")
     refuses(["fim", "--model", world["model"], "--replay-dir", world["replay"], "--prompts", world["prompts"],
              "--output", tmp_path / "f.safetensors"], "--prompts and --replay-dir cannot be combined")

@@ -234,3 +234,37 @@ def test_every_command_takes_model_digits(tmp_path):
             for role in ("base", "forgotten"):
                 assert Image.open(tmp_path / "e" / entry[role]["image"]).size == (digits.IMAGE_SIZE,) * 2
     assert (tmp_path / "e" / "report.html").is_file()
+
+
+TINY_DEMO = dict(samples_per_digit=2, replay_per_digit=2, surrogate_images=4, fim_per_digit=1, fim_timesteps=4,
+                 train_batch_size=4, num_inference_steps=2, batch_size=64)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_demo_of_several_digits(tmp_path, sequential):
+    out = tmp_path / "demo"
+    config = DemoConfig(digit=[3, 5], sequential=sequential, sequential_fisher="recompute", output_dir=str(out),
+                        **TINY_DEMO)
+    assert config.max_train_steps == (400 if sequential else 800)  # 400 steps' worth per digit
+    metrics = run_demo(DemoConfig(**{**asdict(config), "max_train_steps": 2}))
+    assert metrics["forgotten_digits"] == [3, 5] and "forgotten_digit" not in metrics
+    assert metrics["mode"] == ("sequential" if sequential else "one run")
+    for name in ("original", "sa", "naive"):
+        m = metrics[name]
+        assert set(m) == KEYS | {"per_digit"} and set(m["per_digit"]) == {"3", "5"}
+        for key in ("p_forgotten", "p_forgotten_heldout", "entropy_forgotten"):
+            assert m[key] == pytest.approx((m["per_digit"]["3"][key] + m["per_digit"]["5"][key]) / 2)
+    assert "  digit 5" in format_table(metrics)
+    record = json.loads((out / "sa" / "amnesia.json").read_text())
+    assert [p["concept_prompts"] for p in record["pairs"]] == [digits.train_prompts(3), digits.train_prompts(5)]
+    replay_prompts = set((out / "sa" / record["replay_set"] / "prompts.txt").read_text().split("\n"))
+    assert not replay_prompts & set(digits.train_prompts(3) + digits.train_prompts(5))  # replay: the kept digits
+    if sequential:
+        assert [p["earlier_run"] for p in record["pairs"]] == [True, False]
+        assert [h["concepts"] for h in record["history"]] == [digits.train_prompts(3)]
+        # recompute: the second run's Fisher and replay set were made by the model that forgot 3
+        assert record["fim"]["metadata"]["base_model"] == record["base_model"]
+        naive = json.loads((out / "naive" / "amnesia.json").read_text())
+        assert naive["fim"]["metadata"]["base_model"] == str(digits.SHIPPED_MODEL)
+    else:
+        assert "history" not in record and record["steps"] == 2

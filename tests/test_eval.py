@@ -20,7 +20,7 @@ from amnesia_sd.demo import evaluation_samples, sample_and_classify, summarize
 from amnesia_sd.detectors import EXPOSED, NudeNetDetector, Sample, is_nudity
 from amnesia_sd.errors import UserError
 from amnesia_sd.evaluate import (
-    EvalConfig, choose_detector, digit_of, misspellings, read_prompts_csv, run_eval, spread,
+    EvalConfig, choose_detector, digits_of, misspellings, read_prompts_csv, run_eval, spread,
 )
 from amnesia_sd.generate import generate
 from amnesia_sd.models import make_accelerator
@@ -98,9 +98,9 @@ def test_held_out_prompts_never_met_in_training():
     assert misspellings("Brad Pitt") == ["Brd Pitt", "Bard Pitt", "Braad Pitt", "brad pitt", "BradPitt", "bradpitt"]
     assert misspellings("nudity") == ["nudty", "nuidty", "nudiity"]
     assert spread(list("abcdefgh"), 4) == list("aceg") and spread(list("abc"), 5) == list("abcab")
-    assert digit_of(digits.train_prompts(3)) == 3 and digit_of(["zero"]) == 0
+    assert digits_of([digits.train_prompts(3)]) == [3] and digits_of([["zero"], ["the number 7"]]) == [0, 7]
     with pytest.raises(UserError, match="names several"):
-        digit_of(["the number 3", "seven"])
+        digits_of([["the number 3", "seven"]])
     assert is_nudity(["nudity", "naked"]) and not is_nudity(["Brad Pitt"])
     assert choose_detector("auto", False, ["nudity"]) == "nudenet"
     assert choose_detector("auto", False, ["Brad Pitt"]) == "clip"
@@ -273,3 +273,44 @@ def test_cli_offline_without_clip_still_reports(forgotten_tiny, tmp_path):
     assert again.stderr.strip().splitlines() == [
         "error: r already holds a finished eval report; pass --overwrite to replace it (the old one is kept until "
         "the new one is complete) or pick another --output-dir"]
+
+
+def test_several_concepts_are_reported_one_by_one(tiny_model, tiny_clip, tmp_path):
+    pairs = [{"concept": "Brad Pitt", "surrogate": "a middle aged man", "maps_to": "a middle aged man"},
+             {"concept": "nudity, naked", "surrogate_images": "/x", "maps_to": "/x"}]
+    model = perturbed_copy(tiny_model, tmp_path / "two", {
+        "base_model": str(Path(tiny_model).resolve()), "concepts": ["Brad Pitt", "nudity", "naked"], "pairs": pairs,
+        "settings": {"surrogate": []}})
+    report = run_eval(EvalConfig(model=str(model), output_dir=str(tmp_path / "r"), num_images=1, num_inference_steps=2,
+                                 clip_model=str(tiny_clip), detector="clip"))
+    sets = report["sets"]
+    assert list(sets) == ["concept-1", "paraphrase-1", "misspelling-1", "concept-2", "paraphrase-2", "misspelling-2",
+                          "retained"]
+    assert "concept 2 (nudity, naked)" in sets["concept-2"]["description"]
+    assert {i["prompt"] for i in sets["concept-2"]["images"]} <= set(concept_prompts(["nudity", "naked"], True))
+    assert {i["prompt"] for i in sets["concept-1"]["images"]} <= set(concept_prompts(["Brad Pitt"], True))
+    distractors = report["settings"]["distractors"]
+    assert "a middle aged man" in distractors and "/x" not in distractors  # prompt surrogates only
+    assert {r["set"] for r in report["summary"]} >= {"concept-1", "concept-2"}
+
+
+def test_digits_eval_of_several_digits(tmp_path):
+    model = perturbed_copy(digits.SHIPPED_MODEL, tmp_path / "sa", {
+        "base_model": str(digits.SHIPPED_MODEL), "concepts": ["3", "five"],
+        "pairs": [{"concept": "3", "surrogate_images": "n", "maps_to": "n"},
+                  {"concept": "five", "surrogate_images": "n", "maps_to": "n"}]})
+    n = 2
+    report = run_eval(EvalConfig(model=str(model), output_dir=str(tmp_path / "r"), num_images=n, num_inference_steps=2,
+                                 batch_size=64))
+    d = report["digits"]
+    assert d["forgotten_digits"] == [3, 5] and "forgotten_digit" not in d
+    assert set(d["forgotten"]["per_digit"]) == {"3", "5"}  # as in the JSON file
+    concept = report["sets"]["concept"]["images"]
+    assert [i["target"] for i in concept] == [3] * n + [5] * n
+    assert [i["target"] for i in report["sets"]["paraphrase"]["images"]] == [3] * n + [5] * n
+    assert [i["target"] for i in report["sets"]["retained"]["images"]] == [d for d in range(10) if d not in (3, 5)
+                                                                          for _ in range(n)]
+    # p_forgotten of an image is that of either forgotten digit
+    image = concept[0]["forgotten"]["digits"]
+    assert image["p_forgotten"] == pytest.approx(image["probs"][3] + image["probs"][5])
+    assert "digits 3, 5" in format_summary(report)
