@@ -10,6 +10,7 @@ resumed run continues exactly, and N processes x batch b see the same data as 1 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -27,8 +28,8 @@ from .errors import Interrupted, UserError
 from .families import Conditioning, family_of, join, take, to_device
 from .fisher import load_fisher
 from .generate import image_seed
-from .imageset import ImageSet, check_fits, load_image_set
-from .models import DTYPES, ModelRef, load_on_device, make_accelerator, origin, origin_mismatches
+from .imageset import ImageSet, check_fits, is_finished, load_image_set
+from .models import DTYPES, ModelRef, load_on_device, make_accelerator, model_path, origin, origin_mismatches
 from .paths import partial_of, publish
 from .prompts import concept_prompts
 from .result import recorded_path, write_result
@@ -172,7 +173,7 @@ def joined_sets(sets: list[ImageSet]) -> tuple[torch.Tensor, Conditioning]:
 
 
 def check_sequence(config: ForgetConfig, earlier: dict) -> None:
-    """What may follow an earlier forget run: new concepts, trained the same way."""
+    """What may follow an earlier forget run: only new concepts, and no second LoRA adapter on a LoRA result."""
     if not earlier:
         return
     done = {c.lower() for c in earlier.get("concepts", [])}
@@ -186,6 +187,32 @@ def check_sequence(config: ForgetConfig, earlier: dict) -> None:
                         "next concept without --lora-rank")
 
 
+def earlier_sets(config: ForgetConfig) -> ForgetConfig:
+    """After an earlier forget run, the Fisher and replay set it used, unless others are asked for:
+    on the digits model these kept both digits forgotten and the rest remembered, while a Fisher and
+    replay set made again on the forgotten model let the first digit come back (README, "Several
+    digits"). Files that are gone are made again on this model (said in one line)."""
+    earlier = earlier_run(config.model)
+    if earlier is None:
+        return config
+    record, folder = earlier[0], model_path(config.model)
+    changes = {}
+    fim = Path((record.get("fim") or {}).get("path", ""))
+    if not (config.fim or config.fim_num_images or config.fim_num_timesteps):
+        if fim.is_file():
+            changes["fim"] = str(fim)
+        else:
+            print(f"the earlier run's Fisher {fim} is gone: a new one is made on {config.model}", flush=True)
+    replay = Path(record.get("replay_set", ""))
+    replay = replay if replay.is_absolute() else folder / replay
+    if not (config.replay_dir or config.prompts_file or config.num_replay_images):
+        if is_finished(replay):
+            changes["replay_dir"] = str(replay)
+        else:
+            print(f"the earlier run's replay set {replay} is gone: a new one is made on {config.model}", flush=True)
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def forget(config: ForgetConfig) -> Path:
     """Train the UNet to map the concept to the surrogate while remembering everything else;
     write a diffusers pipeline folder to config.output_dir."""
@@ -193,6 +220,7 @@ def forget(config: ForgetConfig) -> Path:
     from diffusers import DDPMScheduler
 
     started = time.time()
+    config = earlier_sets(config)
     out = Path(config.output_dir)
     work = partial_of(out)
     # Cheap checks first, so bad input fails in a second and leaves nothing behind.

@@ -174,9 +174,11 @@ def test_forgetting_more_keeps_the_earlier_concepts_and_their_history(tiny_model
     assert record["origin_mismatches"] == []
     weights = unet_weights(second)  # trained on from the first result's weights
     assert any(not torch.equal(weights[k], v) for k, v in unet_weights(first).items())
-    third = forget(ForgetConfig(**settings(tiny_model, sets, tmp_path / "third", model=str(second),
+    # without --fim and --replay-dir, the next run takes the Fisher and replay set the sequence used
+    third = forget(ForgetConfig(**settings(tiny_model, {}, tmp_path / "third", model=str(second),
                                            concept="a cat", surrogate="a dog")))
     record = json.loads((third / "amnesia.json").read_text())
+    assert (record["settings"]["fim"], record["settings"]["replay_dir"]) == (sets["fim"], sets["replay_dir"])
     assert [h["concepts"] for h in record["history"]] == [["brad pitt"], ["brad pitt", "tom cruise"]]
     assert [p["concept"] for p in record["pairs"]] == ["brad pitt", "tom cruise", "a cat"]
     assert "run 3: this one" in (third / "README.md").read_text()
