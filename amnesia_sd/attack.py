@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from . import digits
 from .config import GenerationSettings, _check, _check_positive, split_concepts
 from .detectors import (
-    DEFAULT_CLIP, DISTRACTORS, ClipDetector, Detector, DigitsDetector, NudeNetDetector, Sample, load_clip, nudenet_class,
+    DEFAULT_CLIP, DISTRACTORS, ClipDetector, Detector, DigitsDetector, NudeNetDetector, Sample, load_clip,
+    nudenet_class,
 )
 from .diffusion import per_sample_loss
 from .errors import UserError
@@ -186,8 +187,8 @@ def held_out_samples(target: Target, token: str, n: int, seed: int, guidance: fl
     templates = spread(target.heldout_templates, n)
     seeds = [image_seed(seed + 1, i) for i in range(n)]
     names = {"plain": [target.names[i % len(target.names)] for i in range(n)], "token": [token] * n}
-    return {kind: [Sample(t.format(name), s, guidance, target.digit) for t, name, s in zip(templates, names[kind], seeds)]
-            for kind in KINDS}
+    return {kind: [Sample(t.format(name), s, guidance, target.digit)
+                   for t, name, s in zip(templates, names[kind], seeds)] for kind in KINDS}
 
 
 def image_path(role: str, kind: str, index: int) -> str:
@@ -203,8 +204,8 @@ def _sample(pipe, role: str, samples: dict[str, list[Sample]], settings: Generat
                 image.save(tmp, format="PNG")
 
 
-def _free(pipe) -> None:
-    del pipe
+def _release() -> None:
+    """Give back the memory of a pipeline the caller has just deleted (the next one loads in its place)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -273,19 +274,23 @@ def run_attack(config: AttackConfig) -> dict:
             ref, pipe = _load_sd(base, accelerator)
             images = generate_image_set(pipe, ref, spread(target.concept_prompts, config.num_images), settings,
                                         concept_dir, "concept", accelerator)
-            _free(pipe)
+            del pipe
+            _release()
             _, pipe = _load_sd(config.model, accelerator)
         token_id = add_token(pipe, config.token, initializer)
-        embedding, losses = learn_token(pipe, token_id, images, [t.format(config.token) for t in target.train_templates],
-                                        config.steps, config.learning_rate, config.train_batch_size, config.seed)
+        prompts = [t.format(config.token) for t in target.train_templates]
+        embedding, losses = learn_token(pipe, token_id, images, prompts, config.steps, config.learning_rate,
+                                        config.train_batch_size, config.seed)
         # diffusers' textual-inversion format: {token: [vectors, dim]}.
         save_file({config.token: embedding[None].float().cpu().contiguous()}, str(partial / EMBEDDINGS))
         _sample(pipe, "forgotten", samples, settings, partial)
-        _free(pipe)
+        del pipe
+        _release()
         _, pipe = _load_sd(base, accelerator)
         pipe.load_textual_inversion(str(partial / EMBEDDINGS), token=config.token)  # as a user would
         _sample(pipe, "base", samples, settings, partial)
-        _free(pipe)
+        del pipe
+        _release()
         if isinstance(detector, ClipDetector):
             detector.to(accelerator.device)
         result = _record(config, target, initializer, detector_kind, detector, status, samples, losses, images,
@@ -322,12 +327,14 @@ def _record(config, target, initializer, detector_kind, detector, status, sample
         "method": "textual inversion (Pham et al., Circumventing Concept Erasure Methods for Text-to-Image "
                   "Generative Models)",
         "concepts": target.concepts,
+        "digit": target.digit,
         "token": config.token,
         "initializer": initializer,
         "embedding": EMBEDDINGS,
         "load_with": f"pipe.load_textual_inversion(\"{EMBEDDINGS}\", token=\"{config.token}\")",
         "settings": {**asdict(config), "initializer": initializer, "scheduler": "DDIMScheduler",
-                     "image_size": images.manifest["resolution"], "training_scheduler": "DDPMScheduler", "optimizer": "AdamW (weight decay 0)",
+                     "image_size": images.manifest["resolution"], "training_scheduler": "DDPMScheduler",
+                     "optimizer": "AdamW (weight decay 0)",
                      "test_seeds": "image i: (seed + 1, i); the concept images: (seed, i)"},
         "concept_set": {"path": "concept-set", "source": images.manifest.get("source"),
                         "num_images": len(images.latents)},
@@ -345,9 +352,17 @@ def _record(config, target, initializer, detector_kind, detector, status, sample
     }
 
 
+def concept_title(result: dict) -> str:
+    """What the attack tries to bring back, short (the digits model records every phrasing of its digit)."""
+    if result["digit"] is not None:
+        return f"digit {result['digit']}"
+    text = ", ".join(result["concepts"])
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def format_summary(result: dict) -> str:
     """A few lines for the terminal."""
-    lines = [f"attack on {', '.join(result['concepts'])!r} with {result['token']} "
+    lines = [f"attack on {concept_title(result)!r} with {result['token']} "
              f"(detector {result['detector']}, {result['rate']}: before = concept's name, after = learned token)"]
     for role in ROLES:
         m = result["models"][role]
@@ -358,12 +373,13 @@ def format_summary(result: dict) -> str:
 def render_html(result: dict) -> str:
     """One self-contained page: the rates, then per test image the four images on its seed."""
     size = 96 if result["settings"]["image_size"] < 96 else 192
-    title = f"amnesia-sd attack: {', '.join(result['concepts'])}"
+    title = f"amnesia-sd attack: {concept_title(result)}"
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{escape(title)}</title>"
              f"<style>{STYLE}</style></head><body class=small>", f"<h1>{escape(title)}</h1>",
              f"<p class=meta>learned token <code>{escape(result['token'])}</code> (initialised from "
              f"<code>{escape(result['initializer'])}</code>, {result['training']['steps']} steps, loss "
-             f"{fmt(result['training']['loss_mean_first_tenth'])} to {fmt(result['training']['loss_mean_last_tenth'])}); "
+             f"{fmt(result['training']['loss_mean_first_tenth'])} to "
+             f"{fmt(result['training']['loss_mean_last_tenth'])}); "
              f"load it with <code>{escape(result['load_with'])}</code>; every number in "
              f"<a href=\"{ATTACK_JSON}\">{ATTACK_JSON}</a></p>"]
     status = result["detectors"][result["detector"]]

@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 
 from amnesia_sd import digits
 from amnesia_sd.attack import TOKEN, AttackConfig, add_token, learn_token, run_attack
-from amnesia_sd.cli import app
 from amnesia_sd.imageset import ImageSet
+from amnesia_sd.prompts import bundled, read_prompts
 
 from helpers import load_parts, random_latents
 from test_careless import refuses
-from test_eval import perturbed_copy
+from test_eval import perturbed_copy, tiny_clip  # noqa: F401 (tiny_clip: a fixture)
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")  # the digit classifier is trained into it
 
@@ -90,7 +90,7 @@ def test_digits_attack_end_to_end(forgotten_digits, tmp_path):
 
     assert result["tool"] == "amnesia-sd" and result["command"] == "attack"
     assert result["token"] == TOKEN and result["initializer"] == "digit" and result["detector"] == "digits"
-    assert result["rate"] == "p_forgotten" and result["concepts"] == digits.train_prompts(3)
+    assert result["rate"] == "p_forgotten" and result["concepts"] == digits.train_prompts(3) and result["digit"] == 3
     s = result["settings"]
     assert (s["steps"], s["num_images"], s["learning_rate"], s["train_batch_size"], s["seed"], s["batch_size"],
             s["num_inference_steps"], s["image_size"]) == (4, n, 5e-3, 2, 0, batch, steps, 16)
@@ -142,6 +142,22 @@ def concept_images(tmp_path):
     folder.mkdir()
     Image.new("RGB", (20, 16), (200, 40, 40)).save(folder / "a.png")
     return folder
+
+
+def test_sd_model_with_own_images_and_clip(tiny_model, tiny_clip, concept_images, tmp_path):
+    model = perturbed_copy(tiny_model, tmp_path / "forgotten", {
+        "base_model": str(Path(tiny_model).resolve()), "concepts": ["Brad Pitt"], "surrogate": "a middle aged man",
+        "settings": {}})
+    result = run_attack(AttackConfig(model=str(model), output_dir=str(tmp_path / "r"), initializer="man",
+                                     concept_images=str(concept_images), steps=2, num_images=2, num_inference_steps=2,
+                                     clip_model=str(tiny_clip)))
+    assert result["detector"] == "clip" and result["rate"] == "p_concept" and result["digit"] is None
+    assert result["detectors"]["clip"]["loaded"] is True and result["initializer"] == "man"
+    assert result["concept_set"] == {"path": "concept-set", "source": "images", "num_images": 1}
+    assert {e["plain"]["prompt"] for e in result["images"]} <= {
+        t.format("Brad Pitt") for t in read_prompts(bundled("eval/concept_paraphrases.txt"))}
+    for m in result["models"].values():
+        assert 0 <= m["before"] <= 1 and 0 <= m["after"] <= 1
 
 
 def test_bad_input_gives_one_line(tiny_model, concept_images, tmp_path):
