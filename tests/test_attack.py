@@ -181,3 +181,10 @@ def test_bad_input_gives_one_line(tiny_model, concept_images, tmp_path):
              concept_images, "--initializer", "middle aged", "--output-dir", out],
             "--initializer 'middle aged' is 2 tokens for this model's tokenizer, not one")
     assert not out.exists() and not (tmp_path / "out.partial").exists()  # a failed run leaves nothing
+
+
+def test_sdxl_is_refused(tiny_sdxl_model, concept_images, tmp_path):
+    model = str(tiny_sdxl_model)
+    refuses(["attack", "--model", model, "--base", model, "--concept", "brad pitt", "--concept-images",
+             concept_images, "--initializer", "man", "--output-dir", tmp_path / "out"],
+            "is Stable Diffusion XL: attack supports Stable Diffusion 1.x/2.x only for now")
