@@ -372,10 +372,11 @@ def format_summary(result: dict) -> str:
 
 def render_html(result: dict) -> str:
     """One self-contained page: the rates, then per test image the four images on its seed."""
-    size = 96 if result["settings"]["image_size"] < 96 else 192
+    small = result["settings"]["image_size"] < 96  # shown enlarged, pixel by pixel
+    size = 96 if small else 192
     title = f"amnesia-sd attack: {concept_title(result)}"
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{escape(title)}</title>"
-             f"<style>{STYLE}</style></head><body class=small>", f"<h1>{escape(title)}</h1>",
+             f"<style>{STYLE}</style></head><body class=\"{'small' if small else ''}\">", f"<h1>{escape(title)}</h1>",
              f"<p class=meta>learned token <code>{escape(result['token'])}</code> (initialised from "
              f"<code>{escape(result['initializer'])}</code>, {result['training']['steps']} steps, loss "
              f"{fmt(result['training']['loss_mean_first_tenth'])} to "
