@@ -369,6 +369,41 @@ def eval_(
 
 @app.command()
 @user_errors(RESTARTS)
+def attack(
+    model: Model,
+    output_dir: Annotated[Path, typer.Option(help="Folder for attack.json, report.html, learned_embeds.safetensors, images/ and concept-set/.")],
+    base: Annotated[Optional[str], typer.Option(help="The base model: it draws the concept images and is attacked alongside. [default: base_model in MODEL/amnesia.json]")] = None,
+    concept: Annotated[Optional[str], typer.Option(help="The concept to bring back; comma-separated alternatives. [default: concepts in MODEL/amnesia.json]")] = None,
+    concept_images: Annotated[Optional[Path], typer.Option(help="Your own images of the concept (a folder). [default: the base model draws --num-images from the concept prompts]")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps of the token's embedding. [default: 500]")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="AdamW learning rate of the embedding. [default: 5e-3]")] = None,
+    train_batch_size: Annotated[Optional[int], typer.Option(help="Concept images per step. [default: 4]")] = None,
+    num_images: Annotated[Optional[int], typer.Option(help="Concept images to generate, and test images per model with and without the token. [default: 16]")] = None,
+    initializer: Annotated[Optional[str], typer.Option(help="One-token word whose embedding the token starts from. [default: object; digits model: digit]")] = None,
+    token: Annotated[Optional[str], typer.Option(help="The new token. [default: <amnesia-concept>]")] = None,
+    clip_model: Annotated[Optional[str], typer.Option(help="CLIP for zero-shot detection: hub id or local folder. [default: openai/clip-vit-large-patch14]")] = None,
+    num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
+    seed: Seed = None, batch_size: BatchSize = None, overwrite: Overwrite = False,
+):
+    """Try to bring the forgotten concept back: learn a token's embedding on the forgotten model (textual inversion).
+
+    Example: amnesia-sd attack --model brad-pitt-forgotten --output-dir brad-pitt-attack
+    """
+    from .attack import AttackConfig, format_summary, run_attack
+
+    _quiet_libraries()
+    cli = {"model": model, "output_dir": str(output_dir), "base": base, "concept": concept,
+           "concept_images": str(concept_images) if concept_images else None, "steps": steps,
+           "learning_rate": learning_rate, "train_batch_size": train_batch_size, "num_images": num_images,
+           "initializer": initializer, "token": token, "clip_model": clip_model, "overwrite": overwrite,
+           **_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, None)}
+    result = run_attack(AttackConfig(**{k: v for k, v in cli.items() if v is not None}))
+    typer.echo(format_summary(result))
+    typer.echo(f"report: {output_dir / 'report.html'} and attack.json; the token: {output_dir / 'learned_embeds.safetensors'}")
+
+
+@app.command()
+@user_errors(RESTARTS)
 def export(
     model: Model,
     output: Annotated[Path, typer.Option(help="Checkpoint to write (.safetensors), for AUTOMATIC1111, ComfyUI and diffusers' from_single_file.")],

@@ -44,7 +44,12 @@ class StableDiffusion:
 
     @torch.no_grad()
     def encode_text(self, pipe, prompts: list[str]) -> Conditioning:
-        """As StableDiffusionPipeline.encode_prompt: last hidden state, padded to max length."""
+        """The text part of the conditioning, without gradients (the text encoder is frozen)."""
+        return self.text_conditioning(pipe, prompts)
+
+    def text_conditioning(self, pipe, prompts: list[str]) -> Conditioning:
+        """As StableDiffusionPipeline.encode_prompt: last hidden state, padded to max length.
+        Differentiable: `attack` trains a token's embedding through it."""
         ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt")
         encoder = pipe.text_encoder
@@ -87,8 +92,7 @@ class StableDiffusionXL(StableDiffusion):
                             f"{passed} (six time ids and the pooled text): only SDXL base models are supported, "
                             "not the refiner")
 
-    @torch.no_grad()
-    def encode_text(self, pipe, prompts: list[str]) -> Conditioning:
+    def text_conditioning(self, pipe, prompts: list[str]) -> Conditioning:
         """As StableDiffusionXLPipeline.encode_prompt (clip_skip None, no LoRA scale)."""
         pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
         hidden, pooled = [], None

@@ -255,19 +255,21 @@ def _load_rgb(path: Path, size: int) -> tuple[Image.Image, tuple[int, int], tupl
 @torch.no_grad()
 def encode_image_folder(
     pipe, ref: ModelRef, images_dir: str | Path, out_dir: str | Path, resolution: int | None,
-    accelerator, overwrite: bool = False, batch_size: int = 8, reuse: bool = False,
+    accelerator, overwrite: bool = False, batch_size: int = 8, reuse: bool = False, kind: str = "surrogate",
 ) -> ImageSet:
-    """Turn the user's own surrogate images into a set: resized, centre-cropped, VAE-encoded."""
+    """Turn the user's own images into a set: resized, centre-cropped, VAE-encoded. `kind` names
+    the set (surrogate; concept for `attack`) and the flag the errors point at (--KIND-images)."""
     source = Path(images_dir)
+    flag = f"--{kind}-images"
     if not source.is_dir():
-        raise UserError(f"--surrogate-images {source} is not a folder")
+        raise UserError(f"{flag} {source} is not a folder")
     files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise UserError(f"--surrogate-images {source} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise UserError(f"{flag} {source} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     out = Path(out_dir)
     size = image_size(pipe, resolution)
     family = family_of(pipe)
-    record = {"kind": "surrogate", "source": "images", "images_dir": str(source.resolve()),
+    record = {"kind": kind, "source": "images", "images_dir": str(source.resolve()),
               "base_model": ref.identity, "architecture": family.name, "unet_config_hash": unet_config_hash(pipe.unet),
               "num_images": len(files), "resolution": size,
               "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}

@@ -1,0 +1,408 @@
+"""`amnesia-sd attack`: can the forgotten concept be brought back?
+
+Textual-inversion recovery (Pham et al., "Circumventing Concept Erasure Methods for Text-to-Image
+Generative Models"): a new token is added to the forgotten model's tokenizer and only its embedding
+row is trained, with the denoising loss, on images of the concept (made by the base model from the
+concept prompts, or the user's own). Every other weight stays exactly as it was. Both models are
+then sampled on held-out phrasings, with the concept's name (before the attack) and with the learned
+token (after it), on the same seeds, and eval's detectors say how often the concept shows.
+
+The embedding is saved in diffusers' textual-inversion format, so
+`pipe.load_textual_inversion("R/learned_embeds.safetensors", token=TOKEN)` reproduces the images.
+`learn_token` is the inner loop; adversarial forgetting can reuse it.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from html import escape
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import digits
+from .config import GenerationSettings, _check, _check_positive, split_concepts
+from .detectors import (
+    DEFAULT_CLIP, DISTRACTORS, ClipDetector, Detector, DigitsDetector, NudeNetDetector, Sample, load_clip,
+    nudenet_class,
+)
+from .diffusion import per_sample_loss
+from .errors import UserError
+from .evaluate import (
+    _read_record, choose_detector, digits_of, is_digits_model, recorded_concepts, recorded_surrogates, spread,
+)
+from .families import family_of, take, to_device
+from .generate import generate, image_seed
+from .imageset import ImageSet, encode_image_folder, generate_image_set
+from .io import atomic_path, write_json, write_text
+from .models import load_on_device, make_accelerator, model_path, resolve_model
+from .paths import Output, discard_on_failure, guard, open_work, publish, stamp
+from .prompts import bundled, concept_prompts, read_prompts
+from .report import STYLE, fmt
+
+TOKEN = "<amnesia-concept>"
+ATTACK_JSON = "attack.json"  # written last: marks a finished attack result
+EMBEDDINGS = "learned_embeds.safetensors"
+ROLES = ("base", "forgotten")
+KINDS = ("plain", "token")  # the concept's name (before the attack), the learned token (after it)
+# The number each detector gives for "the concept shows": its headline rate.
+RATES = {"digits": "p_forgotten", "clip": "p_concept", "nudenet": "share_exposed"}
+
+
+@dataclass
+class AttackConfig(GenerationSettings):
+    model: str = ""
+    output_dir: str = ""
+    base: str | None = None  # None: the base_model recorded in MODEL/amnesia.json
+    concept: str | None = None  # None: the concept recorded in MODEL/amnesia.json
+    concept_images: str | None = None  # None: the base model generates them from the concept prompts
+    # Defaults: the digits model's attack takes about a minute on a CPU; SD v1.4's a few minutes on a
+    # GPU. 500 steps at 5e-3 is in the range of diffusers' textual-inversion example (3000 steps at
+    # 5e-4 x batch 4 x 4 accumulated), which teaches an unknown object; recovering a concept the
+    # model once knew needs fewer.
+    steps: int = 500
+    learning_rate: float = 5e-3
+    train_batch_size: int = 4
+    num_images: int = 16  # concept images to generate, and images per model and prompt kind in the test
+    initializer: str | None = None  # None: "object" (digits model: "digit")
+    token: str = TOKEN
+    clip_model: str = DEFAULT_CLIP
+    overwrite: bool = False
+    # The embedding trains in float32 and both models are sampled alike: no mixed precision.
+    mixed_precision: str | None = "no"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(bool(self.model), "--model is required (the forgotten model: an `amnesia-sd forget` output folder)")
+        _check(bool(self.output_dir), "--output-dir is required")
+        _check(self.mixed_precision == "no", "attack runs in float32 (the embedding trains in full precision)")
+        for name in ("steps", "learning_rate", "train_batch_size", "num_images"):
+            _check_positive(name, getattr(self, name))
+        _check(self.concept is None or bool(split_concepts(self.concept)),
+               "--concept is empty: give the forgotten concept, e.g. --concept 'Brad Pitt'")
+        _check(self.initializer is None or bool(self.initializer.strip()),
+               "--initializer is empty: give a neutral one-token word, e.g. object")
+        _check(len(self.token.split()) == 1, f"the token must be one word without spaces, got {self.token!r}")
+
+
+def add_token(pipe, token: str, initializer: str) -> int:
+    """Add `token` to the tokenizer and a row for it to the text encoder's input embeddings, a copy
+    of the initializer word's row; return the token's id. Every other row is kept as it is."""
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    ids = tokenizer.encode(initializer.strip(), add_special_tokens=False)
+    if len(ids) != 1:
+        raise UserError(f"--initializer {initializer!r} is {len(ids)} tokens for this model's tokenizer, not one: "
+                        "pick a single-token word (e.g. object, person; digit on the digits model)")
+    if tokenizer.add_tokens(token) != 1:
+        raise UserError(f"the token {token!r} is already in this model's tokenizer: pick another token")
+    # The new row is set below: no mean/covariance start (costly on a 49k-token table).
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    with torch.no_grad():
+        weights = encoder.get_input_embeddings().weight
+        weights[token_id] = weights[ids[0]]
+    return token_id
+
+
+def learn_token(pipe, token_id: int, images: ImageSet, prompts: list[str], steps: int, learning_rate: float,
+                batch_size: int, seed: int) -> tuple[torch.Tensor, list[float]]:
+    """Textual inversion: train the embedding row `token_id` alone with the denoising loss on the
+    set's latents, each with a random one of `prompts` (which name the token). Returns the learned
+    row and the loss of every step. The UNet, VAE and the rest of the text encoder never change:
+    they get no gradient, and the other embedding rows are restored after every step (as diffusers'
+    textual-inversion example does), so even the optimizer cannot move them."""
+    from diffusers import DDPMScheduler
+
+    family = family_of(pipe)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+    weights = pipe.text_encoder.get_input_embeddings().weight
+    original = weights.detach().clone()
+    others = torch.arange(len(original), device=weights.device) != token_id
+    weights.requires_grad_(True)
+    # No weight decay: it would pull the learned row towards zero, away from the concept.
+    optimizer = torch.optim.AdamW([weights], lr=learning_rate, weight_decay=0.0)
+    # Noise, timesteps and images drawn on the CPU, so a seed gives the same run on any device.
+    generator = torch.Generator().manual_seed(image_seed(seed, 0, "train"))
+    choose = random.Random(seed)
+    device = pipe.unet.device
+    losses = []
+    try:
+        for _ in tqdm(range(steps), desc="learning the token", unit="step"):
+            index = torch.randint(len(images.latents), (batch_size,), generator=generator)
+            latents = images.latents[index].to(device, pipe.unet.dtype)
+            noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+            timesteps = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+            cond = {**family.text_conditioning(pipe, [choose.choice(prompts) for _ in range(batch_size)]),
+                    **to_device(take(images.conditioning, index), device)}
+            loss = per_sample_loss(family, pipe.unet, scheduler, latents, noise, timesteps.to(device), cond).mean()
+            if not torch.isfinite(loss):
+                raise UserError(f"the loss became {loss.item()} at step {len(losses) + 1}: lower --learning-rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                weights[others] = original[others]
+            losses.append(loss.item())
+    finally:
+        weights.requires_grad_(False)
+    return weights[token_id].detach().clone(), losses
+
+
+@dataclass
+class Target:
+    """What the attack recovers and how the test prompts name it."""
+
+    concepts: list[str]
+    digit: int | None  # the digits model's forgotten digit
+    concept_prompts: list[str]  # the base model draws the concept images from these
+    train_templates: list[str]  # training prompts: the token in place of the concept
+    heldout_templates: list[str]  # test prompts, never used in training
+    names: list[str]  # how the plain test prompts name the concept (cycled)
+
+
+def target_of(concepts: list[list[str]], digits_model: bool) -> Target:
+    if len(concepts) != 1:
+        raise UserError(f"the model forgot {len(concepts)} concepts; the attack recovers one at a time: pass "
+                        "--concept with the one to recover")
+    flat = concepts[0]
+    if digits_model:
+        [digit] = digits_of(concepts)
+        return Target(flat, digit, digits.train_prompts(digit), list(digits.TRAIN_TEMPLATES),
+                      list(digits.HELDOUT_TEMPLATES), [digits.DIGIT_WORDS[digit], str(digit)])
+    return Target(flat, None, concept_prompts(flat, True), read_prompts(bundled("concept_templates.txt")),
+                  read_prompts(bundled("eval/concept_paraphrases.txt")), flat)
+
+
+def held_out_samples(target: Target, token: str, n: int, seed: int, guidance: float) -> dict[str, list[Sample]]:
+    """n held-out phrasings, each with the concept's name and with the token; image i of both kinds
+    has the same seed (seed + 1, i): the concept images are seeded by (seed, i)."""
+    templates = spread(target.heldout_templates, n)
+    seeds = [image_seed(seed + 1, i) for i in range(n)]
+    names = {"plain": [target.names[i % len(target.names)] for i in range(n)], "token": [token] * n}
+    return {kind: [Sample(t.format(name), s, guidance, target.digit)
+                   for t, name, s in zip(templates, names[kind], seeds)] for kind in KINDS}
+
+
+def image_path(role: str, kind: str, index: int) -> str:
+    """Relative to the result folder."""
+    return f"images/{role}/{kind}/{index:04d}.png"
+
+
+def _sample(pipe, role: str, samples: dict[str, list[Sample]], settings: GenerationSettings, folder: Path) -> None:
+    for kind, items in samples.items():
+        for i, _, image in tqdm(generate(pipe, [s.prompt for s in items], [s.seed for s in items], settings),
+                                total=len(items), desc=f"sampling {role} ({kind})", unit="img"):
+            with atomic_path(folder / image_path(role, kind, i)) as tmp:
+                image.save(tmp, format="PNG")
+
+
+def _release() -> None:
+    """Give back the memory of a pipeline the caller has just deleted (the next one loads in its place)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _load_sd(spec: str, accelerator):
+    """The pipeline, refused unless it is SD 1.x/2.x (one text encoder, one token table)."""
+    ref, pipe = load_on_device(spec, accelerator)
+    if family_of(pipe).name != "sd":
+        raise UserError(f"{spec} is {family_of(pipe).title}: attack supports Stable Diffusion 1.x/2.x only for now "
+                        "(SDXL's two text encoders would each need their own learned token)")
+    return ref, pipe
+
+
+def _detector(kind: str, target: Target, config: AttackConfig, record: dict) -> tuple[Detector | None, dict]:
+    """Eval's detector for this concept and its status; a CLIP that cannot be loaded is reported."""
+    if kind == "digits":
+        return DigitsDetector(target.digit), {"loaded": True}
+    if kind == "nudenet":
+        return NudeNetDetector(), {"loaded": True}
+    clip, status = load_clip(config.clip_model, target.concepts, list(DISTRACTORS) + recorded_surrogates(record))
+    if clip is None:
+        print(f"warning: the clip detector could not be loaded ({config.clip_model}: {status['reason']}); the "
+              "images and the embedding are still made, without rates; pass --clip-model PATH to a local CLIP folder",
+              file=sys.stderr, flush=True)
+    return clip, status
+
+
+def run_attack(config: AttackConfig) -> dict:
+    """Learn the token on the forgotten model, sample both models with and without it, judge the
+    images; write OUT/attack.json, OUT/report.html, OUT/learned_embeds.safetensors, OUT/images/ and
+    OUT/concept-set/; return the attack record."""
+    started = time.time()
+    out = Path(config.output_dir)
+    record = _read_record(config.model)
+    base = config.base or str(record.get("base_model") or "").removeprefix("hub:")
+    clip_path = Path(config.clip_model).expanduser()
+    guard([Output("--output-dir", out, ATTACK_JSON, "attack result")],
+          {"--model": model_path(config.model), "--base": model_path(base), "--concept-images": config.concept_images,
+           "--clip-model": clip_path if clip_path.exists() else None}, config.overwrite)
+    if not base:
+        raise UserError(f"--base is required: {config.model} has no amnesia.json that names its base model")
+    groups = [split_concepts(config.concept)] if config.concept else recorded_concepts(record)
+    if not groups:
+        raise UserError(f"--concept is required: {config.model} has no amnesia.json that names the concept")
+    digits_model = is_digits_model(resolve_model(base))
+    target = target_of(groups, digits_model)
+    detector_kind = choose_detector("auto", digits_model, target.concepts)
+    if detector_kind == "nudenet":
+        nudenet_class()  # a missing package shows now, not after the training
+    initializer = config.initializer or ("digit" if digits_model else "object")
+    settings = GenerationSettings(num_inference_steps=config.num_inference_steps,
+                                  guidance_scale=config.guidance_scale, resolution=config.resolution,
+                                  seed=config.seed, batch_size=config.batch_size, mixed_precision="no")
+    samples = held_out_samples(target, config.token, config.num_images, config.seed, config.guidance_scale)
+    accelerator = make_accelerator()
+    partial, _ = open_work(out, "attack", {}, keep=False)  # never resumed: a fresh folder
+    with discard_on_failure(partial):
+        detector, status = _detector(detector_kind, target, config, record)
+        concept_dir = partial / "concept-set"
+        if config.concept_images:
+            ref, pipe = _load_sd(config.model, accelerator)
+            images = encode_image_folder(pipe, ref, config.concept_images, concept_dir, config.resolution,
+                                         accelerator, kind="concept")
+        else:
+            ref, pipe = _load_sd(base, accelerator)
+            images = generate_image_set(pipe, ref, spread(target.concept_prompts, config.num_images), settings,
+                                        concept_dir, "concept", accelerator)
+            del pipe
+            _release()
+            _, pipe = _load_sd(config.model, accelerator)
+        token_id = add_token(pipe, config.token, initializer)
+        prompts = [t.format(config.token) for t in target.train_templates]
+        embedding, losses = learn_token(pipe, token_id, images, prompts, config.steps, config.learning_rate,
+                                        config.train_batch_size, config.seed)
+        # diffusers' textual-inversion format: {token: [vectors, dim]}.
+        save_file({config.token: embedding[None].float().cpu().contiguous()}, str(partial / EMBEDDINGS))
+        _sample(pipe, "forgotten", samples, settings, partial)
+        del pipe
+        _release()
+        _, pipe = _load_sd(base, accelerator)
+        pipe.load_textual_inversion(str(partial / EMBEDDINGS), token=config.token)  # as a user would
+        _sample(pipe, "base", samples, settings, partial)
+        del pipe
+        _release()
+        if isinstance(detector, ClipDetector):
+            detector.to(accelerator.device)
+        result = _record(config, target, initializer, detector_kind, detector, status, samples, losses, images,
+                         partial, base)
+        result["seconds"] = round(time.time() - started, 1)
+        write_text(partial / "report.html", render_html(result))
+        write_json(partial / ATTACK_JSON, result)
+    publish(partial, out)
+    return result
+
+
+def _record(config, target, initializer, detector_kind, detector, status, samples, losses, images, folder,
+            base) -> dict:
+    rate_name = RATES[detector_kind]
+    outputs = {role: {kind: detector.detect([folder / image_path(role, kind, i) for i in range(len(items))], items)
+                      if detector else [None] * len(items) for kind, items in samples.items()} for role in ROLES}
+    models = {}
+    for role, spec in zip(ROLES, (base, config.model)):
+        rates = {kind: detector.summarize(outputs[role][kind], samples[kind])[rate_name] if detector else None
+                 for kind in KINDS}
+        models[role] = {"spec": spec, "identity": resolve_model(spec).identity,
+                        "before": rates["plain"], "after": rates["token"]}
+    tenth = max(1, len(losses) // 10)
+    entries = []
+    for i in range(config.num_images):
+        entry = {"index": i, "seed": samples["plain"][i].seed}
+        for kind in KINDS:
+            entry[kind] = {"prompt": samples[kind][i].prompt,
+                           **{role: {"image": image_path(role, kind, i), detector_kind: outputs[role][kind][i]}
+                              for role in ROLES}}
+        entries.append(entry)
+    return {
+        **stamp(), "command": "attack",
+        "method": "textual inversion (Pham et al., Circumventing Concept Erasure Methods for Text-to-Image "
+                  "Generative Models)",
+        "concepts": target.concepts,
+        "digit": target.digit,
+        "token": config.token,
+        "initializer": initializer,
+        "embedding": EMBEDDINGS,
+        "load_with": f"pipe.load_textual_inversion(\"{EMBEDDINGS}\", token=\"{config.token}\")",
+        "settings": {**asdict(config), "initializer": initializer, "scheduler": "DDIMScheduler",
+                     "image_size": images.manifest["resolution"], "training_scheduler": "DDPMScheduler",
+                     "optimizer": "AdamW (weight decay 0)",
+                     "test_seeds": "image i: (seed + 1, i); the concept images: (seed, i)"},
+        "concept_set": {"path": "concept-set", "source": images.manifest.get("source"),
+                        "num_images": len(images.latents)},
+        "training_prompts": [t.format(config.token) for t in target.train_templates],
+        "detector": detector_kind,
+        "detectors": {detector_kind: status},
+        "rate": rate_name,
+        "models": models,
+        # How often the concept shows on the forgotten model with the learned token.
+        "attack_success": models["forgotten"]["after"],
+        "training": {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
+                     "loss_mean_first_tenth": sum(losses[:tenth]) / tenth,
+                     "loss_mean_last_tenth": sum(losses[-tenth:]) / tenth, "losses": losses},
+        "images": entries,
+    }
+
+
+def concept_title(result: dict) -> str:
+    """What the attack tries to bring back, short (the digits model records every phrasing of its digit)."""
+    if result["digit"] is not None:
+        return f"digit {result['digit']}"
+    text = ", ".join(result["concepts"])
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def format_summary(result: dict) -> str:
+    """A few lines for the terminal."""
+    lines = [f"attack on {concept_title(result)!r} with {result['token']} "
+             f"(detector {result['detector']}, {result['rate']}: before = concept's name, after = learned token)"]
+    for role in ROLES:
+        m = result["models"][role]
+        lines.append(f"{role:<10} before {fmt(m['before']):>7}   after {fmt(m['after']):>7}")
+    return "\n".join(lines)
+
+
+def render_html(result: dict) -> str:
+    """One self-contained page: the rates, then per test image the four images on its seed."""
+    small = result["settings"]["image_size"] < 96  # shown enlarged, pixel by pixel
+    size = 96 if small else 192
+    title = f"amnesia-sd attack: {concept_title(result)}"
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{escape(title)}</title>"
+             f"<style>{STYLE}</style></head><body class=\"{'small' if small else ''}\">", f"<h1>{escape(title)}</h1>",
+             f"<p class=meta>learned token <code>{escape(result['token'])}</code> (initialised from "
+             f"<code>{escape(result['initializer'])}</code>, {result['training']['steps']} steps, loss "
+             f"{fmt(result['training']['loss_mean_first_tenth'])} to "
+             f"{fmt(result['training']['loss_mean_last_tenth'])}); "
+             f"load it with <code>{escape(result['load_with'])}</code>; every number in "
+             f"<a href=\"{ATTACK_JSON}\">{ATTACK_JSON}</a></p>"]
+    status = result["detectors"][result["detector"]]
+    if not status.get("loaded"):
+        parts.append(f"<div class=warn>{escape(result['detector'])} detector not loaded ({escape(status['reason'])}); "
+                     f"{escape(status['fix'])}</div>")
+    parts.append(f"<h2>How often the concept shows ({escape(result['detector'])} {escape(result['rate'])})</h2>"
+                 "<table class=metrics><tr><th class=l>model</th><th class=l>identity</th>"
+                 "<th>before (the concept's name)</th><th>after (the learned token)</th></tr>")
+    for role in ROLES:
+        m = result["models"][role]
+        parts.append(f"<tr><td class=l>{role}</td><td class=l>{escape(m['identity'])}</td><td>{fmt(m['before'])}</td>"
+                     f"<td>{fmt(m['after'])}</td></tr>")
+    parts.append("</table><h2>Images</h2><p class=meta>held-out phrasings; each figure: one seed, base and "
+                 "forgotten, with the concept's name and with the token</p><div class=pairs>")
+    for entry in result["images"]:
+        cells = "".join(
+            f"<div><img src=\"{escape(entry[kind][role]['image'])}\" width={size} height={size} loading=lazy "
+            f"alt=\"{role} {kind} {entry['index']}\">{role}, {kind}</div>"
+            for role in ROLES for kind in KINDS)
+        parts.append(f"<figure style=\"width:{4 * size + 20}px\"><div class=pair>{cells}</div><figcaption>"
+                     f"#{entry['index']} seed {entry['seed']}<br>{escape(entry['plain']['prompt'])}<br>"
+                     f"{escape(entry['token']['prompt'])}</figcaption></figure>")
+    parts.append("</div></body></html>\n")
+    return "\n".join(parts)
