@@ -238,6 +238,7 @@ def forget(
     lambda_ewc: Annotated[Optional[float], typer.Option(help="EWC weight lambda. [default: 50]")] = None,
     gamma: Annotated[Optional[float], typer.Option(help="Generative-replay weight gamma. [default: 1]")] = None,
     learning_rate: Annotated[Optional[float], typer.Option(help="AdamW learning rate, never scaled by the number of GPUs unless --scale-lr. [default: 1e-5]")] = None,
+    lr_warmup_steps: Annotated[Optional[int], typer.Option(help="Raise the learning rate linearly over the first N steps (a fresh AdamW's first steps move every weight by about the learning rate). [default: 0]")] = None,
     scale_lr: Annotated[Optional[bool], typer.Option("--scale-lr", help="Multiply the learning rate by the number of processes (linear scaling for the larger global batch).")] = None,
     adam_weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay. [default: 0.01]")] = None,
     train_batch_size: Annotated[Optional[int], typer.Option(help="Surrogate images per device per step; as many replay images again. [default: 4]")] = None,

@@ -212,6 +212,7 @@ class ForgetConfig(GenerationSettings):
     lambda_ewc: float = 50.0
     gamma: float = 1.0
     learning_rate: float = 1e-5
+    lr_warmup_steps: int = 0  # the learning rate rises linearly to its value over these steps
     scale_lr: bool = False
     adam_weight_decay: float = 1e-2
     train_batch_size: int = 4
@@ -263,6 +264,7 @@ class ForgetConfig(GenerationSettings):
                      "fim_num_images", "fim_num_timesteps",
                      "checkpoints_total_limit"):
             _check_positive(name, getattr(self, name))
+        _check(self.lr_warmup_steps >= 0, f"--lr-warmup-steps must be >= 0, got {self.lr_warmup_steps}")
         _check(self.adam_weight_decay >= 0, f"--adam-weight-decay must be >= 0, got {self.adam_weight_decay}")
         _check_choice("train_method", self.train_method, ("full", "noxattn", "xattn"))
         _check_positive("lora_rank", self.lora_rank)

@@ -40,6 +40,7 @@ FULL_LEARNING_RATE = 5e-4
 LORA_LEARNING_RATE = 5e-3
 GRID_SAMPLES = 4
 STEPS_PER_DIGIT = 400
+SEQUENTIAL_GAMMA, SEQUENTIAL_WARMUP = 2.0, 100
 
 
 @dataclass
@@ -65,12 +66,15 @@ class DemoConfig:
     # 5e-4 met the targets at training seeds 0, 1 and 2 (p_forgotten <= 0.025, held-out <= 0.046);
     # 2e-4 missed them at two of three (README, the demo). LoRA adapters take LORA_LEARNING_RATE.
     learning_rate: float | None = None
+    # None: 0 in one run; in a sequence 100, with gamma 2 (below). Each later run starts a fresh AdamW
+    # on a model that already forgot: without them the other digits drifted (README, "Several digits").
+    lr_warmup_steps: int | None = None
     lora_rank: int | None = None  # SA and naive train LoRA adapters of this rank instead of the UNet
     lora_targets: str = "to_q,to_k,to_v,to_out.0,conv1,conv2"
     # The paper's lambda = 50 is for SD v1.4. This 1M-parameter model's Fisher is orders of magnitude
     # larger per parameter: at lambda >= 0.01 EWC holds it too close to theta* to forget in 400 steps.
     lambda_ewc: float = 1e-4
-    gamma: float = 1.0
+    gamma: float | None = None  # None: 1 in one run, 2 in a sequence
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     batch_size: int = 250
@@ -92,6 +96,10 @@ class DemoConfig:
         )
         _check(self.surrogate not in map(str, self.digit),
                "--surrogate is a digit being forgotten: pick another digit or 'noise'")
+        if self.gamma is None:
+            self.gamma = SEQUENTIAL_GAMMA if self.sequential else 1.0
+        if self.lr_warmup_steps is None:
+            self.lr_warmup_steps = SEQUENTIAL_WARMUP if self.sequential else 0
         if self.max_train_steps is None:
             self.max_train_steps = STEPS_PER_DIGIT * (1 if self.sequential else len(self.digit))
         if self.learning_rate is None:
@@ -221,7 +229,8 @@ def run_demo(config: DemoConfig) -> dict:
         # label; every digit maps to the one surrogate.
         common = dict(
             templates=False, train_batch_size=config.train_batch_size,
-            max_train_steps=config.max_train_steps, learning_rate=config.learning_rate, seed=config.seed,
+            max_train_steps=config.max_train_steps, learning_rate=config.learning_rate,
+            lr_warmup_steps=config.lr_warmup_steps, seed=config.seed,
             checkpointing_steps=config.max_train_steps, lora_rank=config.lora_rank, lora_targets=config.lora_targets,
             **surrogate,
         )

@@ -220,7 +220,6 @@ def forget(config: ForgetConfig) -> Path:
     from diffusers import DDPMScheduler
 
     started = time.time()
-    config = earlier_sets(config)
     out = Path(config.output_dir)
     work = partial_of(out)
     # Cheap checks first, so bad input fails in a second and leaves nothing behind.
@@ -229,6 +228,7 @@ def forget(config: ForgetConfig) -> Path:
             f"no Fisher file at {config.fim}: compute it once per base model with "
             f"`amnesia-sd fim --model {config.model} --output {config.fim}`"
         )
+    config = earlier_sets(config)
     finished = check_paths(config, out)  # every process checks, so all fail alike
     # Given sets are read once, here, so a bad one fails before the model loads.
     given = {name: load_image_set(path) for name, path in [("replay", config.replay_dir)] + [
@@ -321,12 +321,16 @@ def forget(config: ForgetConfig) -> Path:
     # opts in to the linear scaling rule for the larger global batch.
     learning_rate = config.learning_rate * (accelerator.num_processes if config.scale_lr else 1)
     optimizer = make_optimizer(params, config, learning_rate)
+    # Linear warm-up: a fresh AdamW's first steps move every weight by about the learning rate.
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / (config.lr_warmup_steps + 1)))
     ema = None
     if config.ema_decay:  # of what trains
         ema = EMAModel(params, decay=config.ema_decay) if config.ema_warmup else ConstantDecayEMA(params, decay=config.ema_decay)
     if accelerator.is_main_process:
         print(preflight(unet, trainable, config, replay_text, ema is not None), flush=True)
     unet, optimizer = accelerator.prepare(unet, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)  # stepped once per optimizer step, below
     trainable.register_checkpointing(accelerator, unet)
     if ema is not None:
         ema.to(accelerator.device)
@@ -404,6 +408,7 @@ def forget(config: ForgetConfig) -> Path:
 
             if accelerator.sync_gradients:
                 global_step += 1
+                lr_scheduler.step()
                 if ema is not None:
                     ema.step(params)
                 last = {"surrogate": reported[0].item(), "replay": reported[1].item(), "ewc": ewc}

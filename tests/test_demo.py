@@ -105,7 +105,7 @@ def test_short_demo_writes_what_it_promises(tmp_path):
         assert record["fim"]["metadata"]["num_samples"] == "10"  # 1 image per digit, all ten digits
         assert record["fim"]["metadata"]["num_timesteps"] == "4"
     assert (records["sa"]["settings"]["lambda_ewc"], records["sa"]["settings"]["gamma"]) == (
-        DemoConfig.lambda_ewc, DemoConfig.gamma) == (1e-4, 1.0)
+        DemoConfig.lambda_ewc, config.gamma) == (1e-4, 1.0)
     assert (records["naive"]["settings"]["lambda_ewc"], records["naive"]["settings"]["gamma"]) == (0, 0)
     # The same replay set and Fisher: 2 images of each digit but the forgotten one; 4 noise images
     # as the surrogate.
@@ -246,6 +246,8 @@ def test_demo_of_several_digits(tmp_path, sequential):
     config = DemoConfig(digit=[3, 5], sequential=sequential, sequential_fisher="recompute", output_dir=str(out),
                         **TINY_DEMO)
     assert config.max_train_steps == (400 if sequential else 800)  # 400 steps' worth per digit
+    # a sequence: more replay and a warm-up, since each later run starts a fresh optimizer
+    assert (config.gamma, config.lr_warmup_steps) == ((2.0, 100) if sequential else (1.0, 0))
     metrics = run_demo(DemoConfig(**{**asdict(config), "max_train_steps": 2}))
     assert metrics["forgotten_digits"] == [3, 5] and "forgotten_digit" not in metrics
     assert metrics["mode"] == ("sequential" if sequential else "one run")

@@ -461,3 +461,28 @@ def test_lora_resumed_run_equals_uninterrupted_run_and_checkpoints_are_small(tin
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
     assert not (resumed / "unet").exists()  # no --fuse: the adapter alone
+
+
+def test_lr_warmup_rises_linearly_and_resumes_exactly(tiny_model, data, tmp_path, monkeypatch):
+    """--lr-warmup-steps: the learning rate of step k is lr * k / (warmup + 1) until it reaches lr; a run
+    resumed in the warm-up continues it (the scheduler is in the checkpoint)."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    straight = run(tiny_model, data, tmp_path / "straight", max_train_steps=5, lr_warmup_steps=3,
+                   checkpointing_steps=2)
+    assert seen == pytest.approx([1e-3 * k / 4 for k in (1, 2, 3)] + [1e-3, 1e-3])
+    killed_after_first_checkpoint(monkeypatch, tiny_model, data, tmp_path / "resumed", max_train_steps=5,
+                                  lr_warmup_steps=3, checkpointing_steps=2)
+    seen.clear()
+    resumed = run(tiny_model, data, tmp_path / "resumed", max_train_steps=5, lr_warmup_steps=3,
+                  checkpointing_steps=2, resume_from_checkpoint="latest")
+    assert seen == pytest.approx([3e-3 / 4, 1e-3, 1e-3])
+    a, b = unet_weights(straight), unet_weights(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
