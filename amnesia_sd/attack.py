@@ -34,9 +34,7 @@ from .detectors import (
 )
 from .diffusion import per_sample_loss
 from .errors import UserError
-from .evaluate import (
-    _read_record, choose_detector, digits_of, is_digits_model, recorded_concepts, recorded_surrogates, spread,
-)
+from .evaluate import choose_detector, digits_of, forgotten_model, is_digits_model, recorded_surrogates, spread
 from .families import family_of, take, to_device
 from .generate import generate, image_seed
 from .imageset import ImageSet, encode_image_folder, generate_image_set
@@ -240,17 +238,11 @@ def run_attack(config: AttackConfig) -> dict:
     OUT/concept-set/; return the attack record."""
     started = time.time()
     out = Path(config.output_dir)
-    record = _read_record(config.model)
-    base = config.base or str(record.get("base_model") or "").removeprefix("hub:")
+    record, base, groups = forgotten_model(config.model, config.base, config.concept)
     clip_path = Path(config.clip_model).expanduser()
     guard([Output("--output-dir", out, ATTACK_JSON, "attack result")],
           {"--model": model_path(config.model), "--base": model_path(base), "--concept-images": config.concept_images,
            "--clip-model": clip_path if clip_path.exists() else None}, config.overwrite)
-    if not base:
-        raise UserError(f"--base is required: {config.model} has no amnesia.json that names its base model")
-    groups = [split_concepts(config.concept)] if config.concept else recorded_concepts(record)
-    if not groups:
-        raise UserError(f"--concept is required: {config.model} has no amnesia.json that names the concept")
     digits_model = is_digits_model(resolve_model(base))
     target = target_of(groups, digits_model)
     detector_kind = choose_detector("auto", digits_model, target.concepts)

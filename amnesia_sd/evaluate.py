@@ -363,25 +363,31 @@ def recorded_surrogates(record: dict) -> list[str]:
     return [surrogate] if isinstance(surrogate, str) else []
 
 
+def forgotten_model(model: str, base: str | None, concept: str | None) -> tuple[dict, str, list[list[str]]]:
+    """A forgotten model's amnesia.json ({} when there is none), its base (`base`, else the recorded
+    one) and the forgotten concepts, one list of alternatives each (`concept`, else the recorded ones)."""
+    record = _read_record(model)
+    base = base or str(record.get("base_model") or "").removeprefix("hub:")
+    if not base:
+        raise UserError(f"--base is required: {model} has no amnesia.json that names its base model")
+    groups = [split_concepts(concept)] if concept else recorded_concepts(record)
+    if not any(groups):
+        raise UserError(f"--concept is required: {model} has no amnesia.json that names the concept")
+    return record, base, groups
+
+
 def run_eval(config: EvalConfig) -> dict:
     """Sample both models on every prompt set, judge the images, write OUT/report.json,
     OUT/report.html and OUT/images/; return the report (an empty dict on processes other than
     the main one under `accelerate launch`)."""
     started = time.time()
     out = Path(config.output_dir)
-    record = _read_record(config.model)
-    base = config.base or str(record.get("base_model") or "").removeprefix("hub:")
+    record, base, groups = forgotten_model(config.model, config.base, config.concept)
     clip_path = Path(config.clip_model).expanduser()
     guard([Output("--output-dir", out, REPORT_JSON, "eval report")],
           {"--model": model_path(config.model), "--base": model_path(base), "--prompts-csv": config.prompts_csv,
            "--clip-model": clip_path if clip_path.exists() else None}, config.overwrite)
-    if not base:
-        raise UserError(f"--base is required: {config.model} has no amnesia.json that names its base model")
-    # One group of alternatives per forgotten concept, each reported on its own.
-    groups = [split_concepts(config.concept)] if config.concept else recorded_concepts(record)
-    concepts = [c for group in groups for c in group]
-    if not concepts:
-        raise UserError(f"--concept is required: {config.model} has no amnesia.json that names the concept")
+    concepts = [c for group in groups for c in group]  # each group is reported on its own sets
     digits_model = is_digits_model(resolve_model(base))
     detector = choose_detector(config.detector, digits_model, concepts)
     n = config.num_images or (DemoConfig.samples_per_digit if digits_model else SD_IMAGES_PER_SET)
