@@ -39,8 +39,8 @@ from .families import family_of, take, to_device
 from .generate import generate, image_seed
 from .imageset import ImageSet, encode_image_folder, generate_image_set
 from .io import atomic_path, write_json, write_text
-from .models import load_on_device, make_accelerator, model_path, resolve_model
-from .paths import Output, discard_on_failure, guard, open_work, publish, stamp
+from .models import load_on_device, make_accelerator, resolve_model
+from .paths import Output, discard_on_failure, open_work, publish, stamp
 from .prompts import bundled, concept_prompts, read_prompts
 from .report import STYLE, fmt
 
@@ -238,11 +238,10 @@ def run_attack(config: AttackConfig) -> dict:
     OUT/concept-set/; return the attack record."""
     started = time.time()
     out = Path(config.output_dir)
-    record, base, groups = forgotten_model(config.model, config.base, config.concept)
-    clip_path = Path(config.clip_model).expanduser()
-    guard([Output("--output-dir", out, ATTACK_JSON, "attack result")],
-          {"--model": model_path(config.model), "--base": model_path(base), "--concept-images": config.concept_images,
-           "--clip-model": clip_path if clip_path.exists() else None}, config.overwrite)
+    record, base, groups = forgotten_model(config.model, config.base, config.concept,
+                                           Output("--output-dir", out, ATTACK_JSON, "attack result"),
+                                           {"--concept-images": config.concept_images}, config.clip_model,
+                                           config.overwrite)
     digits_model = is_digits_model(resolve_model(base))
     target = target_of(groups, digits_model)
     detector_kind = choose_detector("auto", digits_model, target.concepts)

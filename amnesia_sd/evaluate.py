@@ -363,11 +363,16 @@ def recorded_surrogates(record: dict) -> list[str]:
     return [surrogate] if isinstance(surrogate, str) else []
 
 
-def forgotten_model(model: str, base: str | None, concept: str | None) -> tuple[dict, str, list[list[str]]]:
-    """A forgotten model's amnesia.json ({} when there is none), its base (`base`, else the recorded
-    one) and the forgotten concepts, one list of alternatives each (`concept`, else the recorded ones)."""
+def forgotten_model(model: str, base: str | None, concept: str | None, output: Output, inputs: dict,
+                    clip_model: str, overwrite: bool) -> tuple[dict, str, list[list[str]]]:
+    """For eval and attack, before any work: a forgotten model's amnesia.json ({} when there is
+    none), its base (`base`, else the recorded one) and the forgotten concepts, one list of
+    alternatives each (`concept`, else the recorded ones); the output checked against every input."""
     record = _read_record(model)
     base = base or str(record.get("base_model") or "").removeprefix("hub:")
+    clip_path = Path(clip_model).expanduser()
+    guard([output], {"--model": model_path(model), "--base": model_path(base), **inputs,
+                     "--clip-model": clip_path if clip_path.exists() else None}, overwrite)
     if not base:
         raise UserError(f"--base is required: {model} has no amnesia.json that names its base model")
     groups = [split_concepts(concept)] if concept else recorded_concepts(record)
@@ -382,11 +387,9 @@ def run_eval(config: EvalConfig) -> dict:
     the main one under `accelerate launch`)."""
     started = time.time()
     out = Path(config.output_dir)
-    record, base, groups = forgotten_model(config.model, config.base, config.concept)
-    clip_path = Path(config.clip_model).expanduser()
-    guard([Output("--output-dir", out, REPORT_JSON, "eval report")],
-          {"--model": model_path(config.model), "--base": model_path(base), "--prompts-csv": config.prompts_csv,
-           "--clip-model": clip_path if clip_path.exists() else None}, config.overwrite)
+    record, base, groups = forgotten_model(config.model, config.base, config.concept,
+                                           Output("--output-dir", out, REPORT_JSON, "eval report"),
+                                           {"--prompts-csv": config.prompts_csv}, config.clip_model, config.overwrite)
     concepts = [c for group in groups for c in group]  # each group is reported on its own sets
     digits_model = is_digits_model(resolve_model(base))
     detector = choose_detector(config.detector, digits_model, concepts)
