@@ -3,6 +3,7 @@ what that costs, said in one line before any of it starts."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from safetensors import safe_open
@@ -13,13 +14,18 @@ from .config import (DEFAULT_FIM_FRACTION, DEFAULT_FIM_TIMESTEPS, DEFAULT_REPLAY
                      SURROGATE_SOURCES, FimConfig, ForgetConfig)
 from .cost import announce, generation_passes
 from .fisher import fisher_cost, replay_cost, timestep_set, write_fisher_of_set
-from .imageset import (ImageSet, encode_image_folder, generate_image_set, is_cached, is_finished, link_set,
+from .imageset import (MANIFEST, ImageSet, encode_image_folder, generate_image_set, is_cached, is_finished, link_set,
                        load_image_set, set_record)
 from .models import ModelRef, origin
 from .paths import check_overlap
 from .prompts import repeat_to, replay_prompts
 
 DEFAULT_TIMESTEP_BATCH = FimConfig.timestep_batch_size
+
+
+def same_set(copy: Path, source: Path) -> bool:
+    """`copy` is a finished set with `source`'s manifest (which records how the set was made)."""
+    return is_finished(copy) and (copy / MANIFEST).read_bytes() == (source / MANIFEST).read_bytes()
 
 
 def surrogate_folder(index: int, count: int) -> str:
@@ -71,7 +77,6 @@ class Plan:
             self.fim_count = min(config.fim_num_images or max(1, replay_size // DEFAULT_FIM_FRACTION), replay_size)
             self.fim_steps = len(timestep_set(pipe.scheduler.config.num_train_timesteps,
                                               config.fim_num_timesteps or DEFAULT_FIM_TIMESTEPS))
-            self.fim_file = None  # named after the replay set it is computed on
             name, passes = fisher_cost(self.fim_count, self.fim_steps)
             parts.append((name, passes))
         steps = config.max_train_steps * config.gradient_accumulation_steps
@@ -91,7 +96,9 @@ class Plan:
         surrogates, made = [], {}
         for pair, folder in zip(self.inherited, self.folders):
             if folder not in made:
-                if accelerator.is_main_process and not is_finished(folder):
+                if accelerator.is_main_process and not same_set(folder, pair["set"].path):
+                    # A set left in our work folder by a run on another --model is replaced.
+                    shutil.rmtree(folder, ignore_errors=True)
                     link_set(pair["set"].path, folder)
                 accelerator.wait_for_everyone()
                 made[folder] = load_image_set(folder)

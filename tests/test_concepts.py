@@ -243,3 +243,21 @@ def test_ema_without_warmup_holds_its_decay_from_the_first_step():
         ramped.step([param])
     assert constant.shadow_params[0].item() == pytest.approx(1 - 0.9 ** 5)  # the reference's EMA
     assert ramped.shadow_params[0].item() > 0.9  # diffusers' warm-up follows the weights at first
+
+
+def test_a_stale_earlier_set_in_the_work_folder_is_replaced(tiny_model, sets, tmp_path):
+    """An interrupted run on another --model left its earlier set in OUT.partial: the next run links
+    the right one."""
+    from amnesia_sd.imageset import link_set
+    from amnesia_sd.paths import open_work
+
+    first = forget(ForgetConfig(**settings(tiny_model, sets, tmp_path / "first", concept="brad pitt",
+                                           surrogate="a man")))
+    other = forget(ForgetConfig(**settings(tiny_model, sets, tmp_path / "other", concept="brad pitt",
+                                           surrogate="a woman")))
+    open_work(tmp_path / "second", "forget", {}, keep=False)  # as an interrupted run leaves it
+    link_set(other / "data" / "surrogate", tmp_path / "second.partial" / "data" / "surrogate-1")
+    second = forget(ForgetConfig(**settings(tiny_model, sets, tmp_path / "second", model=str(first),
+                                            concept="tom cruise", surrogate="a dog")))
+    assert tree_digest(second / "data" / "surrogate-1") == tree_digest(first / "data" / "surrogate")
+    assert load_image_set(second / "data" / "surrogate-1").prompts == ["a man"] * 2
