@@ -27,14 +27,15 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import digits
-from .config import GenerationSettings, _check, _check_positive, split_concepts
+from .config import GenerationSettings, _check, _check_positive
 from .detectors import (
-    DEFAULT_CLIP, DISTRACTORS, ClipDetector, Detector, DigitsDetector, NudeNetDetector, Sample, load_clip,
+    DISTRACTORS, ClipDetector, Detector, DigitsDetector, NudeNetDetector, Sample, load_clip,
     nudenet_class,
 )
 from .diffusion import per_sample_loss
 from .errors import UserError
-from .evaluate import choose_detector, digits_of, forgotten_model, is_digits_model, recorded_surrogates, spread
+from .evaluate import (ForgottenModelSettings, choose_detector, digits_of, forgotten_model, is_digits_model,
+                       recorded_surrogates, spread)
 from .families import family_of, take, to_device
 from .generate import generate, image_seed
 from .imageset import ImageSet, encode_image_folder, generate_image_set
@@ -54,11 +55,7 @@ RATES = {"digits": "p_forgotten", "clip": "p_concept", "nudenet": "share_exposed
 
 
 @dataclass
-class AttackConfig(GenerationSettings):
-    model: str = ""
-    output_dir: str = ""
-    base: str | None = None  # None: the base_model recorded in MODEL/amnesia.json
-    concept: str | None = None  # None: the concept recorded in MODEL/amnesia.json
+class AttackConfig(ForgottenModelSettings):
     concept_images: str | None = None  # None: the base model generates them from the concept prompts
     # Defaults: the digits model's attack takes about a minute on a CPU; SD v1.4's a few minutes on a
     # GPU. 500 steps at 5e-3 is in the range of diffusers' textual-inversion example (3000 steps at
@@ -70,20 +67,14 @@ class AttackConfig(GenerationSettings):
     num_images: int = 16  # concept images to generate, and images per model and prompt kind in the test
     initializer: str | None = None  # None: "object" (digits model: "digit")
     token: str = TOKEN
-    clip_model: str = DEFAULT_CLIP
-    overwrite: bool = False
     # The embedding trains in float32 and both models are sampled alike: no mixed precision.
     mixed_precision: str | None = "no"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(bool(self.model), "--model is required (the forgotten model: an `amnesia-sd forget` output folder)")
-        _check(bool(self.output_dir), "--output-dir is required")
         _check(self.mixed_precision == "no", "attack runs in float32 (the embedding trains in full precision)")
         for name in ("steps", "learning_rate", "train_batch_size", "num_images"):
             _check_positive(name, getattr(self, name))
-        _check(self.concept is None or bool(split_concepts(self.concept)),
-               "--concept is empty: give the forgotten concept, e.g. --concept 'Brad Pitt'")
         _check(self.initializer is None or bool(self.initializer.strip()),
                "--initializer is empty: give a neutral one-token word, e.g. object")
         _check(len(self.token.split()) == 1, f"the token must be one word without spaces, got {self.token!r}")
@@ -238,10 +229,8 @@ def run_attack(config: AttackConfig) -> dict:
     OUT/concept-set/; return the attack record."""
     started = time.time()
     out = Path(config.output_dir)
-    record, base, groups = forgotten_model(config.model, config.base, config.concept,
-                                           Output("--output-dir", out, ATTACK_JSON, "attack result"),
-                                           {"--concept-images": config.concept_images}, config.clip_model,
-                                           config.overwrite)
+    record, base, groups = forgotten_model(config, Output("--output-dir", out, ATTACK_JSON, "attack result"),
+                                           {"--concept-images": config.concept_images})
     digits_model = is_digits_model(resolve_model(base))
     target = target_of(groups, digits_model)
     detector_kind = choose_detector("auto", digits_model, target.concepts)

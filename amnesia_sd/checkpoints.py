@@ -61,7 +61,7 @@ def earlier_run(model: str) -> tuple[dict, list[dict]] | None:
     return record, pairs
 
 
-def check_paths(config: ForgetConfig, out: Path) -> bool:
+def check_paths(config: ForgetConfig, out: Path, inherited: list[dict]) -> bool:
     """The guard, before any work: no output touches an input; OUT is new, empty or a finished
     result of ours (replaced only with --overwrite). Returns whether one is there."""
     work = partial_of(out)
@@ -70,8 +70,7 @@ def check_paths(config: ForgetConfig, out: Path) -> bool:
     for i, pair in enumerate(config.pairs()):
         inputs[f"--surrogate-dir of concept {i + 1}"] = pair["surrogate_dir"]
         inputs[f"--surrogate-images of concept {i + 1}"] = pair["surrogate_images"]
-    earlier = earlier_run(config.model)
-    for i, pair in enumerate(earlier[1] if earlier else []):
+    for i, pair in enumerate(inherited):  # the pairs of an earlier run (earlier_run)
         inputs[f"the surrogate set of earlier concept {i + 1}"] = pair["set"]
     resume = config.resume_from_checkpoint
     if resume and resume != "latest" and real(work / "checkpoints") not in real(resume).parents:

@@ -54,32 +54,43 @@ SD_BATCH_SIZE = GenerationSettings.batch_size
 
 
 @dataclass
-class EvalConfig(GenerationSettings):
+class ForgottenModelSettings(GenerationSettings):
+    """What eval and attack both take: a forgotten model, its base and concepts (recorded in its
+    amnesia.json unless given), an output folder, and the CLIP that judges concepts other than
+    nudity and digits."""
+
     model: str = ""
     output_dir: str = ""
     base: str | None = None  # None: the base_model recorded in MODEL/amnesia.json
     concept: str | None = None  # None: the concepts recorded in MODEL/amnesia.json
-    num_images: int | None = None  # per prompt set (digits model: per digit); None: 16 (digits: the demo's 100)
-    # None: 8 (digits model: the demo's 250; image pixels depend slightly on the batch, and this
-    # is what makes the demo's numbers repeat exactly)
-    batch_size: int | None = None
-    detector: str = "auto"
     clip_model: str = DEFAULT_CLIP
-    nudenet_threshold: float = 0.6
-    distractors: list[str] = field(default_factory=list)  # empty: detectors.DISTRACTORS
-    prompts_csv: str | None = None
     overwrite: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(bool(self.model), "--model is required (the forgotten model: an `amnesia-sd forget` output folder)")
         _check(bool(self.output_dir), "--output-dir is required")
-        _check_positive("num_images", self.num_images)
-        _check_choice("detector", self.detector, DETECTORS)
         _check(bool(self.clip_model.strip()), "--clip-model is empty: give a hub id or a local CLIP folder")
-        _check(0 < self.nudenet_threshold <= 1, f"--nudenet-threshold must be in (0, 1], got {self.nudenet_threshold}")
         _check(self.concept is None or bool(split_concepts(self.concept)),
                "--concept is empty: give the forgotten concept, e.g. --concept 'Brad Pitt'")
+
+
+@dataclass
+class EvalConfig(ForgottenModelSettings):
+    num_images: int | None = None  # per prompt set (digits model: per digit); None: 16 (digits: the demo's 100)
+    # None: 8 (digits model: the demo's 250; image pixels depend slightly on the batch, and this
+    # is what makes the demo's numbers repeat exactly)
+    batch_size: int | None = None
+    detector: str = "auto"
+    nudenet_threshold: float = 0.6
+    distractors: list[str] = field(default_factory=list)  # empty: detectors.DISTRACTORS
+    prompts_csv: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("num_images", self.num_images)
+        _check_choice("detector", self.detector, DETECTORS)
+        _check(0 < self.nudenet_threshold <= 1, f"--nudenet-threshold must be in (0, 1], got {self.nudenet_threshold}")
 
 
 @dataclass
@@ -363,21 +374,21 @@ def recorded_surrogates(record: dict) -> list[str]:
     return [surrogate] if isinstance(surrogate, str) else []
 
 
-def forgotten_model(model: str, base: str | None, concept: str | None, output: Output, inputs: dict,
-                    clip_model: str, overwrite: bool) -> tuple[dict, str, list[list[str]]]:
-    """For eval and attack, before any work: a forgotten model's amnesia.json ({} when there is
-    none), its base (`base`, else the recorded one) and the forgotten concepts, one list of
-    alternatives each (`concept`, else the recorded ones); the output checked against every input."""
-    record = _read_record(model)
-    base = base or str(record.get("base_model") or "").removeprefix("hub:")
-    clip_path = Path(clip_model).expanduser()
-    guard([output], {"--model": model_path(model), "--base": model_path(base), **inputs,
-                     "--clip-model": clip_path if clip_path.exists() else None}, overwrite)
+def forgotten_model(config: ForgottenModelSettings, output: Output,
+                    inputs: dict) -> tuple[dict, str, list[list[str]]]:
+    """For eval and attack, before any work: the model's amnesia.json ({} when there is none), its
+    base (--base, else the recorded one) and the forgotten concepts, one list of alternatives each
+    (--concept, else the recorded ones); the output checked against every input."""
+    record = _read_record(config.model)
+    base = config.base or str(record.get("base_model") or "").removeprefix("hub:")
+    clip_path = Path(config.clip_model).expanduser()
+    guard([output], {"--model": model_path(config.model), "--base": model_path(base), **inputs,
+                     "--clip-model": clip_path if clip_path.exists() else None}, config.overwrite)
     if not base:
-        raise UserError(f"--base is required: {model} has no amnesia.json that names its base model")
-    groups = [split_concepts(concept)] if concept else recorded_concepts(record)
+        raise UserError(f"--base is required: {config.model} has no amnesia.json that names its base model")
+    groups = [split_concepts(config.concept)] if config.concept else recorded_concepts(record)
     if not any(groups):
-        raise UserError(f"--concept is required: {model} has no amnesia.json that names the concept")
+        raise UserError(f"--concept is required: {config.model} has no amnesia.json that names the concept")
     return record, base, groups
 
 
@@ -387,9 +398,8 @@ def run_eval(config: EvalConfig) -> dict:
     the main one under `accelerate launch`)."""
     started = time.time()
     out = Path(config.output_dir)
-    record, base, groups = forgotten_model(config.model, config.base, config.concept,
-                                           Output("--output-dir", out, REPORT_JSON, "eval report"),
-                                           {"--prompts-csv": config.prompts_csv}, config.clip_model, config.overwrite)
+    record, base, groups = forgotten_model(config, Output("--output-dir", out, REPORT_JSON, "eval report"),
+                                           {"--prompts-csv": config.prompts_csv})
     concepts = [c for group in groups for c in group]  # each group is reported on its own sets
     digits_model = is_digits_model(resolve_model(base))
     detector = choose_detector(config.detector, digits_model, concepts)

@@ -187,15 +187,14 @@ def check_sequence(config: ForgetConfig, earlier: dict) -> None:
                         "next concept without --lora-rank")
 
 
-def earlier_sets(config: ForgetConfig) -> ForgetConfig:
-    """After an earlier forget run, the Fisher and replay set it used, unless others are asked for:
+def earlier_sets(config: ForgetConfig, record: dict) -> ForgetConfig:
+    """After an earlier forget run (its amnesia.json `record`), the Fisher and replay set it used, unless others are asked for:
     on the digits model these kept both digits forgotten and the rest remembered, while a Fisher and
     replay set made again on the forgotten model let the first digit come back (README, "Several
     digits"). Files that are gone are made again on this model (said in one line)."""
-    earlier = earlier_run(config.model)
-    if earlier is None:
+    if not record:  # --model is not a forget result
         return config
-    record, folder = earlier[0], model_path(config.model)
+    folder = model_path(config.model)
     changes = {}
     fim = Path((record.get("fim") or {}).get("path", ""))
     if not (config.fim or config.fim_num_images or config.fim_num_timesteps):
@@ -228,13 +227,13 @@ def forget(config: ForgetConfig) -> Path:
             f"no Fisher file at {config.fim}: compute it once per base model with "
             f"`amnesia-sd fim --model {config.model} --output {config.fim}`"
         )
-    config = earlier_sets(config)
-    finished = check_paths(config, out)  # every process checks, so all fail alike
+    # Sequential forgetting: the concepts --model already forgot stay in the objective.
+    earlier, inherited = earlier_run(config.model) or ({}, [])
+    config = earlier_sets(config, earlier)
+    finished = check_paths(config, out, inherited)  # every process checks, so all fail alike
     # Given sets are read once, here, so a bad one fails before the model loads.
     given = {name: load_image_set(path) for name, path in [("replay", config.replay_dir)] + [
         (f"surrogate {i + 1}", pair["surrogate_dir"]) for i, pair in enumerate(config.pairs())] if path}
-    # Sequential forgetting: the concepts --model already forgot stay in the objective.
-    earlier, inherited = earlier_run(config.model) or ({}, [])
     check_sequence(config, earlier)
     inherited = [{**pair, "set": load_image_set(pair["set"])} for pair in inherited]
     ancestors = [r["base_model"] for r in earlier.get("history", [])] + ([earlier["base_model"]] if earlier else [])

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import FINISHED
-from .config import ForgetConfig, split_concepts
+from .config import SURROGATE_SOURCES, ForgetConfig, split_concepts
 from .io import write_json, write_text
 from .models import ModelRef, load_pipeline, merge_lora
 from .paths import stamp
@@ -29,7 +29,7 @@ def recorded_path(path: Path, work: Path) -> str:
 def surrogate_of(pair: dict) -> tuple[str, str]:
     """What a pair's concept maps to (a prompt, or a folder of the user's images), and how the
     surrogate was given: prompt, surrogate_dir or surrogate_images."""
-    kind = next(k for k in ("surrogate", "surrogate_dir", "surrogate_images") if pair.get(k))
+    kind = next(k for k in SURROGATE_SOURCES if pair.get(k))
     return pair["maps_to"], {"surrogate": "prompt"}.get(kind, kind)
 
 
