@@ -18,11 +18,12 @@ import gc
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from html import escape
 from pathlib import Path
 
 import torch
+from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -67,6 +68,9 @@ class AttackConfig(ForgottenModelSettings):
     num_images: int = 16  # concept images to generate, and images per model and prompt kind in the test
     initializer: str | None = None  # None: "object" (digits model: "digit")
     token: str = TOKEN
+    # Also measure the forgotten model with the token as it was after these steps (each < --steps):
+    # how long an attack needs, from one run (a shorter attack with this seed is that run's start).
+    measure_steps: list[int] = field(default_factory=list)
     # The embedding trains in float32 and both models are sampled alike: no mixed precision.
     mixed_precision: str | None = "no"
 
@@ -78,6 +82,9 @@ class AttackConfig(ForgottenModelSettings):
         _check(self.initializer is None or bool(self.initializer.strip()),
                "--initializer is empty: give a neutral one-token word, e.g. object")
         _check(len(self.token.split()) == 1, f"the token must be one word without spaces, got {self.token!r}")
+        _check(all(0 < n < self.steps for n in self.measure_steps),
+               f"--measure-steps must each be between 0 and --steps ({self.steps}), got {self.measure_steps}")
+        self.measure_steps = sorted(set(self.measure_steps))
 
 
 def add_token(pipe, token: str, initializer: str) -> int:
@@ -99,20 +106,19 @@ def add_token(pipe, token: str, initializer: str) -> int:
     return token_id
 
 
-def learn_token(pipe, token_id: int, images: ImageSet, prompts: list[str], steps: int, learning_rate: float,
-                batch_size: int, seed: int) -> tuple[torch.Tensor, list[float]]:
-    """Textual inversion: train the embedding row `token_id` alone with the denoising loss on the
-    set's latents, each with a random one of `prompts` (which name the token). Returns the learned
-    row and the loss of every step. The UNet, VAE and the rest of the text encoder never change:
-    they get no gradient, and the other embedding rows are restored after every step (as diffusers'
-    textual-inversion example does), so even the optimizer cannot move them."""
-    from diffusers import DDPMScheduler
-
-    family = family_of(pipe)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-    weights = pipe.text_encoder.get_input_embeddings().weight
+def learn_token(family, text, unet, scheduler, token_id: int, images: ImageSet, prompts: list[str], steps: int,
+                learning_rate: float, batch_size: int, seed: int,
+                keep_at: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[float], dict[int, torch.Tensor]]:
+    """Textual inversion: train the embedding row `token_id` of `text.text_encoder` (`text` has a
+    tokenizer and a text encoder) alone with the denoising loss of `unet` on the set's latents, each
+    with a random one of `prompts` (which name the token), starting from the row as it is. Returns the
+    learned row, the loss of every step and the row after each step in `keep_at`. Nothing else
+    changes: only the row gets a gradient (the UNet may be one being trained: its .grad stays as it
+    was), and the other rows are restored after every step (as diffusers' textual-inversion example
+    does), so even the optimizer cannot move them."""
+    encoder = text.text_encoder
+    encoder.requires_grad_(False)
+    weights = encoder.get_input_embeddings().weight
     original = weights.detach().clone()
     others = torch.arange(len(original), device=weights.device) != token_id
     weights.requires_grad_(True)
@@ -121,28 +127,31 @@ def learn_token(pipe, token_id: int, images: ImageSet, prompts: list[str], steps
     # Noise, timesteps and images drawn on the CPU, so a seed gives the same run on any device.
     generator = torch.Generator().manual_seed(image_seed(seed, 0, "train"))
     choose = random.Random(seed)
-    device = pipe.unet.device
-    losses = []
+    device = unet.device
+    losses, kept = [], {}
     try:
-        for _ in tqdm(range(steps), desc="learning the token", unit="step"):
+        for step in tqdm(range(1, steps + 1), desc="learning the token", unit="step", leave=False):
             index = torch.randint(len(images.latents), (batch_size,), generator=generator)
-            latents = images.latents[index].to(device, pipe.unet.dtype)
+            latents = images.latents[index].to(device, unet.dtype)
             noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
             timesteps = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-            cond = {**family.text_conditioning(pipe, [choose.choice(prompts) for _ in range(batch_size)]),
+            cond = {**family.text_conditioning(text, [choose.choice(prompts) for _ in range(batch_size)]),
                     **to_device(take(images.conditioning, index), device)}
-            loss = per_sample_loss(family, pipe.unet, scheduler, latents, noise, timesteps.to(device), cond).mean()
+            loss = per_sample_loss(family, unet, scheduler, latents, noise, timesteps.to(device), cond).mean()
             if not torch.isfinite(loss):
-                raise UserError(f"the loss became {loss.item()} at step {len(losses) + 1}: lower --learning-rate")
+                raise UserError(f"the token's loss became {loss.item()} at step {step}: lower its learning rate")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward(inputs=[weights])
             optimizer.step()
             with torch.no_grad():
                 weights[others] = original[others]
             losses.append(loss.item())
+            if step in keep_at:
+                kept[step] = weights[token_id].detach().clone()
     finally:
         weights.requires_grad_(False)
-    return weights[token_id].detach().clone(), losses
+        weights.grad = None
+    return weights[token_id].detach().clone(), losses, kept
 
 
 @dataclass
@@ -178,6 +187,11 @@ def held_out_samples(target: Target, token: str, n: int, seed: int, guidance: fl
     names = {"plain": [target.names[i % len(target.names)] for i in range(n)], "token": [token] * n}
     return {kind: [Sample(t.format(name), s, guidance, target.digit)
                    for t, name, s in zip(templates, names[kind], seeds)] for kind in KINDS}
+
+
+def shorter(steps: int) -> str:
+    """The image kind of the token after `steps` steps of the attack."""
+    return f"token-at-{steps}"
 
 
 def image_path(role: str, kind: str, index: int) -> str:
@@ -259,10 +273,20 @@ def run_attack(config: AttackConfig) -> dict:
             _, pipe = _load_sd(config.model, accelerator)
         token_id = add_token(pipe, config.token, initializer)
         prompts = [t.format(config.token) for t in target.train_templates]
-        embedding, losses = learn_token(pipe, token_id, images, prompts, config.steps, config.learning_rate,
-                                        config.train_batch_size, config.seed)
+        for module in (pipe.unet, pipe.vae):
+            module.requires_grad_(False)
+        embedding, losses, kept = learn_token(family_of(pipe), pipe, pipe.unet, DDPMScheduler.from_config(
+            pipe.scheduler.config), token_id, images, prompts, config.steps, config.learning_rate,
+            config.train_batch_size, config.seed, keep_at=tuple(config.measure_steps))
         # diffusers' textual-inversion format: {token: [vectors, dim]}.
         save_file({config.token: embedding[None].float().cpu().contiguous()}, str(partial / EMBEDDINGS))
+        table = pipe.text_encoder.get_input_embeddings().weight
+        for at in config.measure_steps:  # the shorter attacks: the token as it was then
+            with torch.no_grad():
+                table[token_id] = kept[at]
+            _sample(pipe, "forgotten", {shorter(at): samples["token"]}, settings, partial)
+        with torch.no_grad():
+            table[token_id] = embedding
         _sample(pipe, "forgotten", samples, settings, partial)
         del pipe
         _release()
@@ -293,6 +317,12 @@ def _record(config, target, initializer, detector_kind, detector, status, sample
                  for kind in KINDS}
         models[role] = {"spec": spec, "identity": resolve_model(spec).identity,
                         "before": rates["plain"], "after": rates["token"]}
+    tokens = samples["token"]
+    models["forgotten"]["after_by_steps"] = {
+        **{str(at): detector.summarize(detector.detect([folder / image_path("forgotten", shorter(at), i)
+                                                        for i in range(len(tokens))], tokens), tokens)[rate_name]
+           if detector else None for at in config.measure_steps},
+        str(config.steps): models["forgotten"]["after"]}
     tenth = max(1, len(losses) // 10)
     entries = []
     for i in range(config.num_images):
@@ -347,6 +377,10 @@ def format_summary(result: dict) -> str:
     for role in ROLES:
         m = result["models"][role]
         lines.append(f"{role:<10} before {fmt(m['before']):>7}   after {fmt(m['after']):>7}")
+    shorter_runs = {k: v for k, v in result["models"]["forgotten"]["after_by_steps"].items()
+                    if int(k) != result["training"]["steps"]}
+    if shorter_runs:
+        lines.append("forgotten, after N steps: " + ", ".join(f"{k}: {fmt(v)}" for k, v in shorter_runs.items()))
     return "\n".join(lines)
 
 
@@ -374,6 +408,11 @@ def render_html(result: dict) -> str:
         m = result["models"][role]
         parts.append(f"<tr><td class=l>{role}</td><td class=l>{escape(m['identity'])}</td><td>{fmt(m['before'])}</td>"
                      f"<td>{fmt(m['after'])}</td></tr>")
+    by_steps = result["models"]["forgotten"]["after_by_steps"]
+    if len(by_steps) > 1:
+        parts.append("</table><table class=metrics><tr><th class=l>attack steps</th>" + "".join(
+            f"<th>{k}</th>" for k in by_steps) + "</tr><tr><td class=l>forgotten, after</td>" + "".join(
+            f"<td>{fmt(v)}</td>" for v in by_steps.values()) + "</tr>")
     parts.append("</table><h2>Images</h2><p class=meta>held-out phrasings; each figure: one seed, base and "
                  "forgotten, with the concept's name and with the token</p><div class=pairs>")
     for entry in result["images"]:

@@ -382,6 +382,7 @@ def attack(
     num_images: Annotated[Optional[int], typer.Option(help="Concept images to generate, and test images per model with and without the token. [default: 16]")] = None,
     initializer: Annotated[Optional[str], typer.Option(help="One-token word whose embedding the token starts from. [default: object; digits model: digit]")] = None,
     token: Annotated[Optional[str], typer.Option(help="The new token. [default: <amnesia-concept>]")] = None,
+    measure_steps: Annotated[Optional[list[int]], typer.Option(help="Also measure the forgotten model with the token as it was after N steps (repeat for several; each < --steps): shorter attacks from the same run.")] = None,
     clip_model: Annotated[Optional[str], typer.Option(help="CLIP for zero-shot detection: hub id or local folder. [default: openai/clip-vit-large-patch14]")] = None,
     num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
     seed: Seed = None, batch_size: BatchSize = None, overwrite: Overwrite = False,
@@ -396,8 +397,8 @@ def attack(
     cli = {"model": model, "output_dir": str(output_dir), "base": base, "concept": concept,
            "concept_images": str(concept_images) if concept_images else None, "steps": steps,
            "learning_rate": learning_rate, "train_batch_size": train_batch_size, "num_images": num_images,
-           "initializer": initializer, "token": token, "clip_model": clip_model, "overwrite": overwrite,
-           **_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, None)}
+           "initializer": initializer, "token": token, "measure_steps": measure_steps, "clip_model": clip_model,
+           "overwrite": overwrite, **_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, None)}
     result = run_attack(AttackConfig(**{k: v for k, v in cli.items() if v is not None}))
     typer.echo(format_summary(result))
     typer.echo(f"report: {output_dir / 'report.html'} and attack.json; the token: {output_dir / 'learned_embeds.safetensors'}")
@@ -504,7 +505,7 @@ def demo(
     surrogate: Annotated[str, typer.Option(help="'noise' (uniform noise images, as the paper) or another digit.")] = "noise",
     output_dir: Annotated[Path, typer.Option(help="Where metrics.json, grid.png, sa/ and naive/ go.")] = Path("demo-output"),
     samples_per_digit: Annotated[int, typer.Option(help="Evaluation samples per digit.")] = 100,
-    max_train_steps: Annotated[Optional[int], typer.Option(help="Forgetting steps (SA and naive alike), per run. [default: 400 per digit forgotten in one run; 400 per run with --sequential]")] = None,
+    max_train_steps: Annotated[Optional[int], typer.Option(help="Forgetting steps (SA and naive alike), per run. [default: 400 per digit trained: 400 x digits in one run; with --sequential, 400 x the digits forgotten so far in each run]")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every step.")] = 0,
     lora_rank: LoraRank = None,
     overwrite: Overwrite = False,

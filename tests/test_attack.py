@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from amnesia_sd import digits
 from amnesia_sd.attack import TOKEN, AttackConfig, add_token, learn_token, run_attack
+from amnesia_sd.families import family_of
 from amnesia_sd.imageset import ImageSet
 from amnesia_sd.prompts import bundled, read_prompts
 
@@ -36,15 +37,18 @@ def weights(pipe) -> dict[str, torch.Tensor]:
 
 
 def test_only_the_token_embedding_trains(tiny_model):
-    pipe, _ = load_parts(tiny_model)
+    pipe, scheduler = load_parts(tiny_model)
+    pipe.unet.requires_grad_(True)  # as in forget --adversarial: a UNet being trained gets no gradient
     before = weights(pipe)
     [embedding_key] = [k for k in before if k.startswith("text_encoder.") and k.endswith("token_embedding.weight")]
     man = pipe.tokenizer.encode("man", add_special_tokens=False)[0]
     token_id = add_token(pipe, TOKEN, "man")
     assert token_id == len(before[embedding_key])  # one new row at the end
     images = ImageSet(Path("unused"), ["x"] * 4, random_latents(4), {}, {})
-    row, losses = learn_token(pipe, token_id, images, [f"a photo of {TOKEN}"], steps=3, learning_rate=1e-2,
-                              batch_size=2, seed=0)
+    row, losses, kept = learn_token(family_of(pipe), pipe, pipe.unet, scheduler, token_id, images,
+                                    [f"a photo of {TOKEN}"], steps=3, learning_rate=1e-2, batch_size=2, seed=0,
+                                    keep_at=(2,))
+    assert all(p.grad is None for p in pipe.unet.parameters())
     after = weights(pipe)
     assert set(after) == set(before)
     changed = [k for k in before if k != embedding_key and not torch.equal(before[k], after[k])]
@@ -54,6 +58,7 @@ def test_only_the_token_embedding_trains(tiny_model):
     assert torch.equal(table[:-1], before[embedding_key])  # every old row, byte for byte
     assert torch.equal(table[-1], row) and not torch.equal(row, before[embedding_key][man])  # the new one trained
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert list(kept) == [2] and not torch.equal(kept[2], row)  # the row after step 2 of 3
     assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
 
 
@@ -84,7 +89,8 @@ def test_digits_attack_end_to_end(forgotten_digits, tmp_path):
     out = tmp_path / "attack"
     n, batch, steps = 3, 2, 2
     result = run_attack(AttackConfig(model=str(forgotten_digits), output_dir=str(out), steps=4, num_images=n,
-                                     train_batch_size=2, num_inference_steps=steps, batch_size=batch))
+                                     train_batch_size=2, num_inference_steps=steps, batch_size=batch,
+                                     measure_steps=[2]))
     assert result == json.loads((out / "attack.json").read_text())
     assert {role: folder_hashes(path) for role, path in models.items()} == hashes  # inputs untouched
 
@@ -99,6 +105,9 @@ def test_digits_attack_end_to_end(forgotten_digits, tmp_path):
         assert all(isinstance(m[k], float) and 0 <= m[k] <= 1 for k in ("before", "after"))
     assert result["models"]["base"]["identity"] == str(digits.SHIPPED_MODEL)
     assert result["attack_success"] == result["models"]["forgotten"]["after"]
+    by_steps = result["models"]["forgotten"]["after_by_steps"]  # the token after 2 of its 4 steps, and after 4
+    assert list(by_steps) == ["2", "4"] and by_steps["4"] == result["attack_success"] and 0 <= by_steps["2"] <= 1
+    assert len(list((out / "images" / "forgotten" / "token-at-2").glob("*.png"))) == n
     t = result["training"]
     assert t["steps"] == len(t["losses"]) == 4 and all(math.isfinite(v) and v >= 0 for v in t["losses"])
     assert result["concept_set"] == {"path": "concept-set", "source": "generated", "num_images": n}
@@ -180,6 +189,8 @@ def test_bad_input_gives_one_line(tiny_model, concept_images, tmp_path):
     refuses(["attack", "--model", model, "--base", model, "--concept", "brad pitt", "--concept-images",
              concept_images, "--initializer", "middle aged", "--output-dir", out],
             "--initializer 'middle aged' is 2 tokens for this model's tokenizer, not one")
+    refuses(["attack", "--model", model, "--base", model, "--concept", "brad pitt", "--steps", "4",
+             "--measure-steps", "4", "--output-dir", out], "--measure-steps must each be between 0 and --steps (4)")
     assert not out.exists() and not (tmp_path / "out.partial").exists()  # a failed run leaves nothing
 
 
