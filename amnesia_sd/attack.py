@@ -87,14 +87,20 @@ class AttackConfig(ForgottenModelSettings):
         self.measure_steps = sorted(set(self.measure_steps))
 
 
-def add_token(pipe, token: str, initializer: str) -> int:
+def initializer_id(tokenizer, initializer: str, flag: str = "--initializer") -> int:
+    """The token id of a one-token word; anything else is refused in one line naming `flag`."""
+    ids = tokenizer.encode(initializer.strip(), add_special_tokens=False)
+    if len(ids) != 1:
+        raise UserError(f"{flag} {initializer!r} is {len(ids)} tokens for this model's tokenizer, not one: "
+                        "pick a single-token word (e.g. object, person; digit on the digits model)")
+    return ids[0]
+
+
+def add_token(pipe, token: str, initializer: str, flag: str = "--initializer") -> int:
     """Add `token` to the tokenizer and a row for it to the text encoder's input embeddings, a copy
     of the initializer word's row; return the token's id. Every other row is kept as it is."""
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    ids = tokenizer.encode(initializer.strip(), add_special_tokens=False)
-    if len(ids) != 1:
-        raise UserError(f"--initializer {initializer!r} is {len(ids)} tokens for this model's tokenizer, not one: "
-                        "pick a single-token word (e.g. object, person; digit on the digits model)")
+    start = initializer_id(tokenizer, initializer, flag)
     if tokenizer.add_tokens(token) != 1:
         raise UserError(f"the token {token!r} is already in this model's tokenizer: pick another token")
     # The new row is set below: no mean/covariance start (costly on a 49k-token table).
@@ -102,7 +108,7 @@ def add_token(pipe, token: str, initializer: str) -> int:
     token_id = tokenizer.convert_tokens_to_ids(token)
     with torch.no_grad():
         weights = encoder.get_input_embeddings().weight
-        weights[token_id] = weights[ids[0]]
+        weights[token_id] = weights[start]
     return token_id
 
 

@@ -232,6 +232,18 @@ class ForgetConfig(GenerationSettings):
     # diffusers' EMA ramps its decay up as (1 + step) / (10 + step); the reference's holds 0.9999
     # from the first step, so its EMA keeps much more of the base weights (METHOD.md).
     ema_warmup: bool = True
+    # --adversarial (adversarial.py): an inner attack learns a token that brings the concept back,
+    # once before step 1 and every `adversarial_every` steps, for `adversarial_steps` steps; its
+    # prompts then stand in for the concept's in `adversarial_share` of the surrogate samples.
+    adversarial: bool = False
+    adversarial_every: int = 50
+    adversarial_steps: int = 50
+    adversarial_learning_rate: float = 5e-3  # attack's default
+    adversarial_batch_size: int = 4
+    adversarial_images: int = 16  # of the concept, drawn by --model before forgetting (OUT/data/concept)
+    adversarial_initializer: str = "object"  # one-token word the token starts from
+    adversarial_share: float = 0.5
+    adversarial_templates: str | None = None  # '{}' prompt templates naming the token; None: the concept templates
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None
@@ -264,6 +276,15 @@ class ForgetConfig(GenerationSettings):
                      "fim_num_images", "fim_num_timesteps",
                      "checkpoints_total_limit"):
             _check_positive(name, getattr(self, name))
+        for name in ("adversarial_every", "adversarial_steps", "adversarial_learning_rate", "adversarial_batch_size",
+                     "adversarial_images"):
+            _check_positive(name, getattr(self, name))
+        _check(0 < self.adversarial_share <= 1, f"--adversarial-share must be in (0, 1], got {self.adversarial_share}")
+        _check(not self.adversarial or len(self.concepts) == 1,
+               "--adversarial learns one token for one concept: give one --concept per run (forget the others "
+               "before or after it, with forget --model <that result>)")
+        _check(bool(self.adversarial_initializer.strip()),
+               "--adversarial-initializer is empty: give a neutral one-token word, e.g. object")
         _check(self.lr_warmup_steps >= 0, f"--lr-warmup-steps must be >= 0, got {self.lr_warmup_steps}")
         _check(self.adam_weight_decay >= 0, f"--adam-weight-decay must be >= 0, got {self.adam_weight_decay}")
         _check_choice("train_method", self.train_method, ("full", "noxattn", "xattn"))

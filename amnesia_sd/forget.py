@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from diffusers.training_utils import EMAModel
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .checkpoints import (broken_run, check_paths, check_resume, earlier_run, find_checkpoint, open_run,
@@ -36,6 +37,7 @@ from .result import recorded_path, write_result
 from .sources import Plan
 from .trainable import lora_modules, make_trainable
 
+ADVERSARY_EMBEDDINGS = "adversary_embeds.safetensors"  # forget --adversarial: its last token
 LOG_EVERY = 10  # steps between readings of the penalty's value (its gradient is added every step)
 
 
@@ -95,7 +97,7 @@ def fits(total_bytes: int) -> str:
     return f"more than a {GPU_SIZES_GB[-1]} GB GPU holds"
 
 
-def preflight(unet, trainable, config: ForgetConfig, text_cache: Conditioning, ema: bool) -> str:
+def preflight(unet, trainable, config: ForgetConfig, text_cache: Conditioning, ema: bool, adversary_bytes: int = 0) -> str:
     """What the run will hold on the accelerator, before the long work starts."""
     gib = 2**30
     n_train = sum(p.numel() for p in trainable.params)
@@ -104,6 +106,7 @@ def preflight(unet, trainable, config: ForgetConfig, text_cache: Conditioning, e
     weight_bytes = frozen.element_size() if frozen is not None else 4
     parts = memory_parts(n_all, n_train, trainable.penalty_bytes, config.use_8bit_adam, ema, weight_bytes)
     parts["text cache"] = sum(v.numel() * v.element_size() for v in text_cache.values())
+    parts["adversary's text encoder"] = adversary_bytes
     total = sum(parts.values())
     detail = ", ".join(f"{k} {v / gib:.2f}" for k, v in parts.items() if v)
     hint = "" if total <= 0.9 * GPU_SIZES_GB[0] * 1e9 else (
@@ -113,15 +116,22 @@ def preflight(unet, trainable, config: ForgetConfig, text_cache: Conditioning, e
     return (f"preflight: {what}; about "
             f"{total / gib:.2f} GiB before activations ({detail} GiB); {fits(total)}{hint}; "
             f"{config.max_train_steps} steps x {config.train_batch_size}+{config.train_batch_size} images "
-            f"x {config.gradient_accumulation_steps} accumulation; the progress bar's ETA follows the first steps")
+            f"x {config.gradient_accumulation_steps} accumulation" + (
+                f"; an inner attack of {config.adversarial_steps} steps x {config.adversarial_batch_size} images "
+                f"before step 1 and every {config.adversarial_every} steps" if config.adversarial else "")
+            + "; the progress bar's ETA follows the first steps")
 
 
 def draw_batch(seed: int, micro_step: int, world: int, rank: int, batch: int, images: list[tuple[int, int]],
-               prompts: list[tuple[int, int]], replay_size: int, shapes: dict, num_t: int):
+               prompts: list[tuple[int, int]], replay_size: int, shapes: dict, num_t: int,
+               adversarial: tuple[tuple[int, int], int, float] | None = None):
     """This process's slice of the global batch of one micro-step. images[k] and prompts[k] are
     (offset, count) of pair k's surrogate images and concept prompts in their concatenations: each
     surrogate sample draws its pair uniformly (a concept with many images or alternatives does not
-    crowd out the others), then an image and a prompt of that pair."""
+    crowd out the others), then an image and a prompt of that pair. With `adversarial` ((offset,
+    count) of the adversarial pair's prompts, the number of adversary prompts, their share), that
+    share of the pair's samples gets an adversary prompt instead (`adversarial_index`, else -1),
+    drawn from a stream of its own: the other draws stay as they are."""
     g = torch.Generator("cpu").manual_seed(image_seed(seed, micro_step, "train"))
     total, part = batch * world, slice(rank * batch, (rank + 1) * batch)
     pair = torch.randint(len(images), (total,), generator=g) if len(images) > 1 else None
@@ -138,7 +148,13 @@ def draw_batch(seed: int, micro_step: int, world: int, rank: int, batch: int, im
                                   else torch.randint(replay_size, (total,), generator=g))[part]
         drawn[f"{term}_t"] = torch.randint(num_t, (total,), generator=g)[part]
         drawn[f"{term}_noise"] = torch.randn((total, *shapes[term]), generator=g)[part]
-    drawn["concept_index"] = within(prompts)[part]
+    concept = within(prompts)
+    drawn["concept_index"] = concept[part]
+    if adversarial is not None:
+        (start, count), n, share = adversarial
+        a = torch.Generator("cpu").manual_seed(image_seed(seed, micro_step, "adversarial"))
+        use = (torch.rand(total, generator=a) < share) & (concept >= start) & (concept < start + count)
+        drawn["adversarial_index"] = torch.where(use, torch.randint(n, (total,), generator=a), -1)[part]
     return drawn
 
 
@@ -264,12 +280,17 @@ def forget(config: ForgetConfig) -> Path:
     check_origins(config, ref, pipe, fisher_meta, given, ancestors)
     if config.lora_rank:  # the adapters' layers exist before hours of generation
         lora_modules(unet, config.train_method, config.lora_target_list())
+    if config.adversarial:
+        from .adversarial import check_adversarial  # (attack -> evaluate -> demo -> forget)
+
+        check_adversarial(config, family, pipe)
     plan = Plan(config, ref, pipe, work, accelerator.num_processes, given, inherited)
     accelerator.wait_for_everyone()  # every process has checked the paths before the work folder changes
     if accelerator.is_main_process:  # only now, when everything given has been checked
         open_run(out, config, finished)
     accelerator.wait_for_everyone()
     replay, surrogates = plan.sets(accelerator)
+    concept_set = plan.concept_set(accelerator) if config.adversarial else None
     fim_path = Path(config.fim) if config.fim else plan.fisher(replay, accelerator)
     if not config.fim:
         fisher_meta = load_fisher(fim_path, pipe, names=())[1]
@@ -284,6 +305,11 @@ def forget(config: ForgetConfig) -> Path:
     distinct = list({id(image_set): image_set for image_set in surrogates}.values())  # pairs may share a set
     surrogate_latents, surrogate_conditioning = joined_sets(distinct)
     concepts = [prompt for p in pairs for prompt in p["concept_prompts"]]
+    adversary = None
+    if config.adversarial:  # its own float32 copy of the text encoder, made before the cast below
+        from .adversarial import Adversary  # (attack -> evaluate -> demo -> forget)
+
+        adversary = Adversary(family, pipe, config, concept_set, accelerator.device)
     # The conditioning of every prompt is computed once; then neither the VAE nor the text
     # encoders run during training, and they leave the accelerator. Each image keeps the image
     # conditioning (SDXL's time ids) it was made with.
@@ -327,13 +353,17 @@ def forget(config: ForgetConfig) -> Path:
     if config.ema_decay:  # of what trains
         ema = EMAModel(params, decay=config.ema_decay) if config.ema_warmup else ConstantDecayEMA(params, decay=config.ema_decay)
     if accelerator.is_main_process:
-        print(preflight(unet, trainable, config, replay_text, ema is not None), flush=True)
+        print(preflight(unet, trainable, config, replay_text, ema is not None,
+                        sum(p.numel() * 4 for p in adversary.text.text_encoder.parameters()) if adversary else 0),
+              flush=True)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)  # stepped once per optimizer step, below
     trainable.register_checkpointing(accelerator, unet)
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    if adversary is not None:  # its token, so a resumed run goes on from it
+        accelerator.register_for_checkpointing(adversary)
 
     global_step = 0
     if checkpoint is not None:
@@ -348,6 +378,9 @@ def forget(config: ForgetConfig) -> Path:
     prompt_counts = [len(p["concept_prompts"]) for p in pairs]
     prompt_spans = [(sum(prompt_counts[:i]), n) for i, n in enumerate(prompt_counts)]
     shapes = {"surrogate": tuple(surrogate_latents.shape[1:]), "replay": tuple(replay.latents.shape[1:])}
+    # The new pair (the last) gets the adversary's prompts.
+    adversarial = (prompt_spans[-1], len(adversary.prompts), config.adversarial_share) if adversary else None
+    inner = accelerator.unwrap_model(unet)  # the inner attack runs the model itself, outside DDP
     device, b = accelerator.device, config.train_batch_size
     last = {}
     bar = tqdm(total=config.max_train_steps, initial=global_step, desc="forgetting", unit="step",
@@ -356,15 +389,20 @@ def forget(config: ForgetConfig) -> Path:
     micro_step = global_step * config.gradient_accumulation_steps
     try:
         while global_step < config.max_train_steps:
+            if (adversary is not None and micro_step % config.gradient_accumulation_steps == 0
+                    and global_step % config.adversarial_every == 0):
+                adversary.learn(inner, noise_scheduler, global_step, accelerator)
             with accelerator.accumulate(unet):
                 d = draw_batch(config.seed, micro_step, accelerator.num_processes, accelerator.process_index, b,
                                image_spans, prompt_spans, len(replay.latents), shapes,
-                               noise_scheduler.config.num_train_timesteps)
+                               noise_scheduler.config.num_train_timesteps, adversarial)
                 micro_step += 1
                 x_s = surrogate_latents[d["surrogate_index"]].to(device)
                 # The concept's prompts on the surrogate's images, with those images' own conditioning.
-                c_s = {**take(concept_text, d["concept_index"].to(device)),
-                       **take(images["surrogate"], d["surrogate_index"].to(device))}
+                c_text = take(concept_text, d["concept_index"].to(device))
+                if adversary is not None:
+                    c_text = adversary.stand_in(c_text, d["adversarial_index"].to(device))
+                c_s = {**c_text, **take(images["surrogate"], d["surrogate_index"].to(device))}
                 terms = [(x_s, d["surrogate_noise"], d["surrogate_t"], c_s)]
                 if config.gamma > 0:
                     x_r = replay.latents[d["replay_index"]].to(device)
@@ -458,6 +496,12 @@ def forget(config: ForgetConfig) -> Path:
             "origin_mismatches": mismatches,
             "seconds": round(time.time() - started, 1),
         }
+        if adversary is not None:
+            summary["adversarial"] = {**adversary.record(), "concept_set": recorded_path(concept_set.path, work),
+                                      "embedding": ADVERSARY_EMBEDDINGS}
+            # The last round's token, in diffusers' textual-inversion format: try it on the result.
+            save_file({adversary.record()["token"]: adversary.row.detach()[None].float().cpu().contiguous()},
+                      str(work / ADVERSARY_EMBEDDINGS))
         if earlier:  # the whole sequence, oldest first; each entry is that run's own record
             summary["history"] = [*earlier.get("history", []), {k: v for k, v in earlier.items() if k != "history"}]
         write_result(work, ref, trained, trainable, config, summary)

@@ -14,7 +14,7 @@ from .families import family_of
 from .models import image_size
 
 
-STREAMS = ("image", "fisher", "train")
+STREAMS = ("image", "fisher", "train", "adversary", "adversarial")
 
 
 def image_seed(seed: int, index: int, stream: str = "image") -> int:

@@ -11,14 +11,14 @@ from safetensors import safe_open
 from .cache import digest, model_entry
 from .checkpoints import result_output
 from .config import (DEFAULT_FIM_FRACTION, DEFAULT_FIM_TIMESTEPS, DEFAULT_REPLAY_IMAGES, DEFAULT_SURROGATE_IMAGES,
-                     SURROGATE_SOURCES, FimConfig, ForgetConfig)
+                     SURROGATE_SOURCES, FimConfig, ForgetConfig, split_concepts)
 from .cost import announce, generation_passes
 from .fisher import fisher_cost, replay_cost, timestep_set, write_fisher_of_set
 from .imageset import (MANIFEST, ImageSet, encode_image_folder, generate_image_set, is_cached, is_finished, link_set,
                        load_image_set, set_record)
 from .models import ModelRef, origin
 from .paths import check_overlap
-from .prompts import repeat_to, replay_prompts
+from .prompts import concept_prompts, repeat_to, replay_prompts
 
 DEFAULT_TIMESTEP_BATCH = FimConfig.timestep_batch_size
 
@@ -71,6 +71,19 @@ class Plan:
                 of = f" of {pair['concept']!r}" if len(keys) > 1 else ""
                 parts.append((f"surrogate set{of} ({len(texts)} images x {config.num_inference_steps} steps)",
                               None if cached else passes))
+        self.concept_texts = None
+        if config.adversarial:  # the inner attack's images of the concept, drawn by this model now
+            concept = config.pairs()[-1]["concept"]
+            self.concept_texts = repeat_to(concept_prompts(split_concepts(concept), config.templates),
+                                           config.adversarial_images)
+            cached = is_cached(work / "data" / "concept", set_record(pipe, ref, self.concept_texts, config, "concept"))
+            parts.append((f"concept set for --adversarial ({len(self.concept_texts)} images x "
+                          f"{config.num_inference_steps} steps)", None if cached else generation_passes(
+                              len(self.concept_texts), config.num_inference_steps, config.guidance_scale)))
+            rounds = -(-config.max_train_steps // config.adversarial_every)
+            parts.append((f"--adversarial inner attacks ({rounds} x {config.adversarial_steps} steps x "
+                          f"{config.adversarial_batch_size} images, forward+backward)",
+                          rounds * config.adversarial_steps * config.adversarial_batch_size))
         if not config.fim:
             replay_size = len(self.replay_texts) if self.replay_texts is not None else \
                 len(given["replay"].latents)
@@ -118,6 +131,11 @@ class Plan:
                                                      reuse=True))
             made[folder] = surrogates[-1]
         return replay, surrogates
+
+    def concept_set(self, accelerator) -> ImageSet:
+        """--adversarial: images of the concept (OUT/data/concept), drawn by the model before it forgets."""
+        return generate_image_set(self.pipe, self.ref, self.concept_texts, self.config, self.work / "data" / "concept",
+                                  "concept", accelerator, reuse=True)
 
     def fisher(self, replay: ImageSet, accelerator) -> Path:
         """The cached Fisher over `replay`: reused when its recorded settings match, else made now."""

@@ -1,0 +1,112 @@
+"""forget --adversarial on the tiny model: the inner attack's rounds, what it records and saves,
+resume, the draw of adversary prompts, and bad input."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from amnesia_sd.adversarial import TOKEN
+from amnesia_sd.config import ForgetConfig
+from amnesia_sd.forget import draw_batch
+from amnesia_sd.imageset import load_image_set
+from amnesia_sd.prompts import bundled, read_prompts
+from helpers import unet_weights
+from test_careless import refuses
+from test_forget import data, killed_after_first_checkpoint, run  # noqa: F401 (data: a fixture)
+
+ADVERSARIAL = {"adversarial": True, "adversarial_every": 2, "adversarial_steps": 2, "adversarial_images": 3,
+               "adversarial_initializer": "man", "adversarial_batch_size": 2, "max_train_steps": 4,
+               "num_inference_steps": 2}
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_adversarial_run_records_its_rounds_and_keeps_the_text_encoder(tiny_model, data, tmp_path):
+    before = hashes(Path(tiny_model))
+    out = run(tiny_model, data, tmp_path / "adv", **ADVERSARIAL)
+    assert hashes(Path(tiny_model)) == before  # the base model is read, never written
+    record = json.loads((out / "amnesia.json").read_text())
+    adv = record["adversarial"]
+    assert [r["step"] for r in adv["rounds"]] == [0, 2]  # before step 1, then every 2 steps
+    assert all(r["loss_first"] > 0 and r["loss_last"] > 0 for r in adv["rounds"])
+    assert adv["token"] == TOKEN and adv["prompts"] == [t.format(TOKEN) for t in
+                                                       read_prompts(bundled("concept_templates.txt"))]
+    assert adv["concept_set"] == "data/concept" and adv["embedding"] == "adversary_embeds.safetensors"
+    concept = load_image_set(out / "data" / "concept")
+    assert len(concept.latents) == 3 and all("brad pitt" in p for p in concept.prompts)
+    assert record["settings"]["adversarial"] is True and record["settings"]["adversarial_share"] == 0.5
+
+    # The result's text encoder and tokenizer are those of a run without the adversary (the base
+    # model's): the token lives in the adversary's copy. Its last row loads onto the result in
+    # plain diffusers.
+    plain = run(tiny_model, data, tmp_path / "plain", **{**ADVERSARIAL, "adversarial": False})
+    for part in ("text_encoder", "tokenizer"):
+        assert hashes(out / part) == hashes(plain / part)
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    rows = len(pipe.tokenizer)
+    pipe.load_textual_inversion(str(out / "adversary_embeds.safetensors"), token=TOKEN)
+    saved = load_file(out / "adversary_embeds.safetensors")[TOKEN][0]
+    assert len(pipe.tokenizer) == rows + 1
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[-1], saved)
+
+    # The adversary changed the training: same settings without it give other weights.
+    a, b = unet_weights(out), unet_weights(plain)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert "adversarial" not in json.loads((plain / "amnesia.json").read_text())
+
+
+def test_adversarial_resumed_run_equals_uninterrupted_run(tiny_model, data, tmp_path, monkeypatch):
+    settings = {**ADVERSARIAL, "adversarial_every": 3, "checkpointing_steps": 2}  # rounds at 0 and 3: one after resume
+    straight = run(tiny_model, data, tmp_path / "straight", **settings)
+    killed_after_first_checkpoint(monkeypatch, tiny_model, data, tmp_path / "resumed", **settings)
+    resumed = run(tiny_model, data, tmp_path / "resumed", resume_from_checkpoint="latest", **settings)
+    a, b = unet_weights(straight), unet_weights(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    rounds = [json.loads((r / "amnesia.json").read_text())["adversarial"]["rounds"] for r in (straight, resumed)]
+    assert [r["step"] for r in rounds[1]] == [0, 3]
+    for x, y in zip(*rounds):
+        assert x["step"] == y["step"] and x["loss_last"] == pytest.approx(y["loss_last"], rel=1e-5)
+    torch.testing.assert_close(load_file(straight / "adversary_embeds.safetensors")[TOKEN],
+                               load_file(resumed / "adversary_embeds.safetensors")[TOKEN], rtol=1e-5, atol=1e-7)
+
+
+def test_adversary_prompts_replace_a_share_of_the_adversarial_pairs_samples_only():
+    shapes = {"surrogate": (4, 2, 2), "replay": (4, 2, 2)}
+    args = (7, 3, 1, 0, 3000, [(0, 10), (10, 10)], [(0, 5), (5, 4)], 20, shapes, 1000)
+    plain = draw_batch(*args)
+    drawn = draw_batch(*args, adversarial=((5, 4), 6, 0.5))
+    for key, value in plain.items():  # every other draw is the same
+        assert torch.equal(value, drawn[key]), key
+    index, concept = drawn["adversarial_index"], drawn["concept_index"]
+    assert len(index) == 3000
+    ours = (concept >= 5) & (concept < 9)
+    assert (index[~ours] == -1).all()  # the earlier pair's samples keep their prompts
+    share = (index[ours] >= 0).float().mean().item()
+    assert abs(share - 0.5) < 0.05 and set(index[index >= 0].tolist()) == set(range(6))
+
+
+def test_bad_adversarial_input_gives_one_line(tiny_model, tiny_sdxl_model, data, tmp_path):
+    common = ["--model", str(tiny_model), "--replay-dir", data["replay_dir"], "--fim", data["fim"],
+              "--surrogate-dir", data["surrogate_dir"], "--output-dir", str(tmp_path / "out"), "--adversarial"]
+    refuses(["forget", *common, "--concept", "a", "--concept", "b"], "--adversarial learns one token for one concept")
+    refuses(["forget", *common, "--concept", "a", "--adversarial-share", "0"], "--adversarial-share must be in (0, 1]")
+    refuses(["forget", *common, "--concept", "a", "--adversarial-every", "0"], "--adversarial-every must be positive")
+    refuses(["forget", *common, "--concept", "a", "--adversarial-initializer", "middle aged"],
+            "--adversarial-initializer 'middle aged' is 2 tokens")
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of the concept\n")
+    refuses(["forget", *common, "--concept", "a", "--adversarial-templates", str(templates)],
+            "--adversarial-templates: every line needs exactly one {}")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(Exception, match="--adversarial supports Stable Diffusion 1.x/2.x only"):
+        run(tiny_sdxl_model, {}, tmp_path / "xl", surrogate="a man", num_replay_images=2, **ADVERSARIAL)
+    assert ForgetConfig(model="m", output_dir="o", concept="c", surrogate="s").adversarial is False
