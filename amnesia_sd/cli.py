@@ -517,12 +517,17 @@ def demo(
     max_train_steps: Annotated[Optional[int], typer.Option(help="Forgetting steps (SA and naive alike), per run. [default: 400 per digit trained: 400 x digits in one run; with --sequential, 400 x the digits forgotten so far in each run]")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every step.")] = 0,
     lora_rank: LoraRank = None,
+    attack: Annotated[bool, typer.Option("--attack", help="Also train SA with --train-method xattn and both with --adversarial, then attack every model and the original (textual inversion) and report how far the digit comes back.")] = False,
+    attack_steps: Annotated[Optional[list[int]], typer.Option(help="With --attack: attack lengths to measure (repeat the flag). [default: 250, 500, 1000, 2000]")] = None,
+    attack_initializer: Annotated[Optional[list[str]], typer.Option(help="With --attack: initial words of the attack's token (repeat the flag). [default: digit, number]")] = None,
+    attack_images: Annotated[Optional[int], typer.Option(help="With --attack: concept images and held-out test images per attack. [default: 100]")] = None,
     overwrite: Overwrite = False,
 ):
     """Forget digits of the built-in digits model and measure it: original vs SA vs naive.
 
     Example: amnesia-sd demo --digit 0 --surrogate noise --output-dir demo-output
-    (several: --digit 0 --digit 1, add --sequential to forget them one after another)
+    (several: --digit 0 --digit 1, add --sequential to forget them one after another;
+    --attack: can the digit be brought back, with and without --adversarial)
     """
     from .demo import DemoConfig, format_table, run_demo
 
@@ -530,7 +535,10 @@ def demo(
     metrics = run_demo(DemoConfig(digit=digit or [0], sequential=sequential, sequential_fisher=sequential_fisher,
                                   surrogate=surrogate, output_dir=str(output_dir),
                                   samples_per_digit=samples_per_digit, max_train_steps=max_train_steps, seed=seed,
-                                  lora_rank=lora_rank, overwrite=overwrite))
+                                  lora_rank=lora_rank, overwrite=overwrite, attack=attack,
+                                  **{k: v for k, v in (("attack_steps", attack_steps),
+                                                       ("attack_initializers", attack_initializer),
+                                                       ("attack_images", attack_images)) if v is not None}))
     typer.echo(format_table(metrics))
     typer.echo(f"{output_dir}/metrics.json, {output_dir}/grid.png ({metrics['seconds']:.0f} s)")
 

@@ -36,6 +36,7 @@ from .checkpoints import FINISHED
 from .paths import Output, discard_on_failure, guard, is_ours, open_work, publish, stamp
 
 MODELS = ("original", "sa", "naive")
+ATTACK_MODELS = ("sa-xattn", "sa-adversarial", "sa-xattn-adversarial")  # --attack adds them
 FULL_LEARNING_RATE = 5e-4
 LORA_LEARNING_RATE = 5e-3
 GRID_SAMPLES = 4
@@ -59,8 +60,9 @@ class DemoConfig:
     surrogate_images: int = 500
     fim_per_digit: int = 20
     fim_timesteps: int = 100
-    # None: 400 per forgotten digit (in one run, each digit then gets as many surrogate samples as
-    # one digit alone; in a sequence, each run takes 400).
+    # None: 400 per digit trained, so each digit gets as many surrogate samples as one digit alone:
+    # 400 x digits in one run; in a sequence, 400 x the digits so far in each run (earlier digits
+    # stay in its objective). A given number: every run takes that many.
     max_train_steps: int | None = None
     train_batch_size: int = 32
     # 5e-4 met the targets at training seeds 0, 1 and 2 (p_forgotten <= 0.025, held-out <= 0.046);
@@ -80,6 +82,14 @@ class DemoConfig:
     batch_size: int = 250
     seed: int = 0
     overwrite: bool = False
+    # --attack (attack_study.py): also train SA with --train-method xattn, and both with
+    # --adversarial, then attack every model and the original.
+    attack: bool = False
+    attack_steps: list[int] = field(default_factory=lambda: [250, 500, 1000, 2000])
+    attack_initializers: list[str] = field(default_factory=lambda: ["digit", "number"])
+    attack_images: int = 100  # concept images and held-out test images per attack
+    adversarial_every: int = 20
+    adversarial_steps: int = 50
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -96,18 +106,31 @@ class DemoConfig:
         )
         _check(self.surrogate not in map(str, self.digit),
                "--surrogate is a digit being forgotten: pick another digit or 'noise'")
+        _check(not self.attack or (len(self.digit) == 1 and not self.sequential),
+               "--attack studies one forgotten digit: give --digit once, without --sequential")
+        _check(bool(self.attack_steps) and all(n > 0 for n in self.attack_steps),
+               f"--attack-steps must be positive, got {self.attack_steps}")
+        _check(bool(self.attack_initializers), "--attack-initializer: give at least one word")
+        _check_positive("attack_images", self.attack_images)
+        _check_positive("adversarial_every", self.adversarial_every)
+        _check_positive("adversarial_steps", self.adversarial_steps)
         if self.gamma is None:
             self.gamma = SEQUENTIAL_GAMMA if self.sequential else 1.0
         if self.lr_warmup_steps is None:
             self.lr_warmup_steps = SEQUENTIAL_WARMUP if self.sequential else 0
-        if self.max_train_steps is None:
-            self.max_train_steps = STEPS_PER_DIGIT * (1 if self.sequential else len(self.digit))
+        if self.max_train_steps is None and not self.sequential:
+            self.max_train_steps = STEPS_PER_DIGIT * len(self.digit)
         if self.learning_rate is None:
             self.learning_rate = LORA_LEARNING_RATE if self.lora_rank else FULL_LEARNING_RATE
         for name in ("samples_per_digit", "replay_per_digit", "surrogate_images", "fim_per_digit", "fim_timesteps",
                      "max_train_steps", "train_batch_size", "learning_rate", "num_inference_steps", "batch_size",
                      "lora_rank"):
             _check_positive(name, getattr(self, name))
+
+
+    def steps_of_run(self, digits_so_far: int) -> int:
+        """Training steps of a run that trains `digits_so_far` digits."""
+        return self.max_train_steps or STEPS_PER_DIGIT * digits_so_far
 
 
 def per_digit_prompts(prompts_for, count: int, which) -> list[str]:
@@ -229,18 +252,32 @@ def run_demo(config: DemoConfig) -> dict:
         # label; every digit maps to the one surrogate.
         common = dict(
             templates=False, train_batch_size=config.train_batch_size,
-            max_train_steps=config.max_train_steps, learning_rate=config.learning_rate,
-            lr_warmup_steps=config.lr_warmup_steps, seed=config.seed,
-            checkpointing_steps=config.max_train_steps, lora_rank=config.lora_rank, lora_targets=config.lora_targets,
+            learning_rate=config.learning_rate, lr_warmup_steps=config.lr_warmup_steps, seed=config.seed,
+            lora_rank=config.lora_rank, lora_targets=config.lora_targets,
             **surrogate,
         )
-        runs = {"sa": dict(lambda_ewc=config.lambda_ewc, gamma=config.gamma), "naive": dict(lambda_ewc=0.0, gamma=0.0)}
+        sa = dict(lambda_ewc=config.lambda_ewc, gamma=config.gamma)
+        runs = {"sa": sa, "naive": dict(lambda_ewc=0.0, gamma=0.0)}
+        if config.attack:  # the inner attack as `attack` runs on this model: the word "digit", the templates
+            templates = cache / "digit-templates.txt"
+            if not templates.is_file():
+                with atomic_path(templates) as tmp:
+                    tmp.write_text("\n".join(digits.TRAIN_TEMPLATES) + "\n")
+            adversarial = dict(adversarial=True, adversarial_every=config.adversarial_every,
+                               adversarial_steps=config.adversarial_steps, adversarial_initializer="digit",
+                               adversarial_templates=str(templates))
+            runs.update({"sa-xattn": {**sa, "train_method": "xattn"}, "sa-adversarial": {**sa, **adversarial},
+                         "sa-xattn-adversarial": {**sa, "train_method": "xattn", **adversarial}})
         forget_seconds = {}
+        train_steps = ([config.steps_of_run(k + 1) for k in range(len(forgotten))] if config.sequential
+                       else [config.steps_of_run(len(forgotten))])  # of each run, in order
         for name, weights in runs.items():
             forget_started = time.time()
             if not config.sequential:
+                steps = train_steps[0]
                 forget(ForgetConfig(model=str(base), output_dir=str(work / name), fim=str(fim), replay_dir=str(replay),
-                                    concept=[", ".join(digits.train_prompts(d)) for d in forgotten], **weights, **common))
+                                    concept=[", ".join(digits.train_prompts(d)) for d in forgotten],
+                                    max_train_steps=steps, checkpointing_steps=steps, **weights, **common))
             else:
                 # One digit after another, each run on the one before; the last is the result. The
                 # runs before it are caches of these settings, like the base model's sets, so that
@@ -264,8 +301,10 @@ def run_demo(config: DemoConfig) -> dict:
                         stage_fim = fim
                         stage_replay = replay_of(ref, pipe, cache / f"{tag}-replay-without-{'-'.join(map(str, so_far))}-"
                                                  f"{config.replay_per_digit}", so_far)
+                    steps = train_steps[k]
                     forget(ForgetConfig(model=model, output_dir=str(stage), fim=str(stage_fim), replay_dir=str(stage_replay),
-                                        concept=[", ".join(digits.train_prompts(d))], **weights, **common))
+                                        concept=[", ".join(digits.train_prompts(d))], max_train_steps=steps,
+                                        checkpointing_steps=steps, **weights, **common))
                     model = str(stage)
             forget_seconds[name] = round(time.time() - forget_started, 1)
         del pipe
@@ -283,16 +322,24 @@ def run_demo(config: DemoConfig) -> dict:
             metrics["adapter_bytes"] = json.loads((work / "sa" / "amnesia.json").read_text())["lora"]["bytes"]
         rows: list[list[Image.Image]] = [[] for _ in range(10)]
         shown = min(GRID_SAMPLES, n)  # per digit and model, never another digit's samples
-        for name, spec in zip(MODELS, (str(base), str(work / "sa"), str(work / "naive"))):
+        models = {"original": str(base), **{name: str(work / name) for name in runs}}
+        for name, spec in models.items():
             images, probs = sample_and_classify(spec, prompts, seeds, settings, accelerator, classifier)
             metrics[name] = summarize(probs[: 10 * n], probs[10 * n :], config.digit, n)
             for d in range(10):
                 rows[d].extend(images[d * n : d * n + shown])
-        labels = [label for name in ("original", "SA", "naive") for label in [name] + [""] * (shown - 1)]
+        labels = [label for name in models for label in [{"sa": "SA"}.get(name, name)] + [""] * (shown - 1)]
         with atomic_path(work / "grid.png") as tmp:
             make_grid(rows, labels=labels).save(tmp, format="PNG")
+        if config.attack:
+            from .attack_study import attack_study  # (attack -> evaluate -> demo)
+
+            metrics["attack"] = attack_study(config, str(base), models, metrics,
+                                             Path(surrogate.get("surrogate_images") or surrogate["surrogate_dir"]),
+                                             work / "attacks", classifier)
         metrics["settings"] = asdict(config)
         metrics["forget_seconds"] = forget_seconds
+        metrics["train_steps"] = train_steps
         metrics["seconds"] = round(time.time() - started, 1)
         write_json(work / "metrics.json", metrics)
     publish(work, out)
@@ -301,12 +348,18 @@ def run_demo(config: DemoConfig) -> dict:
 
 def format_table(metrics: dict) -> str:
     keys = ("p_forgotten", "p_forgotten_heldout", "entropy_forgotten", "acc_retained")
-    lines = [f"{'model':<10}" + "".join(f"{k:>22}" for k in keys)]
-    for name in MODELS:
-        lines.append(f"{name:<10}" + "".join(f"{metrics[name][k]:>22.3f}" for k in keys))
+    names = [m for m in (*MODELS, *ATTACK_MODELS) if m in metrics]
+    w = max(10, *(len(name) + 1 for name in names))
+    lines = [f"{'model':<{w}}" + "".join(f"{k:>22}" for k in keys)]
+    for name in names:
+        lines.append(f"{name:<{w}}" + "".join(f"{metrics[name][k]:>22.3f}" for k in keys))
         for d, each in metrics[name].get("per_digit", {}).items():
-            lines.append(f"{'  digit ' + str(d):<10}" + "".join(f"{each[k]:>22.3f}" if k in each else f"{'':>22}"
+            lines.append(f"{'  digit ' + str(d):<{w}}" + "".join(f"{each[k]:>22.3f}" if k in each else f"{'':>22}"
                                                             for k in keys))
+    if "attack" in metrics:
+        from .attack_study import format_study
+
+        lines.append(format_study(metrics["attack"]))
     if "adapter_bytes" in metrics:
         lines.append(f"LoRA rank {metrics['settings']['lora_rank']}: the adapter is {metrics['adapter_bytes']:,} bytes")
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """Several concepts on the digits model: forgetting two and three digits in one run and one after
 another (issue 14), against forgetting one digit.
 
-Each case is `amnesia-sd demo` with its defaults (400 steps per digit in one run; 400 per run in a
-sequence), so the numbers are the demo's: per forgotten digit p_forgotten and p_forgotten_heldout,
+Each case is `amnesia-sd demo` with its defaults (400 steps per digit trained: 400 x digits in one
+run; in a sequence, 400 x the digits so far in each run), so the numbers are the demo's: per forgotten digit p_forgotten and p_forgotten_heldout,
 acc_retained over the digits kept, and the time the forgetting took (SA and naive runs). Sequences
 are run with each later run's Fisher and replay set taken from the base model ("reuse") and made
 again on the model being trained ("recompute"). Targets: every forgotten digit p_forgotten <= 0.05
@@ -54,7 +54,7 @@ def main() -> None:
                                     samples_per_digit=args.samples_per_digit, output_dir=f"{tmp}/{len(results)}"))
             results[name] = {
                 "digits": digit, "sequential": sequential, "sequential_fisher": fisher if sequential else None,
-                "max_train_steps": m["settings"]["max_train_steps"], "forget_seconds": m["forget_seconds"],
+                "train_steps": m["train_steps"], "forget_seconds": m["forget_seconds"],
                 "seconds": m["seconds"], "meets_targets": meets(m),
                 **{model: m[model] for model in ("original", "sa", "naive")},
             }

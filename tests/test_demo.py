@@ -245,7 +245,8 @@ def test_demo_of_several_digits(tmp_path, sequential):
     out = tmp_path / "demo"
     config = DemoConfig(digit=[3, 5], sequential=sequential, sequential_fisher="recompute", output_dir=str(out),
                         **TINY_DEMO)
-    assert config.max_train_steps == (400 if sequential else 800)  # 400 steps' worth per digit
+    # 400 steps' worth per digit trained: in a sequence the second run trains both digits
+    assert [config.steps_of_run(k) for k in (1, 2)] == [400, 800] if sequential else config.max_train_steps == 800
     # a sequence: more replay and a warm-up, since each later run starts a fresh optimizer
     assert (config.gamma, config.lr_warmup_steps) == ((2.0, 100) if sequential else (1.0, 0))
     metrics = run_demo(DemoConfig(**{**asdict(config), "max_train_steps": 2}))
@@ -270,3 +271,37 @@ def test_demo_of_several_digits(tmp_path, sequential):
         assert naive["fim"]["metadata"]["base_model"] == str(digits.SHIPPED_MODEL)
     else:
         assert "history" not in record and record["steps"] == 2
+    assert metrics["train_steps"] == ([2, 2] if sequential else [2])
+
+
+def test_demo_attack_study(tmp_path):
+    out = tmp_path / "demo"
+    config = DemoConfig(digit=[3], output_dir=str(out), max_train_steps=2, attack=True, attack_steps=[2, 1],
+                        attack_initializers=["digit", "number"], attack_images=2, adversarial_every=1,
+                        adversarial_steps=1, **TINY_DEMO)
+    metrics = run_demo(config)
+    study = metrics["attack"]
+    names = ("original", "sa", "sa-xattn", "sa-adversarial", "sa-xattn-adversarial")
+    assert list(study["models"]) == list(names) and study["steps"] == [1, 2] and study["digit"] == 3
+    for name in names:
+        m = study["models"][name]
+        rates = [v for word in ("digit", "number") for v in m["after"][word].values()]
+        assert list(m["after"]) == ["digit", "number"] and all(list(v) == ["1", "2"] for v in m["after"].values())
+        assert m["worst"] == max(rates) and m["after"][m["worst_at"]["initializer"]][str(m["worst_at"]["steps"])] \
+            == m["worst"]
+        attack = json.loads((out / "attacks" / f"{name}-digit" / "attack.json").read_text())
+        assert attack["models"]["forgotten"]["before"] == m["p_forgotten_plain"]
+        assert attack["settings"]["steps"] == 2 and attack["settings"]["measure_steps"] == [1]
+    for name in names[1:]:  # every model is also measured as the demo measures SA
+        assert set(metrics[name]) == KEYS
+    record = json.loads((out / "sa-xattn-adversarial" / "amnesia.json").read_text())
+    assert record["settings"]["train_method"] == "xattn" and len(record["adversarial"]["rounds"]) == 2
+    assert record["adversarial"]["prompts"] == [t.format("<amnesia-adversary>") for t in digits.TRAIN_TEMPLATES]
+    # the classifier's floor: its probability of the digit on the noise surrogate images
+    assert 0 <= study["classifier_floor"] <= 1
+    worst = {name: study["models"][name]["worst"] for name in names}
+    assert study["targets"]["original_recovered"] == (worst["original"] >= 0.9)
+    plain, adv = worst["sa"], worst["sa-adversarial"]
+    assert study["targets"]["sa-adversarial_halves_sa"] == (plain <= 0.1 or adv <= plain / 2)
+    table = format_table(metrics)
+    assert "sa-xattn-adversarial" in table and "classifier floor" in table
