@@ -7,8 +7,8 @@ drew before forgetting (OUT/data/concept), starting from where the previous roun
 Prompts naming that token then stand in for the concept's prompts in a share of the surrogate
 samples, so the mapping to the surrogate covers what the attack found. EWC and replay are unchanged.
 
-The token lives in the adversary's own copy of the tokenizer and text encoder (float32): the
-result's text encoder and tokenizer are the base model's, byte for byte.
+The token lives in the adversary's own float32 copies of the tokenizers and text encoders (SDXL: a
+row in each): the result's text encoders and tokenizers are the base model's.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .attack import add_token, initializer_id, learn_token
+from .attack import add_token, embedding_file, initializer_id, learn_token, set_token, text_parts, token_rows
 from .config import ForgetConfig
 from .errors import UserError
 from .families import Conditioning
@@ -40,12 +40,10 @@ def adversarial_prompts(config: ForgetConfig) -> list[str]:
 
 
 def check_adversarial(config: ForgetConfig, family, pipe) -> None:
-    """Before any work: a model family with one text encoder, usable templates, a one-token initializer."""
-    if family.name != "sd":
-        raise UserError(f"--adversarial supports Stable Diffusion 1.x/2.x only for now, not {family.title} "
-                        "(its inner attack learns one token for one text encoder)")
+    """Before any work: usable templates, an initializer of one token in every tokenizer."""
     adversarial_prompts(config)
-    initializer_id(pipe.tokenizer, config.adversarial_initializer, "--adversarial-initializer")
+    for tokenizer, _ in text_parts(family):
+        initializer_id(getattr(pipe, tokenizer), config.adversarial_initializer, "--adversarial-initializer")
 
 
 class Adversary:
@@ -54,16 +52,24 @@ class Adversary:
 
     def __init__(self, family, pipe, config: ForgetConfig, concept_set: ImageSet, device):
         self.family, self.config, self.images = family, config, concept_set
-        self.text = SimpleNamespace(tokenizer=copy.deepcopy(pipe.tokenizer),
-                                    text_encoder=copy.deepcopy(pipe.text_encoder).to(device, torch.float32))
-        self.token_id = add_token(self.text, TOKEN, config.adversarial_initializer, "--adversarial-initializer")
+        self.text = SimpleNamespace(**{name: copy.deepcopy(getattr(pipe, name)) for pair in text_parts(family)
+                                       for name in pair})
+        for _, encoder in text_parts(family):
+            getattr(self.text, encoder).to(device, torch.float32)
+        self.token_ids = add_token(self.text, family, TOKEN, config.adversarial_initializer,
+                                   "--adversarial-initializer")
         self.prompts = adversarial_prompts(config)
         self.rounds: list[list[float]] = []  # [step, first loss, last loss] of every round so far
         self.conditioning: Conditioning = self.family.encode_text(self.text, self.prompts)
 
     @property
-    def row(self) -> torch.Tensor:
-        return self.text.text_encoder.get_input_embeddings().weight[self.token_id]
+    def rows(self) -> list[torch.Tensor]:
+        return token_rows(self.text, self.family, self.token_ids)
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * 4 for _, encoder in text_parts(self.family)
+                   for p in getattr(self.text, encoder).parameters())
 
     def learn(self, unet, scheduler, step: int, accelerator) -> None:
         """One round of the inner attack on `unet` as it is now (its weights and .grad untouched);
@@ -71,16 +77,19 @@ class Adversary:
         from accelerate.utils import broadcast
 
         c = self.config
-        row, losses, _ = learn_token(self.family, self.text, unet, scheduler, self.token_id, self.images,
-                                     self.prompts, c.adversarial_steps, c.adversarial_learning_rate,
-                                     c.adversarial_batch_size, image_seed(c.seed, step, "adversary"))
-        self.set_row(broadcast(row.contiguous()))
+        rows, losses, _ = learn_token(self.family, self.text, unet, scheduler, self.token_ids, self.images,
+                                      self.prompts, c.adversarial_steps, c.adversarial_learning_rate,
+                                      c.adversarial_batch_size, image_seed(c.seed, step, "adversary"))
+        self.set_rows([broadcast(row.contiguous()) for row in rows])
         self.rounds.append([float(step), losses[0], losses[-1]])
 
-    def set_row(self, row: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.row.copy_(row)
+    def set_rows(self, rows: list[torch.Tensor]) -> None:
+        set_token(self.text, self.family, self.token_ids, rows)
         self.conditioning = self.family.encode_text(self.text, self.prompts)
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        """The token in diffusers' textual-inversion layout."""
+        return embedding_file(self.family, TOKEN, self.rows)
 
     def stand_in(self, concept: Conditioning, index: torch.Tensor) -> Conditioning:
         """`concept` (one sample per row) with the samples whose `index` is >= 0 conditioned on that
@@ -101,8 +110,9 @@ class Adversary:
 
     # accelerate's register_for_checkpointing
     def state_dict(self) -> dict:
-        return {"row": self.row.detach().cpu().clone(), "rounds": torch.tensor(self.rounds, dtype=torch.float64)}
+        return {"rows": [row.detach().cpu().clone() for row in self.rows],
+                "rounds": torch.tensor(self.rounds, dtype=torch.float64)}
 
     def load_state_dict(self, state: dict) -> None:
         self.rounds = state["rounds"].tolist()
-        self.set_row(state["row"].to(self.row.device))
+        self.set_rows([row.to(mine.device) for row, mine in zip(state["rows"], self.rows)])

@@ -1,15 +1,16 @@
 """`amnesia-sd attack`: can the forgotten concept be brought back?
 
 Textual-inversion recovery (Pham et al., "Circumventing Concept Erasure Methods for Text-to-Image
-Generative Models"): a new token is added to the forgotten model's tokenizer and only its embedding
-row is trained, with the denoising loss, on images of the concept (made by the base model from the
+Generative Models"): a new token is added to the forgotten model's tokenizer(s) and only its
+embedding row in each text encoder (SDXL: both) is trained, with the denoising loss, on images of the concept (made by the base model from the
 concept prompts, or the user's own). Every other weight stays exactly as it was. Both models are
 then sampled on held-out phrasings, with the concept's name (before the attack) and with the learned
 token (after it), on the same seeds, and eval's detectors say how often the concept shows.
 
 The embedding is saved in diffusers' textual-inversion format, so
-`pipe.load_textual_inversion("R/learned_embeds.safetensors", token=TOKEN)` reproduces the images.
-`learn_token` is the inner loop; adversarial forgetting can reuse it.
+`pipe.load_textual_inversion("R/learned_embeds.safetensors", token=TOKEN)` reproduces the images
+(SDXL: the file's clip_l and clip_g, one call per text encoder). `learn_token` is also the inner
+loop of forget --adversarial.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import digits
@@ -96,45 +97,104 @@ def initializer_id(tokenizer, initializer: str, flag: str = "--initializer") -> 
     return ids[0]
 
 
-def add_token(pipe, token: str, initializer: str, flag: str = "--initializer") -> int:
-    """Add `token` to the tokenizer and a row for it to the text encoder's input embeddings, a copy
-    of the initializer word's row; return the token's id. Every other row is kept as it is."""
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    start = initializer_id(tokenizer, initializer, flag)
-    if tokenizer.add_tokens(token) != 1:
-        raise UserError(f"the token {token!r} is already in this model's tokenizer: pick another token")
-    # The new row is set below: no mean/covariance start (costly on a 49k-token table).
-    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    token_id = tokenizer.convert_tokens_to_ids(token)
+def text_parts(family) -> list[tuple[str, str]]:
+    """(tokenizer, text encoder) attribute names of the family's pipelines, in order."""
+    return [(encoder.replace("text_encoder", "tokenizer"), encoder) for encoder in family.text_encoders]
+
+
+# How textual-inversion files name each encoder's vectors: SD's {token: [n, dim]}; SDXL's
+# {"clip_l": [n, 768], "clip_g": [n, 1280]}, loaded once per encoder.
+SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+
+
+def add_token(text, family, token: str, initializer: str, flag: str = "--initializer") -> list[int]:
+    """Add `token` to every tokenizer of `text` (a pipeline, or anything with its tokenizers and
+    text encoders) and a row for it to each text encoder's input embeddings, a copy of the
+    initializer word's row; return the token's id in each. Every other row is kept as it is."""
+    starts = [initializer_id(getattr(text, tok), initializer, flag) for tok, _ in text_parts(family)]
+    ids = []
+    for (tok, enc), start in zip(text_parts(family), starts):
+        tokenizer, encoder = getattr(text, tok), getattr(text, enc)
+        if tokenizer.add_tokens(token) != 1:
+            raise UserError(f"the token {token!r} is already in this model's tokenizer: pick another token")
+        # The new row is set below: no mean/covariance start (costly on a 49k-token table).
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        ids.append(tokenizer.convert_tokens_to_ids(token))
+        with torch.no_grad():
+            weights = encoder.get_input_embeddings().weight
+            weights[ids[-1]] = weights[start]
+    return ids
+
+
+def token_rows(text, family, ids: list[int]) -> list[torch.Tensor]:
+    """The token's row in each text encoder (views: writing them sets the token)."""
+    return [getattr(text, enc).get_input_embeddings().weight[i] for (_, enc), i in zip(text_parts(family), ids)]
+
+
+def set_token(text, family, ids: list[int], rows: list[torch.Tensor]) -> None:
     with torch.no_grad():
-        weights = encoder.get_input_embeddings().weight
-        weights[token_id] = weights[start]
-    return token_id
+        for (_, enc), i, row in zip(text_parts(family), ids, rows):
+            getattr(text, enc).get_input_embeddings().weight[i] = row
 
 
-def learn_token(family, text, unet, scheduler, token_id: int, images: ImageSet, prompts: list[str], steps: int,
-                learning_rate: float, batch_size: int, seed: int,
-                keep_at: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[float], dict[int, torch.Tensor]]:
-    """Textual inversion: train the embedding row `token_id` of `text.text_encoder` (`text` has a
-    tokenizer and a text encoder) alone with the denoising loss of `unet` on the set's latents, each
-    with a random one of `prompts` (which name the token), starting from the row as it is. Returns the
-    learned row, the loss of every step and the row after each step in `keep_at`. Nothing else
-    changes: only the row gets a gradient (the UNet may be one being trained: its .grad stays as it
-    was), and the other rows are restored after every step (as diffusers' textual-inversion example
-    does), so even the optimizer cannot move them."""
-    encoder = text.text_encoder
-    encoder.requires_grad_(False)
-    weights = encoder.get_input_embeddings().weight
-    original = weights.detach().clone()
-    others = torch.arange(len(original), device=weights.device) != token_id
-    weights.requires_grad_(True)
-    # No weight decay: it would pull the learned row towards zero, away from the concept.
-    optimizer = torch.optim.AdamW([weights], lr=learning_rate, weight_decay=0.0)
+def embedding_file(family, token: str, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The token's rows in diffusers' textual-inversion layout."""
+    rows = [row[None].float().cpu().contiguous() for row in rows]
+    if family.name == "sdxl":
+        return {SDXL_KEYS[enc]: row for (_, enc), row in zip(text_parts(family), rows)}
+    return {token: rows[0]}
+
+
+def load_token(pipe, family, path: Path, token: str) -> None:
+    """Load a saved token into a pipeline the way a diffusers user does."""
+    if family.name != "sdxl":
+        pipe.load_textual_inversion(str(path), token=token)
+        return
+    state = load_file(str(path))
+    for tok, enc in text_parts(family):
+        pipe.load_textual_inversion(state[SDXL_KEYS[enc]], token=token, text_encoder=getattr(pipe, enc),
+                                    tokenizer=getattr(pipe, tok))
+
+
+def how_to_load(family, token: str) -> str:
+    if family.name != "sdxl":
+        return f"pipe.load_textual_inversion(\"{EMBEDDINGS}\", token=\"{token}\")"
+    return (f"state = safetensors.torch.load_file(\"{EMBEDDINGS}\"); pipe.load_textual_inversion(state[\"clip_l\"], "
+            f"token=\"{token}\", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer); "
+            f"pipe.load_textual_inversion(state[\"clip_g\"], token=\"{token}\", text_encoder=pipe.text_encoder_2, "
+            "tokenizer=pipe.tokenizer_2)")
+
+
+def learn_token(family, text, unet, scheduler, token_ids: list[int], images: ImageSet, prompts: list[str],
+                steps: int, learning_rate: float, batch_size: int, seed: int,
+                keep_at: tuple[int, ...] = ()) -> tuple[list[torch.Tensor], list[float], dict[int, list[torch.Tensor]]]:
+    """Textual inversion: train the token's row in each text encoder of `text` (which has the
+    family's tokenizers and text encoders) alone, with the denoising loss of `unet` on the set's
+    latents, each with a random one of `prompts` (which name the token), starting from the rows as
+    they are. Returns the learned rows, the loss of every step and the rows after each step in
+    `keep_at`. Nothing else changes: only the rows get a gradient (the UNet may be one being
+    trained: its .grad stays as it was), and the other rows are restored after every step (as
+    diffusers' textual-inversion example does), so even the optimizer cannot move them."""
+    tables = []
+    for _, enc in text_parts(family):
+        encoder = getattr(text, enc)
+        encoder.requires_grad_(False)
+        tables.append(encoder.get_input_embeddings().weight)
+    originals = [t.detach().clone() for t in tables]
+    others = [torch.arange(len(t), device=t.device) != i for t, i in zip(tables, token_ids)]
+    for table in tables:
+        table.requires_grad_(True)
+    # No weight decay: it would pull the learned rows towards zero, away from the concept.
+    optimizer = torch.optim.AdamW(tables, lr=learning_rate, weight_decay=0.0)
     # Noise, timesteps and images drawn on the CPU, so a seed gives the same run on any device.
     generator = torch.Generator().manual_seed(image_seed(seed, 0, "train"))
     choose = random.Random(seed)
     device = unet.device
     losses, kept = [], {}
+
+    def rows() -> list[torch.Tensor]:
+        return [t[i].detach().clone() for t, i in zip(tables, token_ids)]
+
     try:
         for step in tqdm(range(1, steps + 1), desc="learning the token", unit="step", leave=False):
             index = torch.randint(len(images.latents), (batch_size,), generator=generator)
@@ -147,17 +207,19 @@ def learn_token(family, text, unet, scheduler, token_id: int, images: ImageSet, 
             if not torch.isfinite(loss):
                 raise UserError(f"the token's loss became {loss.item()} at step {step}: lower its learning rate")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward(inputs=[weights])
+            loss.backward(inputs=tables)
             optimizer.step()
             with torch.no_grad():
-                weights[others] = original[others]
+                for table, original, mask in zip(tables, originals, others):
+                    table[mask] = original[mask]
             losses.append(loss.item())
             if step in keep_at:
-                kept[step] = weights[token_id].detach().clone()
+                kept[step] = rows()
     finally:
-        weights.requires_grad_(False)
-        weights.grad = None
-    return weights[token_id].detach().clone(), losses, kept
+        for table in tables:
+            table.requires_grad_(False)
+            table.grad = None
+    return rows(), losses, kept
 
 
 @dataclass
@@ -220,15 +282,6 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-def _load_sd(spec: str, accelerator):
-    """The pipeline, refused unless it is SD 1.x/2.x (one text encoder, one token table)."""
-    ref, pipe = load_on_device(spec, accelerator)
-    if family_of(pipe).name != "sd":
-        raise UserError(f"{spec} is {family_of(pipe).title}: attack supports Stable Diffusion 1.x/2.x only for now "
-                        "(SDXL's two text encoders would each need their own learned token)")
-    return ref, pipe
-
-
 def _detector(kind: str, target: Target, config: AttackConfig, record: dict) -> tuple[Detector | None, dict]:
     """Eval's detector for this concept and its status; a CLIP that cannot be loaded is reported."""
     if kind == "digits":
@@ -267,44 +320,41 @@ def run_attack(config: AttackConfig) -> dict:
         detector, status = _detector(detector_kind, target, config, record)
         concept_dir = partial / "concept-set"
         if config.concept_images:
-            ref, pipe = _load_sd(config.model, accelerator)
+            ref, pipe = load_on_device(config.model, accelerator)
             images = encode_image_folder(pipe, ref, config.concept_images, concept_dir, config.resolution,
                                          accelerator, kind="concept")
         else:
-            ref, pipe = _load_sd(base, accelerator)
+            ref, pipe = load_on_device(base, accelerator)
             images = generate_image_set(pipe, ref, spread(target.concept_prompts, config.num_images), settings,
                                         concept_dir, "concept", accelerator)
             del pipe
             _release()
-            _, pipe = _load_sd(config.model, accelerator)
-        token_id = add_token(pipe, config.token, initializer)
+            _, pipe = load_on_device(config.model, accelerator)
+        family = family_of(pipe)
+        token_ids = add_token(pipe, family, config.token, initializer)
         prompts = [t.format(config.token) for t in target.train_templates]
         for module in (pipe.unet, pipe.vae):
             module.requires_grad_(False)
-        embedding, losses, kept = learn_token(family_of(pipe), pipe, pipe.unet, DDPMScheduler.from_config(
-            pipe.scheduler.config), token_id, images, prompts, config.steps, config.learning_rate,
-            config.train_batch_size, config.seed, keep_at=tuple(config.measure_steps))
-        # diffusers' textual-inversion format: {token: [vectors, dim]}.
-        save_file({config.token: embedding[None].float().cpu().contiguous()}, str(partial / EMBEDDINGS))
-        table = pipe.text_encoder.get_input_embeddings().weight
+        rows, losses, kept = learn_token(family, pipe, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config),
+                                         token_ids, images, prompts, config.steps, config.learning_rate,
+                                         config.train_batch_size, config.seed, keep_at=tuple(config.measure_steps))
+        save_file(embedding_file(family, config.token, rows), str(partial / EMBEDDINGS))
         for at in config.measure_steps:  # the shorter attacks: the token as it was then
-            with torch.no_grad():
-                table[token_id] = kept[at]
+            set_token(pipe, family, token_ids, kept[at])
             _sample(pipe, "forgotten", {shorter(at): samples["token"]}, settings, partial)
-        with torch.no_grad():
-            table[token_id] = embedding
+        set_token(pipe, family, token_ids, rows)
         _sample(pipe, "forgotten", samples, settings, partial)
         del pipe
         _release()
-        _, pipe = _load_sd(base, accelerator)
-        pipe.load_textual_inversion(str(partial / EMBEDDINGS), token=config.token)  # as a user would
+        _, pipe = load_on_device(base, accelerator)
+        load_token(pipe, family, partial / EMBEDDINGS, config.token)  # as a user would
         _sample(pipe, "base", samples, settings, partial)
         del pipe
         _release()
         if isinstance(detector, ClipDetector):
             detector.to(accelerator.device)
         result = _record(config, target, initializer, detector_kind, detector, status, samples, losses, images,
-                         partial, base)
+                         partial, base, family)
         result["seconds"] = round(time.time() - started, 1)
         write_text(partial / "report.html", render_html(result))
         write_json(partial / ATTACK_JSON, result)
@@ -313,7 +363,7 @@ def run_attack(config: AttackConfig) -> dict:
 
 
 def _record(config, target, initializer, detector_kind, detector, status, samples, losses, images, folder,
-            base) -> dict:
+            base, family) -> dict:
     rate_name = RATES[detector_kind]
     outputs = {role: {kind: detector.detect([folder / image_path(role, kind, i) for i in range(len(items))], items)
                       if detector else [None] * len(items) for kind, items in samples.items()} for role in ROLES}
@@ -347,7 +397,7 @@ def _record(config, target, initializer, detector_kind, detector, status, sample
         "token": config.token,
         "initializer": initializer,
         "embedding": EMBEDDINGS,
-        "load_with": f"pipe.load_textual_inversion(\"{EMBEDDINGS}\", token=\"{config.token}\")",
+        "load_with": how_to_load(family, config.token),
         "settings": {**asdict(config), "initializer": initializer, "scheduler": "DDIMScheduler",
                      "image_size": images.manifest["resolution"], "training_scheduler": "DDPMScheduler",
                      "optimizer": "AdamW (weight decay 0)",

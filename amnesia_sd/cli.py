@@ -256,7 +256,7 @@ def forget(
     enable_xformers: Annotated[Optional[bool], typer.Option("--enable-xformers", help="xformers attention instead of PyTorch SDPA (extra: xformers).")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(help="Keep an EMA of the weights and save it (the paper: 0.9999). [default: off]")] = None,
     ema_warmup: Annotated[Optional[bool], typer.Option("--ema-warmup/--no-ema-warmup", help="Ramp the EMA decay up as (1+step)/(10+step) (diffusers); --no-ema-warmup holds it from the first step, as the reference code. [default: on]")] = None,
-    adversarial: Annotated[Optional[bool], typer.Option("--adversarial", help="Forgetting that resists the attack: an inner attack (as `amnesia-sd attack`) learns a token that brings the concept back on the model being trained, and its prompts are mapped to the surrogate too. SD 1.x/2.x, one concept per run.")] = None,
+    adversarial: Annotated[Optional[bool], typer.Option("--adversarial", help="Forgetting that resists the attack: an inner attack (as `amnesia-sd attack`) learns a token that brings the concept back on the model being trained, and its prompts are mapped to the surrogate too. one concept per run.")] = None,
     adversarial_every: Annotated[Optional[int], typer.Option(help="Steps between inner attacks (one runs before step 1). [default: 50]")] = None,
     adversarial_steps: Annotated[Optional[int], typer.Option(help="Steps of each inner attack; each starts from the last one's token. [default: 50]")] = None,
     adversarial_learning_rate: Annotated[Optional[float], typer.Option(help="Learning rate of the inner attack's token. [default: 5e-3]")] = None,

@@ -354,7 +354,7 @@ def forget(config: ForgetConfig) -> Path:
         ema = EMAModel(params, decay=config.ema_decay) if config.ema_warmup else ConstantDecayEMA(params, decay=config.ema_decay)
     if accelerator.is_main_process:
         print(preflight(unet, trainable, config, replay_text, ema is not None,
-                        sum(p.numel() * 4 for p in adversary.text.text_encoder.parameters()) if adversary else 0),
+                        adversary.parameter_bytes if adversary else 0),
               flush=True)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)  # stepped once per optimizer step, below
@@ -500,8 +500,7 @@ def forget(config: ForgetConfig) -> Path:
             summary["adversarial"] = {**adversary.record(), "concept_set": recorded_path(concept_set.path, work),
                                       "embedding": ADVERSARY_EMBEDDINGS}
             # The last round's token, in diffusers' textual-inversion format: try it on the result.
-            save_file({adversary.record()["token"]: adversary.row.detach()[None].float().cpu().contiguous()},
-                      str(work / ADVERSARY_EMBEDDINGS))
+            save_file(adversary.embeddings(), str(work / ADVERSARY_EMBEDDINGS))
         if earlier:  # the whole sequence, oldest first; each entry is that run's own record
             summary["history"] = [*earlier.get("history", []), {k: v for k, v in earlier.items() if k != "history"}]
         write_result(work, ref, trained, trainable, config, summary)

@@ -94,7 +94,7 @@ def test_adversary_prompts_replace_a_share_of_the_adversarial_pairs_samples_only
     assert abs(share - 0.5) < 0.05 and set(index[index >= 0].tolist()) == set(range(6))
 
 
-def test_bad_adversarial_input_gives_one_line(tiny_model, tiny_sdxl_model, data, tmp_path):
+def test_bad_adversarial_input_gives_one_line(tiny_model, data, tmp_path):
     common = ["--model", str(tiny_model), "--replay-dir", data["replay_dir"], "--fim", data["fim"],
               "--surrogate-dir", data["surrogate_dir"], "--output-dir", str(tmp_path / "out"), "--adversarial"]
     refuses(["forget", *common, "--concept", "a", "--concept", "b"], "--adversarial learns one token for one concept")
@@ -107,6 +107,16 @@ def test_bad_adversarial_input_gives_one_line(tiny_model, tiny_sdxl_model, data,
     refuses(["forget", *common, "--concept", "a", "--adversarial-templates", str(templates)],
             "--adversarial-templates: every line needs exactly one {}")
     assert not (tmp_path / "out").exists()
-    with pytest.raises(Exception, match="--adversarial supports Stable Diffusion 1.x/2.x only"):
-        run(tiny_sdxl_model, {}, tmp_path / "xl", surrogate="a man", num_replay_images=2, **ADVERSARIAL)
     assert ForgetConfig(model="m", output_dir="o", concept="c", surrogate="s").adversarial is False
+
+
+def test_sdxl_adversarial_run_learns_a_row_in_each_text_encoder(tiny_sdxl_model, tmp_path):
+    out = run(tiny_sdxl_model, {}, tmp_path / "xl", surrogate="a man", num_replay_images=2, num_surrogate_images=2,
+              **{**ADVERSARIAL, "max_train_steps": 2, "adversarial_images": 2})
+    record = json.loads((out / "amnesia.json").read_text())
+    assert record["architecture"] == "sdxl" and [r["step"] for r in record["adversarial"]["rounds"]] == [0]
+    embeds = load_file(out / "adversary_embeds.safetensors")
+    widths = [json.loads((out / enc / "config.json").read_text())["hidden_size"]
+              for enc in ("text_encoder", "text_encoder_2")]
+    assert [tuple(embeds[k].shape) for k in ("clip_l", "clip_g")] == [(1, widths[0]), (1, widths[1])]
+    assert all(torch.isfinite(v).all() for v in embeds.values())

@@ -42,10 +42,10 @@ def test_only_the_token_embedding_trains(tiny_model):
     before = weights(pipe)
     [embedding_key] = [k for k in before if k.startswith("text_encoder.") and k.endswith("token_embedding.weight")]
     man = pipe.tokenizer.encode("man", add_special_tokens=False)[0]
-    token_id = add_token(pipe, TOKEN, "man")
+    [token_id] = add_token(pipe, family_of(pipe), TOKEN, "man")
     assert token_id == len(before[embedding_key])  # one new row at the end
     images = ImageSet(Path("unused"), ["x"] * 4, random_latents(4), {}, {})
-    row, losses, kept = learn_token(family_of(pipe), pipe, pipe.unet, scheduler, token_id, images,
+    [row], losses, kept = learn_token(family_of(pipe), pipe, pipe.unet, scheduler, [token_id], images,
                                     [f"a photo of {TOKEN}"], steps=3, learning_rate=1e-2, batch_size=2, seed=0,
                                     keep_at=(2,))
     assert all(p.grad is None for p in pipe.unet.parameters())
@@ -58,7 +58,7 @@ def test_only_the_token_embedding_trains(tiny_model):
     assert torch.equal(table[:-1], before[embedding_key])  # every old row, byte for byte
     assert torch.equal(table[-1], row) and not torch.equal(row, before[embedding_key][man])  # the new one trained
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
-    assert list(kept) == [2] and not torch.equal(kept[2], row)  # the row after step 2 of 3
+    assert list(kept) == [2] and not torch.equal(kept[2][0], row)  # the row after step 2 of 3
     assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
 
 
@@ -194,8 +194,37 @@ def test_bad_input_gives_one_line(tiny_model, concept_images, tmp_path):
     assert not out.exists() and not (tmp_path / "out.partial").exists()  # a failed run leaves nothing
 
 
-def test_sdxl_is_refused(tiny_sdxl_model, concept_images, tmp_path):
-    model = str(tiny_sdxl_model)
-    refuses(["attack", "--model", model, "--base", model, "--concept", "brad pitt", "--concept-images",
-             concept_images, "--initializer", "man", "--output-dir", tmp_path / "out"],
-            "is Stable Diffusion XL: attack supports Stable Diffusion 1.x/2.x only for now")
+def test_sdxl_attack_trains_a_row_in_each_text_encoder_and_loads_in_plain_diffusers(tiny_sdxl_model, tiny_clip,
+                                                                                    concept_images, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    model = perturbed_copy(tiny_sdxl_model, tmp_path / "forgotten", {
+        "base_model": str(Path(tiny_sdxl_model).resolve()), "concepts": ["Brad Pitt"], "surrogate": "a man",
+        "settings": {}})
+    hashes = folder_hashes(model)
+    out = tmp_path / "r"
+    result = run_attack(AttackConfig(model=str(model), output_dir=str(out), initializer="man",
+                                     concept_images=str(concept_images), steps=2, num_images=2, num_inference_steps=2,
+                                     clip_model=str(tiny_clip)))
+    assert folder_hashes(model) == hashes
+    assert "clip_g" in result["load_with"] and result["detector"] == "clip"
+    embeds = load_file(out / "learned_embeds.safetensors")
+    widths = [json.loads((model / enc / "config.json").read_text())["hidden_size"]
+              for enc in ("text_encoder", "text_encoder_2")]
+    assert sorted(embeds) == ["clip_g", "clip_l"]
+    assert [tuple(embeds[k].shape) for k in ("clip_l", "clip_g")] == [(1, widths[0]), (1, widths[1])]
+    # Both rows moved from the initializer's, in plain diffusers the token maps to them.
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    man = [pipe.tokenizer.encode("man", add_special_tokens=False)[0],
+           pipe.tokenizer_2.encode("man", add_special_tokens=False)[0]]
+    starts = [pipe.text_encoder.get_input_embeddings().weight[man[0]].clone(),
+              pipe.text_encoder_2.get_input_embeddings().weight[man[1]].clone()]
+    for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
+                                    ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
+        pipe.load_textual_inversion(embeds[key], token=TOKEN, text_encoder=encoder, tokenizer=tokenizer)
+    for encoder, tokenizer, key, start in ((pipe.text_encoder, pipe.tokenizer, "clip_l", starts[0]),
+                                           (pipe.text_encoder_2, pipe.tokenizer_2, "clip_g", starts[1])):
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(TOKEN)]
+        assert torch.equal(row, embeds[key][0]) and not torch.equal(row, start)
+    for m in result["models"].values():
+        assert 0 <= m["before"] <= 1 and 0 <= m["after"] <= 1
