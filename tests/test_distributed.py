@@ -106,12 +106,23 @@ def forget_args(model, out, batch, *extra):
             str(batch), "--learning-rate", "1e-3", "--lambda-ewc", "1e3", *extra]
 
 
-def test_forget_two_processes_of_batch_b_equal_one_process_of_batch_2b(tiny_model, work):
-    model = str(tiny_model)
-    launch("single", 1, *forget_args(model, "one", 2, "--max-train-steps", "1"), cwd=work)
-    launch("accelerate", 2, *forget_args(model, "two", 1, "--max-train-steps", "1"), cwd=work)
-    one = json.loads((work / "one" / "amnesia.json").read_text())
-    two = json.loads((work / "two" / "amnesia.json").read_text())
+ADVERSARIAL = ["--adversarial", "--adversarial-steps", "2", "--adversarial-images", "3", "--adversarial-initializer",
+               "man", "--adversarial-batch-size", "2", "--num-inference-steps", "2"]
+
+
+@pytest.mark.parametrize("adversarial", [False, True], ids=["plain", "adversarial"])
+def test_forget_two_processes_of_batch_b_equal_one_process_of_batch_2b(tiny_model, work, adversarial):
+    model, extra = str(tiny_model), ADVERSARIAL if adversarial else []
+    one_dir, two_dir = ("adv-one", "adv-two") if adversarial else ("one", "two")
+    launch("single", 1, *forget_args(model, one_dir, 2, "--max-train-steps", "1", *extra), cwd=work)
+    launch("accelerate", 2, *forget_args(model, two_dir, 1, "--max-train-steps", "1", *extra), cwd=work)
+    one = json.loads((work / one_dir / "amnesia.json").read_text())
+    two = json.loads((work / two_dir / "amnesia.json").read_text())
+    if adversarial:  # the inner attack learned the same token in both (process 0's, broadcast)
+        assert one["adversarial"]["rounds"][0]["loss_last"] == pytest.approx(
+            two["adversarial"]["rounds"][0]["loss_last"], rel=1e-5)
+        a, b = (load_file(str(work / d / "adversary_embeds.safetensors")) for d in (one_dir, two_dir))
+        torch.testing.assert_close(a["<amnesia-adversary>"], b["<amnesia-adversary>"], rtol=1e-5, atol=1e-6)
     assert (one["num_processes"], two["num_processes"]) == (1, 2)
     assert one["global_batch_size"] == two["global_batch_size"] == 2
     assert one["learning_rate"] == two["learning_rate"] == 1e-3  # not scaled by the process count
@@ -119,14 +130,14 @@ def test_forget_two_processes_of_batch_b_equal_one_process_of_batch_2b(tiny_mode
         assert two["final_losses"][term] == pytest.approx(one["final_losses"][term], rel=1e-5)
     # Averaged gradients over the same 2 images: the same update, and a loadable pipeline.
     # (Adam's first step is about lr * sign(g), so an element whose gradient is ~1e-8 may differ.)
-    a, b, base = unet_weights(work / "one"), unet_weights(work / "two"), unet_weights(tiny_model)
+    a, b, base = unet_weights(work / one_dir), unet_weights(work / two_dir), unet_weights(tiny_model)
     update_one = torch.cat([(a[k] - base[k]).flatten() for k in base])
     update_two = torch.cat([(b[k] - base[k]).flatten() for k in base])
     assert update_one.abs().max() > 1e-4
     assert (update_two - update_one).norm() <= 1e-3 * update_one.norm()
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(work / "two", safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(work / two_dir, safety_checker=None, requires_safety_checker=False)
     assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], b["conv_in.weight"])
 
 
