@@ -30,3 +30,23 @@ def unet_weights(model_dir) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(f"{model_dir}/unet/diffusion_pytorch_model.safetensors")
+
+
+def run_command(*args, cwd, code: int = 0):
+    """An `amnesia-sd` command run in this process, in the folder `cwd` (relative paths as the user
+    gives them), with its own stdout and stderr: the installed command's entry point
+    (amnesia_sd.cli:main) only sets TOKENIZERS_PARALLELISM, as conftest does, and calls this same app.
+    Asserts the exit code; returns the result (.stdout, .stderr, .output)."""
+    import traceback
+
+    import pytest
+    from typer.testing import CliRunner
+
+    from amnesia_sd.cli import app
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        result = CliRunner().invoke(app, [str(a) for a in args])
+    trace = "".join(traceback.format_exception(result.exception)) if result.exception else ""
+    assert result.exit_code == code, f"{result.output}\n{trace}"
+    return result

@@ -1,5 +1,9 @@
 """SDXL through every command, conditioned exactly as diffusers' own SDXL pipeline conditions it;
-and an SD 2.x v-prediction pipeline through the same flow."""
+and an SD 2.x v-prediction pipeline through the same flow.
+
+The commands run in this process (`run`), as the installed command would run them; test_cli.py runs
+each of them through the installed `amnesia-sd` in processes of their own. What only a fresh process
+shows stays in one here too (`cli`, and the plain-diffusers check)."""
 
 import hashlib
 import json
@@ -15,16 +19,24 @@ from safetensors import safe_open
 from amnesia_sd import families
 from amnesia_sd.errors import UserError
 from amnesia_sd.families import FAMILIES, family_of_keys
-from helpers import ENV, EXE
+from helpers import ENV, EXE, run_command
 
 QUICK = ["--num-inference-steps", "2", "--batch-size", "4"]
 XL = FAMILIES["sdxl"]
 
 
 def cli(*args, cwd, code=0):
+    """The installed `amnesia-sd` command, in a process of its own: for what only a fresh process
+    shows (the exact stderr a user sees)."""
     done = subprocess.run([EXE, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == code, done.stderr
     return done
+
+
+def run(*args, cwd, code=0):
+    """The same command, run in this process (see helpers.run_command): the same files, output and
+    exit code, without starting Python and importing torch and diffusers again (~6 s a command)."""
+    return run_command(*args, cwd=cwd, code=code)
 
 
 def load_xl(path):
@@ -89,34 +101,42 @@ PLAIN_DIFFUSERS_CHECK = textwrap.dedent("""
 
 def replay_and_fim(model, cwd, images: int, timesteps: int) -> None:
     """`replay` into cwd/replay, then `fim` over it into cwd/fim.safetensors."""
-    cli("replay", "--model", str(model), "--output-dir", "replay", "--num-images", str(images), *QUICK, cwd=cwd)
-    cli("fim", "--model", str(model), "--replay-dir", "replay", "--output", "fim.safetensors", "--num-timesteps",
+    run("replay", "--model", str(model), "--output-dir", "replay", "--num-images", str(images), *QUICK, cwd=cwd)
+    run("fim", "--model", str(model), "--replay-dir", "replay", "--output", "fim.safetensors", "--num-timesteps",
         str(timesteps), cwd=cwd)
 
 
-def test_sdxl_flow_replay_fim_surrogate_forget_sample_eval(tiny_sdxl_model, tmp_path):
-    model = str(tiny_sdxl_model)
-    replay_and_fim(model, tmp_path, images=4, timesteps=4)
-    cli("surrogate", "--model", model, "--prompt", "a middle aged man", "--output-dir", "surrogate",
+@pytest.fixture(scope="module")
+def sdxl_replay_fim(tiny_sdxl_model, tmp_path_factory):
+    """One SDXL replay set (4 images) and its Fisher (4 timesteps), made by the commands once for the
+    tests of this module, which only read them: DIR/replay and DIR/fim.safetensors."""
+    root = tmp_path_factory.mktemp("xl-sets")
+    replay_and_fim(tiny_sdxl_model, root, images=4, timesteps=4)
+    return root
+
+
+def test_sdxl_flow_replay_fim_surrogate_forget_sample_eval(tiny_sdxl_model, sdxl_replay_fim, tmp_path):
+    model, sets = str(tiny_sdxl_model), sdxl_replay_fim  # replay and fim: the module's (4 images, 4 timesteps)
+    run("surrogate", "--model", model, "--prompt", "a middle aged man", "--output-dir", "surrogate",
         "--num-images", "4", *QUICK, cwd=tmp_path)
-    done = cli("forget", "--model", model, "--concept", "Brad Pitt", "--surrogate-dir", "surrogate",
-               "--replay-dir", "replay", "--fim", "fim.safetensors", "--output-dir", "out", "--max-train-steps", "2",
-               "--train-batch-size", "2", "--learning-rate", "1e-3", *QUICK, cwd=tmp_path)
+    done = run("forget", "--model", model, "--concept", "Brad Pitt", "--surrogate-dir", "surrogate",
+               "--replay-dir", sets / "replay", "--fim", sets / "fim.safetensors", "--output-dir", "out",
+               "--max-train-steps", "2", "--train-batch-size", "2", "--learning-rate", "1e-3", *QUICK, cwd=tmp_path)
     assert "StableDiffusionXLPipeline.from_pretrained" in done.stdout
-    cli("sample", "--model", "out", "--prompt", "a photo of brad pitt", "--num-images", "2", "--output-dir",
+    run("sample", "--model", "out", "--prompt", "a photo of brad pitt", "--num-images", "2", "--output-dir",
         "samples", "--compare", model, *QUICK, cwd=tmp_path)
-    cli("eval", "--model", "out", "--output-dir", "report", "--concept", "nudity, naked", "--num-images", "1",
+    run("eval", "--model", "out", "--output-dir", "report", "--concept", "nudity, naked", "--num-images", "1",
         "--num-inference-steps", "2", "--clip-model", "nonexistent-org/no-clip", cwd=tmp_path)
 
     # Image sets made at SDXL's native size record the micro-conditioning they were made with, and
     # carry each image's time ids.
-    manifest = json.loads((tmp_path / "replay" / "manifest.json").read_text())
+    manifest = json.loads((sets / "replay" / "manifest.json").read_text())
     assert manifest["architecture"] == "sdxl" and manifest["resolution"] == 16  # the tiny UNet's native size
     assert manifest["micro_conditioning"] == {"original_size": [16, 16], "crops_coords_top_left": [0, 0],
                                               "target_size": [16, 16]}
     with safe_open(str(tmp_path / "surrogate" / "latents.safetensors"), "pt") as f:
         assert f.get_tensor("time_ids").tolist() == [[16, 16, 0, 0, 16, 16]] * 4
-    with safe_open(str(tmp_path / "fim.safetensors"), "pt") as f:
+    with safe_open(str(sets / "fim.safetensors"), "pt") as f:
         assert f.metadata()["architecture"] == "sdxl"
         assert {k for k in f.keys() if k.startswith("add_embedding.")}  # the added-condition embedding too
     record = json.loads((tmp_path / "out" / "amnesia.json").read_text())
@@ -140,7 +160,7 @@ def test_sdxl_flow_replay_fim_surrogate_forget_sample_eval(tiny_sdxl_model, tmp_
     assert "PLAIN-DIFFUSERS-OK" in check.stdout, check.stderr
 
 
-def test_training_conditions_like_the_pipeline(tiny_sdxl_model, tmp_path, monkeypatch):
+def test_training_conditions_like_the_pipeline(tiny_sdxl_model, sdxl_replay_fim, tmp_path, monkeypatch):
     """Every row the UNet sees in training: the pipeline's own embeddings of the concept prompt (on a
     surrogate image) or of the replay image's prompt, and the time ids the pipeline used to make it."""
     from amnesia_sd.config import ForgetConfig
@@ -148,7 +168,6 @@ def test_training_conditions_like_the_pipeline(tiny_sdxl_model, tmp_path, monkey
     from amnesia_sd.imageset import load_image_set
 
     model = str(tiny_sdxl_model)
-    replay_and_fim(model, tmp_path, images=3, timesteps=2)
     # The user's own surrogate images, not square: SDXL is told their original size and the crop.
     from PIL import Image
 
@@ -161,11 +180,11 @@ def test_training_conditions_like_the_pipeline(tiny_sdxl_model, tmp_path, monkey
                         lambda self, unet, x, t, cond: seen.append({k: v.detach().clone() for k, v in cond.items()})
                         or real(self, unet, x, t, cond))
     forget(ForgetConfig(model=model, concept="Brad Pitt", surrogate_images=str(tmp_path / "photos"),
-                        replay_dir=str(tmp_path / "replay"), fim=str(tmp_path / "fim.safetensors"),
+                        replay_dir=str(sdxl_replay_fim / "replay"), fim=str(sdxl_replay_fim / "fim.safetensors"),
                         output_dir=str(tmp_path / "out"), max_train_steps=2, train_batch_size=2,
                         num_inference_steps=2, checkpointing_steps=100))
     pipe = load_xl(tiny_sdxl_model)
-    replay = load_image_set(tmp_path / "replay")
+    replay = load_image_set(sdxl_replay_fim / "replay")
     record = json.loads((tmp_path / "out" / "amnesia.json").read_text())
 
     def embeds(prompt):
@@ -195,8 +214,8 @@ def test_training_conditions_like_the_pipeline(tiny_sdxl_model, tmp_path, monkey
 
 def test_architecture_mismatch_is_refused(tiny_sdxl_model, tiny_model, tmp_path):
     """A Fisher (or image set) made for one architecture is refused for another, before training."""
-    cli("replay", "--model", str(tiny_model), "--output-dir", "sd-replay", "--num-images", "2", *QUICK, cwd=tmp_path)
-    cli("fim", "--model", str(tiny_model), "--replay-dir", "sd-replay", "--output", "sd-fim.safetensors",
+    run("replay", "--model", str(tiny_model), "--output-dir", "sd-replay", "--num-images", "2", *QUICK, cwd=tmp_path)
+    run("fim", "--model", str(tiny_model), "--replay-dir", "sd-replay", "--output", "sd-fim.safetensors",
         "--num-timesteps", "2", cwd=tmp_path)
     done = cli("forget", "--model", str(tiny_sdxl_model), "--concept", "Brad Pitt", "--surrogate", "a man",
                "--replay-dir", "sd-replay", "--fim", "sd-fim.safetensors", "--output-dir", "out", *QUICK,
@@ -249,12 +268,12 @@ def test_train_methods_on_the_sdxl_unet(tiny_sdxl_model):
 def test_sd2_v_prediction_flow(tiny_vpred_model, tmp_path):
     model = str(tiny_vpred_model)
     replay_and_fim(model, tmp_path, images=4, timesteps=4)
-    cli("forget", "--model", model, "--concept", "Brad Pitt", "--surrogate", "a middle aged man",
+    run("forget", "--model", model, "--concept", "Brad Pitt", "--surrogate", "a middle aged man",
         "--num-surrogate-images", "4", "--replay-dir", "replay", "--fim", "fim.safetensors", "--output-dir", "out",
         "--max-train-steps", "2", "--train-batch-size", "2", *QUICK, cwd=tmp_path)
-    cli("sample", "--model", "out", "--prompt", "a photo of brad pitt", "--num-images", "1", "--output-dir",
+    run("sample", "--model", "out", "--prompt", "a photo of brad pitt", "--num-images", "1", "--output-dir",
         "samples", *QUICK, cwd=tmp_path)
-    cli("eval", "--model", "out", "--output-dir", "report", "--concept", "nudity, naked", "--num-images", "1",
+    run("eval", "--model", "out", "--output-dir", "report", "--concept", "nudity, naked", "--num-images", "1",
         "--num-inference-steps", "2", "--clip-model", "nonexistent-org/no-clip", cwd=tmp_path)
     with safe_open(str(tmp_path / "fim.safetensors"), "pt") as f:
         assert f.metadata()["prediction_type"] == "v_prediction"
@@ -285,16 +304,15 @@ def test_readme_memory_table_is_what_the_preflight_computes():
         assert [float(cell.split()[0]) for cell in row.strip("|").split("|")[1:]] == gb, row
 
 
-def test_lora_forgetting_on_sdxl_loads_in_plain_diffusers(tiny_sdxl_model, tmp_path):
+def test_lora_forgetting_on_sdxl_loads_in_plain_diffusers(tiny_sdxl_model, sdxl_replay_fim, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     from amnesia_sd.config import ForgetConfig
     from amnesia_sd.forget import forget
 
-    replay_and_fim(tiny_sdxl_model, tmp_path, images=3, timesteps=2)
     out = forget(ForgetConfig(model=str(tiny_sdxl_model), concept="Brad Pitt", surrogate="a middle aged man",
-                              num_surrogate_images=2, replay_dir=str(tmp_path / "replay"),
-                              fim=str(tmp_path / "fim.safetensors"), output_dir=str(tmp_path / "lora"), lora_rank=2,
+                              num_surrogate_images=2, replay_dir=str(sdxl_replay_fim / "replay"),
+                              fim=str(sdxl_replay_fim / "fim.safetensors"), output_dir=str(tmp_path / "lora"), lora_rank=2,
                               max_train_steps=2, train_batch_size=2, learning_rate=1e-2, num_inference_steps=2))
     assert json.loads((out / "amnesia.json").read_text())["pipeline_class"] == "StableDiffusionXLPipeline"
     pipe = load_xl(tiny_sdxl_model)
