@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ENV, EXE, unet_weights
+from helpers import ENV, EXE, run_command, unet_weights
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 QUICK = ["--num-inference-steps", "2", "--batch-size", "2"]
@@ -114,7 +114,7 @@ ADVERSARIAL = ["--adversarial", "--adversarial-steps", "2", "--adversarial-image
 def test_forget_two_processes_of_batch_b_equal_one_process_of_batch_2b(tiny_model, work, adversarial):
     model, extra = str(tiny_model), ADVERSARIAL if adversarial else []
     one_dir, two_dir = ("adv-one", "adv-two") if adversarial else ("one", "two")
-    launch("single", 1, *forget_args(model, one_dir, 2, "--max-train-steps", "1", *extra), cwd=work)
+    run_command(*forget_args(model, one_dir, 2, "--max-train-steps", "1", *extra), cwd=work)  # one process: this one
     launch("accelerate", 2, *forget_args(model, two_dir, 1, "--max-train-steps", "1", *extra), cwd=work)
     one = json.loads((work / one_dir / "amnesia.json").read_text())
     two = json.loads((work / two_dir / "amnesia.json").read_text())
@@ -185,7 +185,7 @@ def test_forget_with_two_processes_resumes_after_a_kill(tiny_model, work):
 def test_eval_with_two_processes_equals_one(tiny_model, work):
     args = ["eval", "--model", str(tiny_model), "--base", str(tiny_model), "--concept", "Brad Pitt",
             "--num-images", "3", "--num-inference-steps", "2", "--batch-size", "2", "--clip-model", "not/available"]
-    launch("single", 1, *args, "--output-dir", "eval-1", cwd=work)
+    run_command(*args, "--output-dir", "eval-1", cwd=work)  # one process: this one
     launch("torchrun", 2, *args, "--output-dir", "eval-2", cwd=work)
     one, two = work / "eval-1", work / "eval-2"
     images = sorted(p.relative_to(one) for p in one.rglob("*.png"))
