@@ -14,12 +14,26 @@ from amnesia_sd import digits
 pytestmark = pytest.mark.usefixtures("isolated_cache")  # the classifier trains once per module
 
 
-@pytest.fixture
-def quick_recipe(monkeypatch):
+def cut_recipe(monkeypatch):
     """The real build recipe, cut to a few steps so that it runs in seconds."""
     for name in ("TEXT_STEPS", "VAE_STEPS", "DENOISER_STEPS"):
         monkeypatch.setattr(digits, name, 2)
     monkeypatch.setattr(digits, "BUILD_EVAL_SAMPLES", 1)
+
+
+@pytest.fixture
+def quick_recipe(monkeypatch):
+    cut_recipe(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def quick_build(isolated_cache, tmp_path_factory):
+    """One quick build (seed 3) into a folder of its own, DIR/model, for the tests that only read it."""
+    root = tmp_path_factory.mktemp("quick-build")
+    with pytest.MonkeyPatch.context() as patch:
+        cut_recipe(patch)
+        digits.build_digits_model(root / "model", seed=3, progress=False)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +134,11 @@ def test_rendered_real_digits_classify_as_the_originals(classifier):
     assert torch.equal(digits.images_to_classifier_input(gray), converted)
 
 
-def test_quick_build_writes_a_plain_diffusers_folder(quick_recipe, tmp_path):
+def test_quick_build_writes_a_plain_diffusers_folder(quick_recipe, quick_build):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    folder = digits.build_digits_model(tmp_path / "model", seed=3, progress=False)
-    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no partial folder left behind
+    folder = quick_build / "model"  # digits.build_digits_model(DIR / "model", seed=3)
+    assert [p.name for p in quick_build.iterdir()] == ["model"]  # no partial folder left behind
     weights = sorted(str(p.relative_to(folder).parent) for p in folder.rglob("*.safetensors"))
     assert weights == ["text_encoder", "unet", "vae"]
     assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
@@ -146,10 +160,10 @@ def test_quick_build_writes_a_plain_diffusers_folder(quick_recipe, tmp_path):
     assert digits.classify(images).shape == (2, 10)
 
 
-def test_same_seed_gives_the_same_weights(quick_recipe, tmp_path):
+def test_same_seed_gives_the_same_weights(quick_recipe, quick_build, tmp_path):
     from safetensors.torch import load_file
 
-    first = digits.build_digits_model(tmp_path / "a", seed=3, progress=False)
+    first = quick_build / "model"  # built with seed 3 by the module's fixture
     second = digits.build_digits_model(tmp_path / "b", seed=3, progress=False)
     tokenizer = Path("tokenizer", "tokenizer.json")
     assert (first / tokenizer).read_text() == (second / tokenizer).read_text()
