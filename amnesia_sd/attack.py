@@ -15,6 +15,7 @@ loop of forget --adversarial.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import random
 import sys
@@ -39,11 +40,11 @@ from .errors import UserError
 from .evaluate import (ForgottenModelSettings, choose_detector, digits_of, forgotten_model, is_digits_model,
                        recorded_surrogates, spread)
 from .families import family_of, take, to_device
-from .generate import generate, image_seed
+from .generate import generate, image_seed, process_share
 from .imageset import ImageSet, encode_image_folder, generate_image_set
 from .io import atomic_path, write_json, write_text
 from .models import load_on_device, make_accelerator, resolve_model
-from .paths import Output, discard_on_failure, open_work, publish, stamp
+from .paths import Output, discard_on_failure, open_work, partial_of, publish, stamp
 from .prompts import bundled, concept_prompts, read_prompts
 from .report import STYLE, fmt
 
@@ -267,11 +268,16 @@ def image_path(role: str, kind: str, index: int) -> str:
     return f"images/{role}/{kind}/{index:04d}.png"
 
 
-def _sample(pipe, role: str, samples: dict[str, list[Sample]], settings: GenerationSettings, folder: Path) -> None:
+def _sample(pipe, role: str, samples: dict[str, list[Sample]], settings: GenerationSettings, folder: Path,
+            accelerator) -> None:
+    """This process's share of the images (whole batches, as with one process: the same pixels)."""
     for kind, items in samples.items():
-        for i, _, image in tqdm(generate(pipe, [s.prompt for s in items], [s.seed for s in items], settings),
-                                total=len(items), desc=f"sampling {role} ({kind})", unit="img"):
-            with atomic_path(folder / image_path(role, kind, i)) as tmp:
+        share = process_share(len(items), settings.batch_size, accelerator.process_index, accelerator.num_processes)
+        mine = [items[i] for i in share]
+        for position, _, image in tqdm(generate(pipe, [s.prompt for s in mine], [s.seed for s in mine], settings),
+                                       total=len(mine), desc=f"sampling {role} ({kind})", unit="img",
+                                       disable=not accelerator.is_main_process):
+            with atomic_path(folder / image_path(role, kind, share[position])) as tmp:
                 image.save(tmp, format="PNG")
 
 
@@ -299,7 +305,11 @@ def _detector(kind: str, target: Target, config: AttackConfig, record: dict) -> 
 def run_attack(config: AttackConfig) -> dict:
     """Learn the token on the forgotten model, sample both models with and without it, judge the
     images; write OUT/attack.json, OUT/report.html, OUT/learned_embeds.safetensors, OUT/images/ and
-    OUT/concept-set/; return the attack record."""
+    OUT/concept-set/; return the attack record (an empty dict on processes other than the main one
+    under `accelerate launch`: every process learns the same token, process 0's is kept, and the
+    processes share the sampling)."""
+    from accelerate.utils import broadcast
+
     started = time.time()
     out = Path(config.output_dir)
     record, base, groups = forgotten_model(config, Output("--output-dir", out, ATTACK_JSON, "attack result"),
@@ -315,9 +325,14 @@ def run_attack(config: AttackConfig) -> dict:
                                   seed=config.seed, batch_size=config.batch_size, mixed_precision="no")
     samples = held_out_samples(target, config.token, config.num_images, config.seed, config.guidance_scale)
     accelerator = make_accelerator()
-    partial, _ = open_work(out, "attack", {}, keep=False)  # never resumed: a fresh folder
-    with discard_on_failure(partial):
-        detector, status = _detector(detector_kind, target, config, record)
+    main = accelerator.is_main_process
+    partial = partial_of(out)
+    accelerator.wait_for_everyone()  # every process has checked the paths before the work folder changes
+    if main:
+        partial, _ = open_work(out, "attack", {}, keep=False)  # never resumed: a fresh folder
+    accelerator.wait_for_everyone()
+    with discard_on_failure(partial) if main else contextlib.nullcontext():
+        detector, status = _detector(detector_kind, target, config, record) if main else (None, {})
         concept_dir = partial / "concept-set"
         if config.concept_images:
             ref, pipe = load_on_device(config.model, accelerator)
@@ -338,23 +353,31 @@ def run_attack(config: AttackConfig) -> dict:
         rows, losses, kept = learn_token(family, pipe, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config),
                                          token_ids, images, prompts, config.steps, config.learning_rate,
                                          config.train_batch_size, config.seed, keep_at=tuple(config.measure_steps))
-        save_file(embedding_file(family, config.token, rows), str(partial / EMBEDDINGS))
+        rows = [broadcast(row.contiguous()) for row in rows]
+        kept = {at: [broadcast(row.contiguous()) for row in kept[at]] for at in config.measure_steps}
+        if main:
+            save_file(embedding_file(family, config.token, rows), str(partial / EMBEDDINGS))
         for at in config.measure_steps:  # the shorter attacks: the token as it was then
             set_token(pipe, family, token_ids, kept[at])
-            _sample(pipe, "forgotten", {shorter(at): samples["token"]}, settings, partial)
+            _sample(pipe, "forgotten", {shorter(at): samples["token"]}, settings, partial, accelerator)
         set_token(pipe, family, token_ids, rows)
-        _sample(pipe, "forgotten", samples, settings, partial)
+        _sample(pipe, "forgotten", samples, settings, partial, accelerator)
         del pipe
         _release()
+        accelerator.wait_for_everyone()  # the embedding file is written
         _, pipe = load_on_device(base, accelerator)
         load_token(pipe, family, partial / EMBEDDINGS, config.token)  # as a user would
-        _sample(pipe, "base", samples, settings, partial)
+        _sample(pipe, "base", samples, settings, partial, accelerator)
         del pipe
         _release()
+        accelerator.wait_for_everyone()  # every process's images are on disk
+        if not main:
+            return {}  # (no barrier through the judging: it could outlast the process group's timeout)
         if isinstance(detector, ClipDetector):
             detector.to(accelerator.device)
         result = _record(config, target, initializer, detector_kind, detector, status, samples, losses, images,
                          partial, base, family)
+        result["num_processes"] = accelerator.num_processes
         result["seconds"] = round(time.time() - started, 1)
         write_text(partial / "report.html", render_html(result))
         write_json(partial / ATTACK_JSON, result)

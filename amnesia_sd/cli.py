@@ -409,8 +409,10 @@ def attack(
            "initializer": initializer, "token": token, "measure_steps": measure_steps, "clip_model": clip_model,
            "overwrite": overwrite, **_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, None)}
     result = run_attack(AttackConfig(**{k: v for k, v in cli.items() if v is not None}))
-    typer.echo(format_summary(result))
-    typer.echo(f"report: {output_dir / 'report.html'} and attack.json; the token: {output_dir / 'learned_embeds.safetensors'}")
+    if result:  # the main process's (under accelerate launch the others share the work, not the report)
+        typer.echo(format_summary(result))
+        typer.echo(f"report: {output_dir / 'report.html'} and attack.json; the token: "
+                   f"{output_dir / 'learned_embeds.safetensors'}")
 
 
 @app.command()
@@ -514,7 +516,7 @@ def demo(
     surrogate: Annotated[str, typer.Option(help="'noise' (uniform noise images, as the paper) or another digit.")] = "noise",
     output_dir: Annotated[Path, typer.Option(help="Where metrics.json, grid.png, sa/ and naive/ go.")] = Path("demo-output"),
     samples_per_digit: Annotated[int, typer.Option(help="Evaluation samples per digit.")] = 100,
-    max_train_steps: Annotated[Optional[int], typer.Option(help="Forgetting steps (SA and naive alike), per run. [default: 400 per digit trained: 400 x digits in one run; with --sequential, 400 x the digits forgotten so far in each run]")] = None,
+    max_train_steps: Annotated[Optional[int], typer.Option(help="Forgetting steps (SA and naive alike), per run. [default: 400 per digit forgotten in one run; 400 per run with --sequential]")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every step.")] = 0,
     lora_rank: LoraRank = None,
     attack: Annotated[bool, typer.Option("--attack", help="Also train SA with --train-method xattn and both with --adversarial, then attack every model and the original (textual inversion) and report how far the digit comes back.")] = False,

@@ -41,7 +41,7 @@ FULL_LEARNING_RATE = 5e-4
 LORA_LEARNING_RATE = 5e-3
 GRID_SAMPLES = 4
 STEPS_PER_DIGIT = 400
-SEQUENTIAL_GAMMA, SEQUENTIAL_WARMUP = 2.0, 100
+SEQUENTIAL_GAMMA, SEQUENTIAL_WARMUP = 1.25, 100
 
 
 @dataclass
@@ -60,15 +60,15 @@ class DemoConfig:
     surrogate_images: int = 500
     fim_per_digit: int = 20
     fim_timesteps: int = 100
-    # None: 400 per digit trained, so each digit gets as many surrogate samples as one digit alone:
-    # 400 x digits in one run; in a sequence, 400 x the digits so far in each run (earlier digits
-    # stay in its objective). A given number: every run takes that many.
+    # None: 400 per forgotten digit (in one run, each digit then gets as many surrogate samples as
+    # one digit alone); in a sequence, 400 per run (800 for a run of two digits let the first digit
+    # back more: README, "Several digits"). A given number: every run takes that many.
     max_train_steps: int | None = None
     train_batch_size: int = 32
     # 5e-4 met the targets at training seeds 0, 1 and 2 (p_forgotten <= 0.025, held-out <= 0.046);
     # 2e-4 missed them at two of three (README, the demo). LoRA adapters take LORA_LEARNING_RATE.
     learning_rate: float | None = None
-    # None: 0 in one run; in a sequence 100, with gamma 2 (below). Each later run starts a fresh AdamW
+    # None: 0 in one run; in a sequence 100, with gamma 1.25 (below). Each later run starts a fresh AdamW
     # on a model that already forgot: without them the other digits drifted (README, "Several digits").
     lr_warmup_steps: int | None = None
     lora_rank: int | None = None  # SA and naive train LoRA adapters of this rank instead of the UNet
@@ -76,7 +76,7 @@ class DemoConfig:
     # The paper's lambda = 50 is for SD v1.4. This 1M-parameter model's Fisher is orders of magnitude
     # larger per parameter: at lambda >= 0.01 EWC holds it too close to theta* to forget in 400 steps.
     lambda_ewc: float = 1e-4
-    gamma: float | None = None  # None: 1 in one run, 2 in a sequence
+    gamma: float | None = None  # None: 1 in one run, 1.25 in a sequence (README, "Several digits")
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     batch_size: int = 250
@@ -118,19 +118,14 @@ class DemoConfig:
             self.gamma = SEQUENTIAL_GAMMA if self.sequential else 1.0
         if self.lr_warmup_steps is None:
             self.lr_warmup_steps = SEQUENTIAL_WARMUP if self.sequential else 0
-        if self.max_train_steps is None and not self.sequential:
-            self.max_train_steps = STEPS_PER_DIGIT * len(self.digit)
+        if self.max_train_steps is None:
+            self.max_train_steps = STEPS_PER_DIGIT * (1 if self.sequential else len(self.digit))
         if self.learning_rate is None:
             self.learning_rate = LORA_LEARNING_RATE if self.lora_rank else FULL_LEARNING_RATE
         for name in ("samples_per_digit", "replay_per_digit", "surrogate_images", "fim_per_digit", "fim_timesteps",
                      "max_train_steps", "train_batch_size", "learning_rate", "num_inference_steps", "batch_size",
                      "lora_rank"):
             _check_positive(name, getattr(self, name))
-
-
-    def steps_of_run(self, digits_so_far: int) -> int:
-        """Training steps of a run that trains `digits_so_far` digits."""
-        return self.max_train_steps or STEPS_PER_DIGIT * digits_so_far
 
 
 def per_digit_prompts(prompts_for, count: int, which) -> list[str]:
@@ -252,8 +247,9 @@ def run_demo(config: DemoConfig) -> dict:
         # label; every digit maps to the one surrogate.
         common = dict(
             templates=False, train_batch_size=config.train_batch_size,
-            learning_rate=config.learning_rate, lr_warmup_steps=config.lr_warmup_steps, seed=config.seed,
-            lora_rank=config.lora_rank, lora_targets=config.lora_targets,
+            max_train_steps=config.max_train_steps, learning_rate=config.learning_rate,
+            lr_warmup_steps=config.lr_warmup_steps, seed=config.seed,
+            checkpointing_steps=config.max_train_steps, lora_rank=config.lora_rank, lora_targets=config.lora_targets,
             **surrogate,
         )
         sa = dict(lambda_ewc=config.lambda_ewc, gamma=config.gamma)
@@ -269,15 +265,12 @@ def run_demo(config: DemoConfig) -> dict:
             runs.update({"sa-xattn": {**sa, "train_method": "xattn"}, "sa-adversarial": {**sa, **adversarial},
                          "sa-xattn-adversarial": {**sa, "train_method": "xattn", **adversarial}})
         forget_seconds = {}
-        train_steps = ([config.steps_of_run(k + 1) for k in range(len(forgotten))] if config.sequential
-                       else [config.steps_of_run(len(forgotten))])  # of each run, in order
+        runs_of = len(forgotten) if config.sequential else 1
         for name, weights in runs.items():
             forget_started = time.time()
             if not config.sequential:
-                steps = train_steps[0]
                 forget(ForgetConfig(model=str(base), output_dir=str(work / name), fim=str(fim), replay_dir=str(replay),
-                                    concept=[", ".join(digits.train_prompts(d)) for d in forgotten],
-                                    max_train_steps=steps, checkpointing_steps=steps, **weights, **common))
+                                    concept=[", ".join(digits.train_prompts(d)) for d in forgotten], **weights, **common))
             else:
                 # One digit after another, each run on the one before; the last is the result. The
                 # runs before it are caches of these settings, like the base model's sets, so that
@@ -301,10 +294,8 @@ def run_demo(config: DemoConfig) -> dict:
                         stage_fim = fim
                         stage_replay = replay_of(ref, pipe, cache / f"{tag}-replay-without-{'-'.join(map(str, so_far))}-"
                                                  f"{config.replay_per_digit}", so_far)
-                    steps = train_steps[k]
                     forget(ForgetConfig(model=model, output_dir=str(stage), fim=str(stage_fim), replay_dir=str(stage_replay),
-                                        concept=[", ".join(digits.train_prompts(d))], max_train_steps=steps,
-                                        checkpointing_steps=steps, **weights, **common))
+                                        concept=[", ".join(digits.train_prompts(d))], **weights, **common))
                     model = str(stage)
             forget_seconds[name] = round(time.time() - forget_started, 1)
         del pipe
@@ -339,7 +330,7 @@ def run_demo(config: DemoConfig) -> dict:
                                              work / "attacks", classifier)
         metrics["settings"] = asdict(config)
         metrics["forget_seconds"] = forget_seconds
-        metrics["train_steps"] = train_steps
+        metrics["train_steps"] = [config.max_train_steps] * runs_of  # of each run, in order
         metrics["seconds"] = round(time.time() - started, 1)
         write_json(work / "metrics.json", metrics)
     publish(work, out)

@@ -245,10 +245,9 @@ def test_demo_of_several_digits(tmp_path, sequential):
     out = tmp_path / "demo"
     config = DemoConfig(digit=[3, 5], sequential=sequential, sequential_fisher="recompute", output_dir=str(out),
                         **TINY_DEMO)
-    # 400 steps' worth per digit trained: in a sequence the second run trains both digits
-    assert [config.steps_of_run(k) for k in (1, 2)] == [400, 800] if sequential else config.max_train_steps == 800
+    assert config.max_train_steps == (400 if sequential else 800)  # 400 steps' worth per digit
     # a sequence: more replay and a warm-up, since each later run starts a fresh optimizer
-    assert (config.gamma, config.lr_warmup_steps) == ((2.0, 100) if sequential else (1.0, 0))
+    assert (config.gamma, config.lr_warmup_steps) == ((1.25, 100) if sequential else (1.0, 0))
     metrics = run_demo(DemoConfig(**{**asdict(config), "max_train_steps": 2}))
     assert metrics["forgotten_digits"] == [3, 5] and "forgotten_digit" not in metrics
     assert metrics["mode"] == ("sequential" if sequential else "one run")
@@ -305,3 +304,14 @@ def test_demo_attack_study(tmp_path):
     assert study["targets"]["sa-adversarial_halves_sa"] == (plain <= 0.1 or adv <= plain / 2)
     table = format_table(metrics)
     assert "sa-xattn-adversarial" in table and "classifier floor" in table
+
+
+@pytest.mark.slow
+def test_demo_attack_meets_the_issue_targets(tmp_path):
+    """`amnesia-sd demo --attack` at its defaults (digit 0; about an hour on 2 CPU cores): the attack
+    brings the digit back on the original model, and wherever it lifts a plain SA model above 0.10,
+    adversarial SA at most halves that, keeping acc_retained within 3 points."""
+    metrics = run_demo(DemoConfig(digit=[0], attack=True, output_dir=str(tmp_path / "demo")))
+    study = metrics["attack"]
+    assert study["models"]["original"]["worst"] >= 0.9
+    assert all(study["targets"].values()), study["targets"]
