@@ -247,7 +247,7 @@ def test_demo_of_several_digits(tmp_path, sequential):
                         **TINY_DEMO)
     assert config.max_train_steps == (400 if sequential else 800)  # 400 steps' worth per digit
     # a sequence: more replay and a warm-up, since each later run starts a fresh optimizer
-    assert (config.gamma, config.lr_warmup_steps) == ((1.25, 100) if sequential else (1.0, 0))
+    assert (config.gamma, config.lr_warmup_steps) == ((2.0, 100) if sequential else (1.0, 0))
     metrics = run_demo(DemoConfig(**{**asdict(config), "max_train_steps": 2}))
     assert metrics["forgotten_digits"] == [3, 5] and "forgotten_digit" not in metrics
     assert metrics["mode"] == ("sequential" if sequential else "one run")
