@@ -31,7 +31,10 @@ TOKEN = "<amnesia-adversary>"
 
 def adversarial_prompts(config: ForgetConfig) -> list[str]:
     """The prompts that name the learned token: the templates (a file of '{}' lines) with the token."""
-    templates = read_prompts(config.adversarial_templates or bundled("concept_templates.txt"))
+    try:
+        templates = read_prompts(config.adversarial_templates or bundled("concept_templates.txt"))
+    except UserError as exc:
+        raise UserError(f"--adversarial-templates: {exc}") from None
     wrong = [t for t in templates if t.count("{}") != 1]
     if wrong:
         raise UserError(f"--adversarial-templates: every line needs exactly one {{}} where the token goes, "

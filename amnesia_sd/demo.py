@@ -111,6 +111,7 @@ class DemoConfig:
         _check(bool(self.attack_steps) and all(n > 0 for n in self.attack_steps),
                f"--attack-steps must be positive, got {self.attack_steps}")
         _check(bool(self.attack_initializers), "--attack-initializer: give at least one word")
+        self.attack_steps = sorted(set(self.attack_steps))
         _check_positive("attack_images", self.attack_images)
         _check_positive("adversarial_every", self.adversarial_every)
         _check_positive("adversarial_steps", self.adversarial_steps)

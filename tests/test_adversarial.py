@@ -106,6 +106,8 @@ def test_bad_adversarial_input_gives_one_line(tiny_model, data, tmp_path):
     templates.write_text("a photo of the concept\n")
     refuses(["forget", *common, "--concept", "a", "--adversarial-templates", str(templates)],
             "--adversarial-templates: every line needs exactly one {}")
+    refuses(["forget", *common, "--concept", "a", "--adversarial-templates", str(tmp_path / "missing.txt")],
+            f"--adversarial-templates: prompts file {tmp_path / 'missing.txt'} not found")
     assert not (tmp_path / "out").exists()
     assert ForgetConfig(model="m", output_dir="o", concept="c", surrogate="s").adversarial is False
 
