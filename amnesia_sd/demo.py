@@ -266,7 +266,6 @@ def run_demo(config: DemoConfig) -> dict:
             runs.update({"sa-xattn": {**sa, "train_method": "xattn"}, "sa-adversarial": {**sa, **adversarial},
                          "sa-xattn-adversarial": {**sa, "train_method": "xattn", **adversarial}})
         forget_seconds = {}
-        runs_of = len(forgotten) if config.sequential else 1
         for name, weights in runs.items():
             forget_started = time.time()
             if not config.sequential:
@@ -331,7 +330,6 @@ def run_demo(config: DemoConfig) -> dict:
                                              work / "attacks", classifier)
         metrics["settings"] = asdict(config)
         metrics["forget_seconds"] = forget_seconds
-        metrics["train_steps"] = [config.max_train_steps] * runs_of  # of each run, in order
         metrics["seconds"] = round(time.time() - started, 1)
         write_json(work / "metrics.json", metrics)
     publish(work, out)

@@ -281,7 +281,7 @@ def forget(config: ForgetConfig) -> Path:
     if config.lora_rank:  # the adapters' layers exist before hours of generation
         lora_modules(unet, config.train_method, config.lora_target_list())
     if config.adversarial:
-        from .adversarial import check_adversarial  # (attack -> evaluate -> demo -> forget)
+        from .adversarial import Adversary, check_adversarial  # here: attack -> evaluate -> demo -> forget
 
         check_adversarial(config, family, pipe)
     plan = Plan(config, ref, pipe, work, accelerator.num_processes, given, inherited)
@@ -306,9 +306,7 @@ def forget(config: ForgetConfig) -> Path:
     surrogate_latents, surrogate_conditioning = joined_sets(distinct)
     concepts = [prompt for p in pairs for prompt in p["concept_prompts"]]
     adversary = None
-    if config.adversarial:  # its own float32 copy of the text encoder, made before the cast below
-        from .adversarial import Adversary  # (attack -> evaluate -> demo -> forget)
-
+    if config.adversarial:  # its own float32 copies of the text encoders, made before the cast below
         adversary = Adversary(family, pipe, config, concept_set, accelerator.device)
     # The conditioning of every prompt is computed once; then neither the VAE nor the text
     # encoders run during training, and they leave the accelerator. Each image keeps the image

@@ -54,7 +54,7 @@ def main() -> None:
                                     samples_per_digit=args.samples_per_digit, output_dir=f"{tmp}/{len(results)}"))
             results[name] = {
                 "digits": digit, "sequential": sequential, "sequential_fisher": fisher if sequential else None,
-                "train_steps": m["train_steps"], "forget_seconds": m["forget_seconds"],
+                "max_train_steps": m["settings"]["max_train_steps"], "forget_seconds": m["forget_seconds"],
                 "seconds": m["seconds"], "meets_targets": meets(m),
                 **{model: m[model] for model in ("original", "sa", "naive")},
             }
