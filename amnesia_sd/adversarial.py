@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .attack import add_token, embedding_file, initializer_id, learn_token, set_token, text_parts, token_rows
+from .attack import add_token, embedding_file, initializer_id, learn_token, set_token, token_rows
 from .config import ForgetConfig
 from .errors import UserError
 from .families import Conditioning
@@ -45,7 +45,7 @@ def adversarial_prompts(config: ForgetConfig) -> list[str]:
 def check_adversarial(config: ForgetConfig, family, pipe) -> None:
     """Before any work: usable templates, an initializer of one token in every tokenizer."""
     adversarial_prompts(config)
-    for tokenizer, _ in text_parts(family):
+    for tokenizer, _ in family.text_parts():
         initializer_id(getattr(pipe, tokenizer), config.adversarial_initializer, "--adversarial-initializer")
 
 
@@ -55,9 +55,9 @@ class Adversary:
 
     def __init__(self, family, pipe, config: ForgetConfig, concept_set: ImageSet, device):
         self.family, self.config, self.images = family, config, concept_set
-        self.text = SimpleNamespace(**{name: copy.deepcopy(getattr(pipe, name)) for pair in text_parts(family)
+        self.text = SimpleNamespace(**{name: copy.deepcopy(getattr(pipe, name)) for pair in family.text_parts()
                                        for name in pair})
-        for _, encoder in text_parts(family):
+        for _, encoder in family.text_parts():
             getattr(self.text, encoder).to(device, torch.float32)
         self.token_ids = add_token(self.text, family, TOKEN, config.adversarial_initializer,
                                    "--adversarial-initializer")
@@ -71,7 +71,7 @@ class Adversary:
 
     @property
     def parameter_bytes(self) -> int:
-        return sum(p.numel() * 4 for _, encoder in text_parts(self.family)
+        return sum(p.numel() * 4 for _, encoder in self.family.text_parts()
                    for p in getattr(self.text, encoder).parameters())
 
     def learn(self, unet, scheduler, step: int, accelerator) -> None:

@@ -98,23 +98,13 @@ def initializer_id(tokenizer, initializer: str, flag: str = "--initializer") -> 
     return ids[0]
 
 
-def text_parts(family) -> list[tuple[str, str]]:
-    """(tokenizer, text encoder) attribute names of the family's pipelines, in order."""
-    return [(encoder.replace("text_encoder", "tokenizer"), encoder) for encoder in family.text_encoders]
-
-
-# How textual-inversion files name each encoder's vectors: SD's {token: [n, dim]}; SDXL's
-# {"clip_l": [n, 768], "clip_g": [n, 1280]}, loaded once per encoder.
-SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
-
-
 def add_token(text, family, token: str, initializer: str, flag: str = "--initializer") -> list[int]:
     """Add `token` to every tokenizer of `text` (a pipeline, or anything with its tokenizers and
     text encoders) and a row for it to each text encoder's input embeddings, a copy of the
     initializer word's row; return the token's id in each. Every other row is kept as it is."""
-    starts = [initializer_id(getattr(text, tok), initializer, flag) for tok, _ in text_parts(family)]
+    starts = [initializer_id(getattr(text, tok), initializer, flag) for tok, _ in family.text_parts()]
     ids = []
-    for (tok, enc), start in zip(text_parts(family), starts):
+    for (tok, enc), start in zip(family.text_parts(), starts):
         tokenizer, encoder = getattr(text, tok), getattr(text, enc)
         if tokenizer.add_tokens(token) != 1:
             raise UserError(f"the token {token!r} is already in this model's tokenizer: pick another token")
@@ -129,41 +119,39 @@ def add_token(text, family, token: str, initializer: str, flag: str = "--initial
 
 def token_rows(text, family, ids: list[int]) -> list[torch.Tensor]:
     """The token's row in each text encoder (views: writing them sets the token)."""
-    return [getattr(text, enc).get_input_embeddings().weight[i] for (_, enc), i in zip(text_parts(family), ids)]
+    return [getattr(text, enc).get_input_embeddings().weight[i] for (_, enc), i in zip(family.text_parts(), ids)]
 
 
 def set_token(text, family, ids: list[int], rows: list[torch.Tensor]) -> None:
     with torch.no_grad():
-        for (_, enc), i, row in zip(text_parts(family), ids, rows):
+        for (_, enc), i, row in zip(family.text_parts(), ids, rows):
             getattr(text, enc).get_input_embeddings().weight[i] = row
 
 
 def embedding_file(family, token: str, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The token's rows in diffusers' textual-inversion layout."""
+    """The token's rows in diffusers' textual-inversion layout (the family's keys; SD: the token)."""
     rows = [row[None].float().cpu().contiguous() for row in rows]
-    if family.name == "sdxl":
-        return {SDXL_KEYS[enc]: row for (_, enc), row in zip(text_parts(family), rows)}
-    return {token: rows[0]}
+    return dict(zip(family.embedding_keys or (token,), rows))
 
 
 def load_token(pipe, family, path: Path, token: str) -> None:
-    """Load a saved token into a pipeline the way a diffusers user does."""
-    if family.name != "sdxl":
+    """Load a saved token into a pipeline the way a diffusers user does: one call per text encoder."""
+    if family.embedding_keys is None:
         pipe.load_textual_inversion(str(path), token=token)
         return
     state = load_file(str(path))
-    for tok, enc in text_parts(family):
-        pipe.load_textual_inversion(state[SDXL_KEYS[enc]], token=token, text_encoder=getattr(pipe, enc),
+    for key, (tok, enc) in zip(family.embedding_keys, family.text_parts()):
+        pipe.load_textual_inversion(state[key], token=token, text_encoder=getattr(pipe, enc),
                                     tokenizer=getattr(pipe, tok))
 
 
 def how_to_load(family, token: str) -> str:
-    if family.name != "sdxl":
+    """load_token, as a user writes it."""
+    if family.embedding_keys is None:
         return f"pipe.load_textual_inversion(\"{EMBEDDINGS}\", token=\"{token}\")"
-    return (f"state = safetensors.torch.load_file(\"{EMBEDDINGS}\"); pipe.load_textual_inversion(state[\"clip_l\"], "
-            f"token=\"{token}\", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer); "
-            f"pipe.load_textual_inversion(state[\"clip_g\"], token=\"{token}\", text_encoder=pipe.text_encoder_2, "
-            "tokenizer=pipe.tokenizer_2)")
+    return f"state = safetensors.torch.load_file(\"{EMBEDDINGS}\"); " + "; ".join(
+        f"pipe.load_textual_inversion(state[\"{key}\"], token=\"{token}\", text_encoder=pipe.{enc}, tokenizer=pipe.{tok})"
+        for key, (tok, enc) in zip(family.embedding_keys, family.text_parts()))
 
 
 def learn_token(family, text, unet, scheduler, token_ids: list[int], images: ImageSet, prompts: list[str],
@@ -177,7 +165,7 @@ def learn_token(family, text, unet, scheduler, token_ids: list[int], images: Ima
     trained: its .grad stays as it was), and the other rows are restored after every step (as
     diffusers' textual-inversion example does), so even the optimizer cannot move them."""
     tables = []
-    for _, enc in text_parts(family):
+    for _, enc in family.text_parts():
         encoder = getattr(text, enc)
         encoder.requires_grad_(False)
         tables.append(encoder.get_input_embeddings().weight)

@@ -32,6 +32,10 @@ class StableDiffusion:
     title = "Stable Diffusion 1.x/2.x"
     pipeline = "StableDiffusionPipeline"
     text_encoders = ("text_encoder",)
+    tokenizers = ("tokenizer",)  # each text encoder's, in the same order
+    # How a textual-inversion file names each text encoder's vectors; None: by the token itself
+    # ({token: [n, dim]}, one text encoder).
+    embedding_keys: tuple[str, ...] | None = None
     image_keys: tuple[str, ...] = ()  # the image part's keys
 
     def pipeline_class(self):
@@ -41,6 +45,10 @@ class StableDiffusion:
 
     def check(self, pipe) -> None:
         """A loaded pipeline is one this family can condition."""
+
+    def text_parts(self) -> list[tuple[str, str]]:
+        """(tokenizer, text encoder) attribute names of the family's pipelines, in order."""
+        return list(zip(self.tokenizers, self.text_encoders))
 
     @torch.no_grad()
     def encode_text(self, pipe, prompts: list[str]) -> Conditioning:
@@ -79,6 +87,8 @@ class StableDiffusionXL(StableDiffusion):
     title = "Stable Diffusion XL"
     pipeline = "StableDiffusionXLPipeline"
     text_encoders = ("text_encoder", "text_encoder_2")
+    tokenizers = ("tokenizer", "tokenizer_2")
+    embedding_keys = ("clip_l", "clip_g")  # the layout of SDXL textual-inversion files
     image_keys = ("time_ids",)
 
     def check(self, pipe) -> None:
@@ -94,7 +104,7 @@ class StableDiffusionXL(StableDiffusion):
 
     def text_conditioning(self, pipe, prompts: list[str]) -> Conditioning:
         """As StableDiffusionXLPipeline.encode_prompt (clip_skip None, no LoRA scale)."""
-        pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+        pairs = [(getattr(pipe, tokenizer), getattr(pipe, encoder)) for tokenizer, encoder in self.text_parts()]
         hidden, pooled = [], None
         for tokenizer, encoder in pairs:
             if encoder is None:  # a pipeline without the first encoder runs on the second alone
