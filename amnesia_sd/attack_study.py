@@ -33,7 +33,7 @@ def classifier_floor(surrogate_dir: Path, digit: int, classifier) -> float:
 
 def attack_model(config, name: str, spec: str, base: str, digit: int, folder: Path) -> dict:
     """Attack one model from every initial word; its plain rate, every post-attack rate, the worst."""
-    steps = sorted(config.attack_steps)
+    steps = config.attack_steps  # sorted, distinct (DemoConfig)
     after, before = {}, None
     for word in config.attack_initializers:
         result = run_attack(AttackConfig(
@@ -62,7 +62,7 @@ def attack_study(config, base: str, models: dict[str, str], metrics: dict, surro
             attacked[plain]["worst"] / 2
         targets[f"{adversarial}_acc_retained"] = metrics[adversarial]["acc_retained"] >= original_acc - RETAINED_POINTS
     return {
-        "steps": sorted(config.attack_steps), "initializers": list(config.attack_initializers),
+        "steps": config.attack_steps, "initializers": list(config.attack_initializers),
         "images_per_attack": config.attack_images, "digit": digit,
         "classifier_floor": classifier_floor(surrogate_dir, digit, classifier),
         "models": attacked, "targets": targets, "results": str(folder.name),

@@ -472,6 +472,8 @@ def forget(config: ForgetConfig) -> Path:
         ema.copy_to(params)  # the EMA weights are the result
     if not weights_finite(params):
         raise broken_run("the trained weights are non-finite (NaN or inf)", global_step, work)
+    if adversary is not None and not weights_finite(adversary.rows):  # saved with the result
+        raise broken_run("the adversary's token is non-finite (NaN or inf)", global_step, work)
     if accelerator.is_main_process:
         summary = {
             "architecture": family.name,

@@ -11,7 +11,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from amnesia_sd.adversarial import TOKEN
+from amnesia_sd.attack import token_rows
 from amnesia_sd.config import ForgetConfig
+from amnesia_sd.errors import UserError
 from amnesia_sd.forget import draw_batch
 from amnesia_sd.imageset import load_image_set
 from amnesia_sd.prompts import bundled, read_prompts
@@ -122,3 +124,16 @@ def test_sdxl_adversarial_run_learns_a_row_in_each_text_encoder(tiny_sdxl_model,
               for enc in ("text_encoder", "text_encoder_2")]
     assert [tuple(embeds[k].shape) for k in ("clip_l", "clip_g")] == [(1, widths[0]), (1, widths[1])]
     assert all(torch.isfinite(v).all() for v in embeds.values())
+
+
+def test_a_non_finite_adversary_token_is_never_finished(tiny_model, data, tmp_path, monkeypatch):
+    from amnesia_sd import adversarial
+
+    def inf_rows(family, text, *args, **kwargs):
+        return [torch.full_like(row, float("inf")) for row in token_rows(text, family, args[2])], [1.0], {}
+
+    monkeypatch.setattr(adversarial, "learn_token", inf_rows)
+    # A share so small that no sample uses the token: the loss stays finite, the token does not.
+    with pytest.raises(UserError, match="the adversary's token is non-finite"):
+        run(tiny_model, data, tmp_path / "out", **ADVERSARIAL, adversarial_share=1e-9)
+    assert not (tmp_path / "out").exists()
