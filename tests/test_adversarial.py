@@ -124,6 +124,15 @@ def test_sdxl_adversarial_run_learns_a_row_in_each_text_encoder(tiny_sdxl_model,
               for enc in ("text_encoder", "text_encoder_2")]
     assert [tuple(embeds[k].shape) for k in ("clip_l", "clip_g")] == [(1, widths[0]), (1, widths[1])]
     assert all(torch.isfinite(v).all() for v in embeds.values())
+    # In plain diffusers: one load_textual_inversion per text encoder, the rows as saved.
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
+                                    ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
+        pipe.load_textual_inversion(embeds[key], token=TOKEN, text_encoder=encoder, tokenizer=tokenizer)
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(TOKEN)]
+        assert torch.equal(row, embeds[key][0])
 
 
 def test_a_non_finite_adversary_token_is_never_finished(tiny_model, data, tmp_path, monkeypatch):
