@@ -205,9 +205,10 @@ def check_sequence(config: ForgetConfig, earlier: dict) -> None:
 
 def earlier_sets(config: ForgetConfig, record: dict) -> ForgetConfig:
     """After an earlier forget run (its amnesia.json `record`), the Fisher and replay set it used, unless others are asked for:
-    on the digits model these kept both digits forgotten and the rest remembered, while a Fisher and
-    replay set made again on the forgotten model let the first digit come back (README, "Several
-    digits"). Files that are gone are made again on this model (said in one line)."""
+    on the digits model these kept three digits forgotten and the rest remembered, while a Fisher and
+    replay set made again on the forgotten model cost the other digits 12-14 points and let the
+    first digit come back (README, "Several digits"). Files that are gone are made again on this
+    model (said in one line)."""
     if not record:  # --model is not a forget result
         return config
     folder = model_path(config.model)

@@ -2,7 +2,8 @@
 another (issue 14), against forgetting one digit.
 
 Each case is `amnesia-sd demo` with its defaults (400 steps per digit in one run; 400 per run in a
-sequence, with gamma 2 and a learning-rate warm-up of 100 steps), so the numbers are the demo's: per forgotten digit p_forgotten and p_forgotten_heldout,
+sequence, whose later runs take gamma 3 and a learning-rate warm-up of 100 steps), so the numbers
+are the demo's: per forgotten digit p_forgotten and p_forgotten_heldout,
 acc_retained over the digits kept, and the time the forgetting took (SA and naive runs). Sequences
 are run with each later run's Fisher and replay set taken from the base model ("reuse") and made
 again on the model being trained ("recompute"). Targets: every forgotten digit p_forgotten <= 0.05
