@@ -140,9 +140,15 @@ def _load_with_lora(ref: ModelRef, dtype: torch.dtype, safety_checker: bool):
 
 def merge_lora(pipe, folder: str | Path):
     """Merge the LoRA file of a result folder into the pipeline's UNet with diffusers' own loader."""
+    from safetensors.torch import load_file
+
     from .trainable import LORA_WEIGHTS
 
-    pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS)
+    # Results of earlier versions name attention adapters lora.down/up and conv adapters lora_A/B;
+    # diffusers drops the former from such a mixed file, so every key is read in peft's names.
+    state = {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v
+             for k, v in load_file(str(Path(folder) / LORA_WEIGHTS)).items()}
+    pipe.load_lora_weights(state)
     pipe.fuse_lora()
     pipe.unload_lora_weights()  # the merged weights stay; the adapter layers go
     return pipe

@@ -106,15 +106,14 @@ class LoraAdapters:
         self.penalty_bytes = (2 if config.fim_dtype != "fp32" else 4) * sum(e[2].numel() for e in entries)
 
     def lora_state(self, unet) -> dict[str, torch.Tensor]:
-        """The adapters in diffusers' LoRA layout, with the scale folded into B (so alpha = rank:
-        every loader applies it the same way, whatever it assumes about alpha)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """The adapters in peft's layout (<layer>.lora_A/lora_B.weight), with the scale folded into B
+        (so alpha = rank: every loader applies it the same way, whatever it assumes about alpha).
+        Not diffusers' convert_state_dict_to_diffusers: it renames only attention layers' keys (to
+        lora.down/up), and diffusers' loader then drops those of a file that also has conv layers."""
         from peft.utils import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(unet)
-        state = {k: (v * self.scale if ".lora_B." in k else v).detach().float().cpu().contiguous()
-                 for k, v in state.items()}
-        return convert_state_dict_to_diffusers(state)
+        return {k: (v * self.scale if ".lora_B." in k else v).detach().float().cpu().contiguous()
+                for k, v in get_peft_model_state_dict(unet).items()}
 
     def register_checkpointing(self, accelerator, unet) -> None:
         """Checkpoints hold the adapters only (megabytes, not the whole UNet)."""

@@ -421,27 +421,64 @@ print("CHANGED", ",".join(changed))
 """
 
 
-def test_lora_result_loads_in_plain_diffusers(tiny_model, data, tmp_path):
+@pytest.mark.parametrize("method, targets, layers", [
+    ("xattn", "to_q,to_k,to_v,to_out.0", 16),  # the cross-attention of the tiny UNet's four transformer blocks
+    # both attentions, the 8 resnets' convs and conv_in: a conv layer's keys come first in the file,
+    # as those of SDXL's (attention-free) down_blocks.0 do
+    ("full", "to_q,to_k,to_v,to_out.0,conv_in,conv1,conv2", 32 + 16 + 1),
+])
+def test_lora_result_loads_in_plain_diffusers(tiny_model, data, tmp_path, method, targets, layers):
     import subprocess
     import sys
 
+    from diffusers import UNet2DConditionModel
     from helpers import ENV
 
-    out = run(tiny_model, data, tmp_path / "lora", lora_rank=4, fuse=True, train_method="xattn", max_train_steps=2)
+    from amnesia_sd.trainable import lora_modules
+
+    out = run(tiny_model, data, tmp_path / "lora", lora_rank=4, fuse=True, train_method=method, lora_targets=targets,
+              max_train_steps=2)
     record = json.loads((out / "amnesia.json").read_text())
     lora = record["lora"]
-    # to_q, to_k, to_v and to_out.0 of the cross-attention of the tiny UNet's four transformer blocks
-    assert lora["rank"] == 4 and lora["adapted_layers"] == 16 and lora["fused_pipeline"] is True
-    assert lora["bytes"] == (out / "pytorch_lora_weights.safetensors").stat().st_size < 100_000
+    assert lora["rank"] == 4 and lora["adapted_layers"] == layers and lora["fused_pipeline"] is True
+    unet_bytes = (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert lora["bytes"] == (out / "pytorch_lora_weights.safetensors").stat().st_size < unet_bytes / 10
     assert "load_lora_weights" in (out / "README.md").read_text()
     check = subprocess.run([sys.executable, "-c", PLAIN_LORA_CHECK, str(tiny_model), str(out)], env=ENV,
                            capture_output=True, text=True, timeout=300)
     assert "CHANGED" in check.stdout, check.stderr
     changed = check.stdout.split("CHANGED ")[1].strip().split(",")
-    # Exactly the adapted layers' weights moved: the cross-attention's to_q, to_k, to_v and to_out.0.
-    assert changed and all(".attn2." in k and k.endswith(("to_q.weight", "to_k.weight", "to_v.weight",
-                                                          "to_out.0.weight")) for k in changed)
-    assert len(changed) == lora["adapted_layers"]
+    # Exactly the adapted layers' weights moved, every one of them (diffusers once dropped the
+    # attention adapters of a file that also had conv adapters, silently).
+    adapted = lora_modules(UNet2DConditionModel.from_pretrained(tiny_model / "unet"), method, targets.split(","))
+    assert changed == sorted(f"{m}.weight" for m in adapted) and len(changed) == layers
+
+
+def test_lora_results_of_earlier_versions_load_with_every_adapter(tiny_model, data, tmp_path):
+    """Earlier versions wrote attention adapters as lora.down/up beside conv adapters as lora_A/B,
+    a mix from which diffusers' loader drops the former: amnesia-sd reads such files whole."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from amnesia_sd.models import load_pipeline, resolve_model
+
+    out = run(tiny_model, data, tmp_path / "new", lora_rank=2, lora_targets="to_q,to_k,to_v,to_out.0,conv_in",
+              max_train_steps=1)
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    state = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    mixed = {(k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.") if ".to_" in k else k): v
+             for k, v in state.items()}
+    assert mixed.keys() != state.keys() and min(mixed).startswith("unet.conv_in.lora_A")
+    save_file(mixed, str(old / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
+    base = load_pipeline(resolve_model(str(tiny_model)), torch.float32, False).unet.state_dict()
+    merged = {name: load_pipeline(resolve_model(str(folder)), torch.float32, False).unet.state_dict()
+              for name, folder in (("new", out), ("old", old))}
+    moved = [k for k in base if not torch.equal(base[k], merged["new"][k])]
+    assert len(moved) == 32 + 1  # every adapted layer: 32 attention projections and conv_in
+    for k in base:
+        torch.testing.assert_close(merged["old"][k], merged["new"][k], rtol=0, atol=0)
 
 
 def test_lora_resumed_run_equals_uninterrupted_run_and_checkpoints_are_small(tiny_model, data, tmp_path, monkeypatch):
