@@ -68,6 +68,7 @@ BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Images p
 Precision = Annotated[Optional[str], typer.Option(help="no, fp16 or bf16. [default: no]")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a finished result at the output path.")]
 PromptsFile = Annotated[Optional[Path], typer.Option("--prompts", help="Prompts file, one per line. [default: the bundled prompts/replay.txt]")]
+UnconditionalReplay = Annotated[Optional[float], typer.Option(help="Also sample the empty prompt: this many images per replay image (0.1: one in ten), appended to the replay set. Keeps the unconditional prediction that guidance steers from; not in the paper. [default: 0; forget after an earlier forget run: as the replay set it reuses]")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML or TOML file with the same keys as the flags; flags win.")]
 
 
@@ -130,12 +131,13 @@ def _quiet_libraries() -> None:
 
 
 def _image_set(kind, model, output_dir, prompts, num_images, steps, guidance, resolution, seed, batch_size, precision,
-               overwrite, prompts_file=None):
+               overwrite, prompts_file=None, unconditional_replay=None):
     from .config import SetConfig
     from .imageset import make_image_set
 
     config = SetConfig(model=model, output_dir=str(output_dir), prompts=prompts, num_images=num_images, kind=kind,
-                       prompts_file=str(prompts_file) if prompts_file else None, overwrite=overwrite, **{k: v for k, v in _generation(
+                       prompts_file=str(prompts_file) if prompts_file else None, overwrite=overwrite,
+                       unconditional_replay=unconditional_replay or 0.0, **{k: v for k, v in _generation(
                            steps, guidance, resolution, seed, batch_size, precision).items() if v is not None})
     result = make_image_set(config)
     typer.echo(f"{kind} set: {len(result.latents)} images in {result.path}")
@@ -148,6 +150,7 @@ def replay(
     output_dir: Annotated[Path, typer.Option(help="Folder for the set (images/, prompts.txt, latents.safetensors, manifest.json).")],
     prompts: PromptsFile = None,
     num_images: Annotated[Optional[int], typer.Option(help="Images to make; prompts repeat if fewer. [default: one per prompt]")] = None,
+    unconditional_replay: UnconditionalReplay = None,
     num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
     seed: Seed = None, batch_size: BatchSize = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
 ):
@@ -159,7 +162,7 @@ def replay(
 
     _quiet_libraries()
     _image_set("replay", model, output_dir, replay_prompts(prompts), num_images, num_inference_steps, guidance_scale,
-               resolution, seed, batch_size, mixed_precision, overwrite, prompts)
+               resolution, seed, batch_size, mixed_precision, overwrite, prompts, unconditional_replay)
 
 
 @app.command()
@@ -234,6 +237,7 @@ def forget(
     replay_dir: Annotated[Optional[Path], typer.Option(help="Replay set from `amnesia-sd replay`. [default: the base model's replay set from the amnesia-sd cache, made there on first use]")] = None,
     prompts: PromptsFile = None,
     num_replay_images: Annotated[Optional[int], typer.Option(help="Replay images to generate for the cache. [default: 1000]")] = None,
+    unconditional_replay: UnconditionalReplay = None,
     templates: Annotated[Optional[bool], typer.Option("--templates/--no-templates", help="Build concept prompts from prompts/concept_templates.txt. [default: on]")] = None,
     lambda_ewc: Annotated[Optional[float], typer.Option(help="EWC weight lambda. [default: 50]")] = None,
     gamma: Annotated[Optional[float], typer.Option(help="Generative-replay weight gamma. [default: 1]")] = None,
@@ -519,6 +523,7 @@ def demo(
     max_train_steps: Annotated[Optional[int], typer.Option(help="Forgetting steps (SA and naive alike), per run. [default: 400 per digit forgotten in one run; 400 per run with --sequential]")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every step.")] = 0,
     lora_rank: LoraRank = None,
+    unconditional_replay: Annotated[Optional[float], typer.Option(help="Empty-prompt replay images per prompted one, as forget --unconditional-replay; 0: the paper's replay. [default: 0.1; 0 with --attack]")] = None,
     attack: Annotated[bool, typer.Option("--attack", help="Also train SA with --train-method xattn and both with --adversarial, then attack every model and the original (textual inversion) and report how far the digit comes back.")] = False,
     attack_steps: Annotated[Optional[list[int]], typer.Option(help="With --attack: attack lengths to measure (repeat the flag). [default: 250, 500, 1000, 2000]")] = None,
     attack_initializer: Annotated[Optional[list[str]], typer.Option(help="With --attack: initial words of the attack's token (repeat the flag). [default: digit, number]")] = None,
@@ -539,6 +544,7 @@ def demo(
                                   samples_per_digit=samples_per_digit, max_train_steps=max_train_steps, seed=seed,
                                   lora_rank=lora_rank, overwrite=overwrite, attack=attack,
                                   **{k: v for k, v in (("attack_steps", attack_steps),
+                                                       ("unconditional_replay", unconditional_replay),
                                                        ("attack_initializers", attack_initializer),
                                                        ("attack_images", attack_images)) if v is not None}))
     typer.echo(format_table(metrics))

@@ -38,6 +38,11 @@ def _check_positive(name: str, value: float | None) -> None:
     _check(value is None or value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
+def check_unconditional(share: float | None) -> None:
+    _check(share is None or 0 <= share <= 1, "--unconditional-replay must be between 0 and 1 (empty-prompt images "
+                                              f"per prompted replay image, e.g. 0.1), got {share}")
+
+
 def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
@@ -144,6 +149,7 @@ class SetConfig(GenerationSettings):
     num_images: int | None = None  # None: one image per prompt
     kind: str = "replay"
     prompts_file: str | None = None  # where `prompts` came from (an input the output may not touch)
+    unconditional_replay: float = 0.0  # empty-prompt images per prompted one (prompts.with_unconditional)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -153,6 +159,9 @@ class SetConfig(GenerationSettings):
         _check(bool(self.prompts), "no prompts given: pass a non-empty --prompts file or --prompt")
         _check_positive("num_images", self.num_images)
         _check_choice("kind", self.kind, ("replay", "surrogate"))
+        check_unconditional(self.unconditional_replay)
+        _check(self.kind == "replay" or not self.unconditional_replay,
+               "--unconditional-replay is for replay sets; a surrogate set holds its prompt's images only")
 
 
 @dataclass
@@ -208,6 +217,11 @@ class ForgetConfig(GenerationSettings):
     replay_dir: str | None = None
     prompts_file: str | None = None
     num_replay_images: int | None = None
+    # Empty-prompt images per prompted replay image in a replay set made here (0.1: one in ten, as SD
+    # dropped the text of its training images). Not in the paper; it keeps the unconditional
+    # prediction, which guidance steers from, where it was (README, "Several digits"). None: 0, or
+    # after an earlier forget run, whatever its replay set holds.
+    unconditional_replay: float | None = None
     templates: bool = True
     lambda_ewc: float = 50.0
     gamma: float = 1.0
@@ -261,9 +275,11 @@ class ForgetConfig(GenerationSettings):
         _check(self.num_surrogate_images is None or any(p["surrogate"] for p in self.pairs()),
                "--num-surrogate-images sizes a set generated from --surrogate; a --surrogate-dir or "
                "--surrogate-images set is used whole")
-        _check(not (self.replay_dir and (self.prompts_file or self.num_replay_images)),
-               "--prompts and --num-replay-images are for generating a replay set; they cannot be combined "
-               "with --replay-dir, which uses a finished one")
+        _check(not (self.replay_dir and (self.prompts_file or self.num_replay_images
+                                         or self.unconditional_replay is not None)),
+               "--prompts, --num-replay-images and --unconditional-replay are for generating a replay set; they "
+               "cannot be combined with --replay-dir, which uses a finished one")
+        check_unconditional(self.unconditional_replay)
         _check(not (self.overwrite and self.resume_from_checkpoint),
                "--overwrite starts again from scratch; it cannot be combined with --resume-from-checkpoint")
         _check(self.fim != "", "--fim is empty: give a Fisher file, or leave the flag out to use the cached one")
@@ -409,7 +425,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 # naming the concepts replaces every concept and surrogate below, and a finished replay set or
 # Fisher replaces the settings for making one.
 REPLACES = {"concept": ("concept", "concepts", *SURROGATE_SOURCES), "concepts": ("concept", "concepts", *SURROGATE_SOURCES),
-            "replay_dir": ("num_replay_images", "prompts_file"), "fim": ("fim_num_images", "fim_num_timesteps")}
+            "replay_dir": ("num_replay_images", "prompts_file", "unconditional_replay"), "fim": ("fim_num_images", "fim_num_timesteps")}
 
 
 def build_config(cls: type, config_file: str | None, cli: dict[str, Any]):

@@ -37,6 +37,7 @@ class StableDiffusion:
     # ({token: [n, dim]}, one text encoder).
     embedding_keys: tuple[str, ...] | None = None
     image_keys: tuple[str, ...] = ()  # the image part's keys
+    empty_prompt_is_unconditional = True  # the pipeline's unconditional branch encodes "" (--unconditional-replay)
 
     def pipeline_class(self):
         import diffusers
@@ -90,6 +91,9 @@ class StableDiffusionXL(StableDiffusion):
     tokenizers = ("tokenizer", "tokenizer_2")
     embedding_keys = ("clip_l", "clip_g")  # the layout of SDXL textual-inversion files
     image_keys = ("time_ids",)
+    # Its pipeline's unconditional branch is zero embeddings (force_zeros_for_empty_prompt), not the
+    # empty prompt's: replaying "" would train a conditioning that sampling never uses.
+    empty_prompt_is_unconditional = False
 
     def check(self, pipe) -> None:
         """The UNet's added embedding must take six time ids and the pooled projection (the base;
@@ -127,6 +131,14 @@ class StableDiffusionXL(StableDiffusion):
     def image_conditioning(self, micro: dict) -> Conditioning:
         ids = [*micro["original_size"], *micro["crops_coords_top_left"], *micro["target_size"]]
         return {"time_ids": torch.tensor(ids, dtype=torch.float32)}
+
+
+def check_unconditional_replay(family: StableDiffusion, share: float | None) -> None:
+    """--unconditional-replay trains the empty prompt's conditioning: only where sampling uses it."""
+    if share and not family.empty_prompt_is_unconditional:
+        raise UserError(f"--unconditional-replay is not supported on {family.title} yet: its pipeline draws the "
+                        "unconditional branch from zero embeddings, not from the empty prompt, so replaying the "
+                        "empty prompt would not hold it; leave the flag out")
 
 
 FAMILIES = {f.name: f for f in (StableDiffusion(), StableDiffusionXL())}

@@ -26,13 +26,13 @@ from .config import SURROGATE_SOURCES, ForgetConfig, split_concepts
 from .cost import first_batch
 from .diffusion import per_sample_loss
 from .errors import Interrupted, UserError
-from .families import Conditioning, family_of, join, take, to_device
+from .families import Conditioning, check_unconditional_replay, family_of, join, take, to_device
 from .fisher import load_fisher
 from .generate import image_seed
 from .imageset import ImageSet, check_fits, is_finished, load_image_set
 from .models import DTYPES, ModelRef, load_on_device, make_accelerator, model_path, origin, origin_mismatches
 from .paths import partial_of, publish
-from .prompts import concept_prompts
+from .prompts import concept_prompts, with_unconditional
 from .result import recorded_path, write_result
 from .sources import Plan
 from .trainable import lora_modules, make_trainable
@@ -222,11 +222,22 @@ def earlier_sets(config: ForgetConfig, record: dict) -> ForgetConfig:
     replay = Path(record.get("replay_set", ""))
     replay = replay if replay.is_absolute() else folder / replay
     if not (config.replay_dir or config.prompts_file or config.num_replay_images):
-        if is_finished(replay):
-            changes["replay_dir"] = str(replay)
-        else:
+        if not is_finished(replay):
             print(f"the earlier run's replay set {replay} is gone: a new one is made on {config.model}", flush=True)
+        elif config.unconditional_replay is not None and not holds_unconditional(replay, config.unconditional_replay):
+            print(f"the earlier run's replay set {replay} does not hold --unconditional-replay "
+                  f"{config.unconditional_replay:g}: a new one is made on {config.model}", flush=True)
+        else:
+            changes["replay_dir"] = str(replay)
+            changes["unconditional_replay"] = None  # the reused set's, as it is
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def holds_unconditional(path: Path, share: float) -> bool:
+    """The finished set at `path` ends with the empty prompts with_unconditional(..., share) appends."""
+    prompts = load_image_set(path).prompts
+    empty = prompts.count("")
+    return with_unconditional(prompts[: len(prompts) - empty], share) == prompts
 
 
 def forget(config: ForgetConfig) -> Path:
@@ -279,6 +290,7 @@ def forget(config: ForgetConfig) -> Path:
     for image_set in [*given.values(), *(pair["set"] for pair in inherited)]:  # before hours of generation
         check_fits(image_set, pipe)
     check_origins(config, ref, pipe, fisher_meta, given, ancestors)
+    check_unconditional_replay(family, config.unconditional_replay)
     if config.lora_rank:  # the adapters' layers exist before hours of generation
         lora_modules(unet, config.train_method, config.lora_target_list())
     if config.adversarial:
@@ -487,6 +499,8 @@ def forget(config: ForgetConfig) -> Path:
             "learning_rate": learning_rate,
             "mixed_precision": accelerator.mixed_precision,
             "replay_set": recorded_path(replay.path, work),
+            "replay_images": {"prompted": len(replay.prompts) - replay.prompts.count(""),
+                              "unconditional": replay.prompts.count("")},
             "pairs": [{**{k: v for k, v in p.items() if k != "inherited"},
                        # what the concept now maps to: the set's prompt, or the folder of the user's images
                        "maps_to": image_set.manifest.get("images_dir") or image_set.prompts[0],

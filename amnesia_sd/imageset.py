@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .config import GenerationSettings
 from .errors import UserError
 from .cost import announce, first_batch, generation_passes
-from .families import Conditioning, family_of
+from .families import Conditioning, check_unconditional_replay, family_of
 from .generate import encode, generate, image_seed, process_share
 from .io import atomic_path, write_json, write_text
 from .paths import Output, check_output, guard, is_ours, open_work, partial_of, publish, stamp
@@ -298,13 +298,14 @@ def _digest(prompts: list[str]) -> str:
 def make_image_set(config) -> ImageSet:
     """`amnesia-sd replay` and `amnesia-sd surrogate`: generate a set with the base model."""
     from .models import DTYPES, load_on_device, make_accelerator, model_path
-    from .prompts import repeat_to
+    from .prompts import repeat_to, with_unconditional
 
     guard([set_output(config.output_dir)], {"--model": model_path(config.model), "--prompts": config.prompts_file},
           config.overwrite)
     accelerator = make_accelerator()
     ref, pipe = load_on_device(config.model, accelerator, DTYPES[config.mixed_precision])
-    prompts = repeat_to(config.prompts, config.num_images)
+    check_unconditional_replay(family_of(pipe), config.unconditional_replay)
+    prompts = with_unconditional(repeat_to(config.prompts, config.num_images), config.unconditional_replay)
     image_size(pipe, config.resolution)  # a size the model cannot make fails before anything is said or made
     announce(f"the {config.kind} set", [(f"{len(prompts)} images x {config.num_inference_steps} steps",
                                          generation_passes(len(prompts), config.num_inference_steps,

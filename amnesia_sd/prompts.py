@@ -42,6 +42,13 @@ def concept_prompts(concepts: list[str], use_templates: bool) -> list[str]:
     return [t.format(c) for c in concepts for t in templates]
 
 
+def with_unconditional(prompts: list[str], share: float) -> list[str]:
+    """The replay prompts, then round(share x their number) empty prompts: samples of the model's
+    unconditional distribution, which classifier-free guidance steers from. Appended, so the
+    Fisher's "first N images" of a set stay the conditional ones."""
+    return list(prompts) + [""] * round(share * len(prompts))
+
+
 def repeat_to(prompts: list[str], n: int | None) -> list[str]:
     """The first n prompts, cycling through the list when n is larger; None keeps them all."""
     if n is None:

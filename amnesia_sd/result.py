@@ -84,6 +84,7 @@ def model_card(record: dict) -> str:
     from .families import FAMILIES
 
     s = record["settings"]
+    replay = record["replay_images"]
     family = FAMILIES[record["architecture"]]
     encoders = "text encoders, tokenizers" if len(family.text_encoders) > 1 else "text encoder, tokenizer"
     losses = ", ".join(f"{k} {v:.4g}" for k, v in record["final_losses"].items() if not math.isnan(v))
@@ -137,6 +138,7 @@ from diffusers import {family.pipeline}
 - steps: {record['steps']} (batch {s['train_batch_size']} surrogate + {s['train_batch_size']} replay per device,
   gradient accumulation {s['gradient_accumulation_steps']}), learning rate {s['learning_rate']}, AdamW
 - parameters trained: `{s['train_method']}` ({record['trainable_parameters']:,} parameters)
+- replay set: {replay['prompted']:,} prompted images{f", {replay['unconditional']:,} of the empty prompt" if replay['unconditional'] else ""}
 - EMA decay: {s['ema_decay'] or 'off'}{'' if not s['ema_decay'] or s['ema_warmup'] else ' from the first step (no warm-up)'}; mixed precision: {s['mixed_precision']}; seed {s['seed']}
 - final losses: {losses}
 - {len(record['concept_prompts'])} concept prompts; the full settings are in `amnesia.json`.

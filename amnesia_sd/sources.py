@@ -18,7 +18,7 @@ from .imageset import (MANIFEST, ImageSet, encode_image_folder, generate_image_s
                        load_image_set, set_record)
 from .models import ModelRef, origin
 from .paths import check_overlap
-from .prompts import concept_prompts, repeat_to, replay_prompts
+from .prompts import concept_prompts, repeat_to, replay_prompts, with_unconditional
 
 DEFAULT_TIMESTEP_BATCH = FimConfig.timestep_batch_size
 
@@ -48,8 +48,9 @@ class Plan:
         self.entry = None if config.replay_dir and config.fim else model_entry(origin(ref, pipe), pipe.unet)
         if self.entry is not None:  # the result may not land in (or around) the cache it reads
             check_overlap([result_output(Path(config.output_dir))], {"the amnesia-sd cache entry": self.entry})
-        self.replay_texts = None if config.replay_dir else repeat_to(
-            replay_prompts(config.prompts_file), config.num_replay_images or DEFAULT_REPLAY_IMAGES)
+        self.replay_texts = None if config.replay_dir else with_unconditional(repeat_to(
+            replay_prompts(config.prompts_file), config.num_replay_images or DEFAULT_REPLAY_IMAGES),
+            config.unconditional_replay or 0.0)
         # One set per distinct surrogate: pairs that share a surrogate share its set.
         keys = [("set", str(pair["set"].path.resolve())) for pair in inherited] + [
             next((k, v) for k, v in pair.items() if k in SURROGATE_SOURCES and v) for pair in config.pairs()]

@@ -10,7 +10,7 @@ again on the model being trained ("recompute"). Targets: every forgotten digit p
 and p_forgotten_heldout <= 0.10, acc_retained within 3 points of the original.
 Prints one JSON object (and writes it to --out).
 
-    python benchmarks/multi_concept.py [--samples-per-digit 100] [--out multi_concept.json]
+    python benchmarks/multi_concept.py [--samples-per-digit 100] [--only TEXT ...] [--seed 0] [--out multi_concept.json]
 """
 
 from __future__ import annotations
@@ -43,18 +43,21 @@ def meets(metrics: dict) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples-per-digit", type=int, default=DemoConfig.samples_per_digit)
-    parser.add_argument("--only", help="run only the cases whose name contains this text")
+    parser.add_argument("--only", action="append", help="run only the cases whose name contains this text "
+                                                         "(repeat for several)")
+    parser.add_argument("--seed", type=int, default=DemoConfig.seed, help="the demo's --seed")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, digit, sequential, fisher in CASES:
-            if args.only and args.only not in name:
+            if args.only and not any(text in name for text in args.only):
                 continue
-            m = run_demo(DemoConfig(digit=digit, sequential=sequential, sequential_fisher=fisher,
+            m = run_demo(DemoConfig(digit=digit, sequential=sequential, sequential_fisher=fisher, seed=args.seed,
                                     samples_per_digit=args.samples_per_digit, output_dir=f"{tmp}/{len(results)}"))
             results[name] = {
                 "digits": digit, "sequential": sequential, "sequential_fisher": fisher if sequential else None,
+                "seed": args.seed, "unconditional_replay": m["settings"]["unconditional_replay"],
                 "max_train_steps": m["settings"]["max_train_steps"], "forget_seconds": m["forget_seconds"],
                 "seconds": m["seconds"], "meets_targets": meets(m),
                 **{model: m[model] for model in ("original", "sa", "naive")},

@@ -117,6 +117,8 @@ def test_prompts_files(tiny_model, tmp_path):
     ({"--max-train-steps": "0"}, "--max-train-steps must be positive"),
     ({"--learning-rate": "0"}, "--learning-rate must be positive"),
     ({"--train-method": "attn"}, "--train-method must be one of full, noxattn, xattn"),
+    ({"--unconditional-replay": "1.5"}, "--unconditional-replay must be between 0 and 1"),
+    ({"--unconditional-replay": "0.1", "--replay-dir": "r"}, "cannot be combined with --replay-dir"),
 ])
 def test_bad_settings(tiny_model, tmp_path, fim, overrides, message):
     fails(forget_args(tiny_model, tmp_path / "o", fim / "good.safetensors", **overrides), message)

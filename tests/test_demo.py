@@ -107,14 +107,15 @@ def test_short_demo_writes_what_it_promises(tmp_path):
     assert (records["sa"]["settings"]["lambda_ewc"], records["sa"]["settings"]["gamma"]) == (
         DemoConfig.lambda_ewc, config.gamma) == (1e-4, 1.0)
     assert (records["naive"]["settings"]["lambda_ewc"], records["naive"]["settings"]["gamma"]) == (0, 0)
-    # The same replay set and Fisher: 2 images of each digit but the forgotten one; 4 noise images
-    # as the surrogate.
+    # The same replay set and Fisher: 2 images of each digit but the forgotten one, then 2 (one per
+    # ten) of the empty prompt; 4 noise images as the surrogate.
     replay = (out / "sa" / records["sa"]["replay_set"]).resolve()
     assert replay == (out / "naive" / records["naive"]["replay_set"]).resolve()
     assert records["sa"]["fim"]["path"] == records["naive"]["fim"]["path"]
     replay_prompts = (replay / "prompts.txt").read_text().split("\n")
-    assert sorted(replay_prompts) == sorted(digits.train_prompts(d)[i] for d in range(10) if d != 3 for i in range(2))
-    assert len(list((replay / "images").glob("*.png"))) == 18
+    assert replay_prompts[:18] == [digits.train_prompts(d)[i] for d in range(10) if d != 3 for i in range(2)]
+    assert replay_prompts[18:] == ["", ""] and records["sa"]["replay_images"] == {"prompted": 18, "unconditional": 2}
+    assert len(list((replay / "images").glob("*.png"))) == 20
     for name, record in records.items():
         with safe_open(str(out / name / record["surrogate_set"] / "latents.safetensors"), "pt") as f:
             assert f.get_slice("latents").get_shape()[0] == 4, name
@@ -258,8 +259,10 @@ def test_demo_of_several_digits(tmp_path, sequential):
     assert "  digit 5" in format_table(metrics)
     record = json.loads((out / "sa" / "amnesia.json").read_text())
     assert [p["concept_prompts"] for p in record["pairs"]] == [digits.train_prompts(3), digits.train_prompts(5)]
-    replay_prompts = set((out / "sa" / record["replay_set"] / "prompts.txt").read_text().split("\n"))
-    assert not replay_prompts & set(digits.train_prompts(3) + digits.train_prompts(5))  # replay: the kept digits
+    replay_prompts = (out / "sa" / record["replay_set"] / "prompts.txt").read_text().split("\n")
+    assert not set(replay_prompts) & set(digits.train_prompts(3) + digits.train_prompts(5))  # replay: the kept digits
+    # the demo also replays the model's unconditional samples: one per ten prompted images
+    assert replay_prompts.count("") == round(0.1 * 8 * TINY_DEMO["replay_per_digit"])
     if sequential:
         assert [p["earlier_run"] for p in record["pairs"]] == [True, False]
         assert [h["concepts"] for h in record["history"]] == [digits.train_prompts(3)]
@@ -282,6 +285,7 @@ def test_demo_attack_study(tmp_path):
     config = DemoConfig(digit=[3], output_dir=str(out), max_train_steps=2, attack=True, attack_steps=[2, 1],
                         attack_initializers=["digit", "number"], attack_images=2, adversarial_every=1,
                         adversarial_steps=1, **TINY_DEMO)
+    assert config.unconditional_replay == 0.0  # the study measures the paper's replay
     metrics = run_demo(config)
     study = metrics["attack"]
     names = ("original", "sa", "sa-xattn", "sa-adversarial", "sa-xattn-adversarial")

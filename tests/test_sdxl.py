@@ -324,3 +324,14 @@ def test_lora_forgetting_on_sdxl_loads_in_plain_diffusers(tiny_sdxl_model, sdxl_
     assert changed and all(k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")) for k in changed)
     image = pipe("a photo of brad pitt", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 16, 16, 3)
+
+
+def test_unconditional_replay_is_refused_on_sdxl_before_any_work(tiny_sdxl_model, tmp_path):
+    """SDXL samples its unconditional branch from zero embeddings, not from the empty prompt: a replay
+    of the empty prompt would not hold it, so the flag is refused, with nothing made."""
+    for args in (["replay", "--output-dir", "r"],
+                 ["forget", "--concept", "brad pitt", "--surrogate", "a man", "--output-dir", "o"]):
+        result = run_command(*args, "--model", str(tiny_sdxl_model), "--unconditional-replay", "0.1", cwd=tmp_path,
+                             code=2)
+        assert "--unconditional-replay is not supported on Stable Diffusion XL yet" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
