@@ -26,7 +26,7 @@ def _pieces(tensors: list[torch.Tensor], split: list[bool], piece: int | None) -
     """Flat views of at most `piece` elements of the tensors marked in `split`; the others whole."""
     if piece is None:
         return list(tensors)
-    return [v for t, s in zip(tensors, split) for v in (t.view(-1).split(piece) if s else (t,))]
+    return [v for t, s in zip(tensors, split) for v in (t.reshape(-1).split(piece) if s else (t,))]
 
 
 def _groups(sizes: list[int], limit: int) -> list[slice]:
@@ -48,16 +48,17 @@ class EWCPenalty:
         self.piece, group_elements = LAYOUT.get(device, LAYOUT["cuda"])
         self.split = [p.is_contiguous() and f.is_contiguous() and a.is_contiguous()
                       for p, f, a in zip(params, fisher, anchors)]
-        # Pieces of theta, F and theta* are fixed views; the gradient's are made per step (autograd
-        # may hand back a new .grad tensor each time).
-        self._params = _pieces(params, self.split, self.piece)
+        # Pieces of F and theta* are fixed views of tensors the penalty owns. Those of theta and its
+        # gradient are made at each call: `accelerator.prepare` may re-point a parameter's storage
+        # (p.data = a copy; under torchrun on the CPU it does), and views made before would keep
+        # reading the old weights, theta* itself, so the penalty would stay zero.
         self._fisher = _pieces(fisher, self.split, self.piece)
         self._anchors = _pieces(anchors, self.split, self.piece)
-        self.groups = _groups([p.numel() for p in self._params], group_elements)
+        self.groups = _groups([f.numel() for f in self._fisher], group_elements)
 
-    def _diff(self, group: slice) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _diff(self, params: list[torch.Tensor], group: slice) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """theta - theta* and F for one group, in float32 (no copies of F when already float32)."""
-        diff = torch._foreach_sub([p.float() for p in self._params[group]], [a.float() for a in self._anchors[group]])
+        diff = torch._foreach_sub([p.float() for p in params[group]], [a.float() for a in self._anchors[group]])
         return diff, [f.float() for f in self._fisher[group]]
 
     @torch.no_grad()
@@ -66,8 +67,9 @@ class EWCPenalty:
         total = self._zero()
         if self.lam == 0:
             return total
+        params = _pieces([p.detach() for p in self.params], self.split, self.piece)
         for group in self.groups:
-            diff, fisher = self._diff(group)
+            diff, fisher = self._diff(params, group)
             total += self._weighted_sum(diff, fisher)
             del diff, fisher
         return total * self.lam
@@ -88,8 +90,9 @@ class EWCPenalty:
             elif split and not p.grad.is_contiguous():  # its flat pieces must be views of the real .grad
                 p.grad = p.grad.contiguous()
         grads = _pieces([p.grad for p in self.params], self.split, self.piece)
+        params = _pieces([p.detach() for p in self.params], self.split, self.piece)
         for group in self.groups:
-            diff, fisher = self._diff(group)
+            diff, fisher = self._diff(params, group)
             torch._foreach_addcmul_(grads[group], fisher, diff, value=2 * self.lam)
             if with_value:
                 total += self._weighted_sum(diff, fisher)
