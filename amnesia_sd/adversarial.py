@@ -82,7 +82,8 @@ class Adversary:
         c = self.config
         rows, losses, _ = learn_token(self.family, self.text, unet, scheduler, self.token_ids, self.images,
                                       self.prompts, c.adversarial_steps, c.adversarial_learning_rate,
-                                      c.adversarial_batch_size, image_seed(c.seed, step, "adversary"))
+                                      c.adversarial_batch_size, image_seed(c.seed, step, "adversary"),
+                                      fp16=accelerator.mixed_precision == "fp16")
         self.set_rows([broadcast(row.contiguous()) for row in rows])
         self.rounds.append([float(step), losses[0], losses[-1]])
 

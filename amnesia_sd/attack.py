@@ -155,15 +155,18 @@ def how_to_load(family, token: str) -> str:
 
 
 def learn_token(family, text, unet, scheduler, token_ids: list[int], images: ImageSet, prompts: list[str],
-                steps: int, learning_rate: float, batch_size: int, seed: int,
-                keep_at: tuple[int, ...] = ()) -> tuple[list[torch.Tensor], list[float], dict[int, list[torch.Tensor]]]:
+                steps: int, learning_rate: float, batch_size: int, seed: int, keep_at: tuple[int, ...] = (),
+                fp16: bool = False) -> tuple[list[torch.Tensor], list[float], dict[int, list[torch.Tensor]]]:
     """Textual inversion: train the token's row in each text encoder of `text` (which has the
     family's tokenizers and text encoders) alone, with the denoising loss of `unet` on the set's
     latents, each with a random one of `prompts` (which name the token), starting from the rows as
     they are. Returns the learned rows, the loss of every step and the rows after each step in
     `keep_at`. Nothing else changes: only the rows get a gradient (the UNet may be one being
     trained: its .grad stays as it was), and the other rows are restored after every step (as
-    diffusers' textual-inversion example does), so even the optimizer cannot move them."""
+    diffusers' textual-inversion example does), so even the optimizer cannot move them. With `fp16`
+    (the UNet runs under fp16 autocast), the loss is scaled by a GradScaler: unscaled, the MSE's
+    per-element gradients at 512 px sit at fp16's smallest normal numbers and the token would learn
+    from what is left of them."""
     tables = []
     for _, enc in family.text_parts():
         encoder = getattr(text, enc)
@@ -175,6 +178,7 @@ def learn_token(family, text, unet, scheduler, token_ids: list[int], images: Ima
         table.requires_grad_(True)
     # No weight decay: it would pull the learned rows towards zero, away from the concept.
     optimizer = torch.optim.AdamW(tables, lr=learning_rate, weight_decay=0.0)
+    scaler = torch.amp.GradScaler(tables[0].device.type, enabled=fp16)
     # Noise, timesteps and images drawn on the CPU, so a seed gives the same run on any device.
     generator = torch.Generator().manual_seed(image_seed(seed, 0, "train"))
     choose = random.Random(seed)
@@ -196,8 +200,9 @@ def learn_token(family, text, unet, scheduler, token_ids: list[int], images: Ima
             if not torch.isfinite(loss):
                 raise UserError(f"the token's loss became {loss.item()} at step {step}: lower its learning rate")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward(inputs=tables)
-            optimizer.step()
+            scaler.scale(loss).backward(inputs=tables)
+            scaler.step(optimizer)  # unscaled in float32 first; a step whose gradient overflowed is skipped
+            scaler.update()
             with torch.no_grad():
                 for table, original, mask in zip(tables, originals, others):
                     table[mask] = original[mask]
@@ -340,7 +345,8 @@ def run_attack(config: AttackConfig) -> dict:
             module.requires_grad_(False)
         rows, losses, kept = learn_token(family, pipe, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config),
                                          token_ids, images, prompts, config.steps, config.learning_rate,
-                                         config.train_batch_size, config.seed, keep_at=tuple(config.measure_steps))
+                                         config.train_batch_size, config.seed, keep_at=tuple(config.measure_steps),
+                                         fp16=accelerator.mixed_precision == "fp16")
         rows = [broadcast(row.contiguous()) for row in rows]
         kept = {at: [broadcast(row.contiguous()) for row in kept[at]] for at in config.measure_steps}
         if main:

@@ -42,9 +42,18 @@ def sample_noise(seed: int, index: int, count: int, shape: tuple[int, ...]) -> t
     return torch.randn((count, *shape), generator=generator)
 
 
+# fp16 backward: the loss is multiplied by this before .backward() and the gradient divided by it in
+# float32 before squaring, so per-element gradients of the MSE (about 1e-5 at 512 px) stay above
+# fp16's smallest normal number instead of flushing to zero. A sample whose scaled gradient
+# overflows is done again at half the scale; the scale doubles back after GROWTH_INTERVAL clean samples.
+FP16_LOSS_SCALE = 2.0**16
+GROWTH_INTERVAL = 100
+
+
 def fisher_diagonal(
     family, unet, scheduler, latents: torch.Tensor, embed, timesteps: torch.Tensor, seed: int,
     timestep_batch_size: int, indices: list[int] | None = None, autocast=None, progress: bool = True,
+    loss_scale: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sum over `indices` (default: all samples) of the squared per-sample gradients, divided by N.
 
@@ -52,6 +61,7 @@ def fisher_diagonal(
     The gradient of each sample is taken of its loss summed over `timesteps`, scaled by
     num_train_timesteps / len(timesteps) so a timestep subset estimates the full sum.
     With `indices` a subset, the result is this process's share: shares add up to F.
+    `loss_scale` (fp16: FP16_LOSS_SCALE) is the starting dynamic loss scale; None: no scaling.
     """
     import contextlib
 
@@ -60,22 +70,35 @@ def fisher_diagonal(
     fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     indices = list(range(len(latents))) if indices is None else indices
     scale = scheduler.config.num_train_timesteps / len(timesteps)
+    loss_scale_now, clean = loss_scale or 1.0, 0
     unet.eval()  # no dropout: F is a property of the model, not of a random mask
     bar = tqdm(total=len(indices), desc="Fisher", unit="sample", disable=not progress)
     for n in indices:
         x0 = latents[n : n + 1].to(device)
         noise = sample_noise(seed, n, len(timesteps), tuple(latents.shape[1:]))
         cond = embed(n)
-        unet.zero_grad(set_to_none=True)
-        for start in range(0, len(timesteps), timestep_batch_size):
-            t = timesteps[start : start + timestep_batch_size].to(device)
-            with autocast() if autocast else contextlib.nullcontext():
-                losses = per_sample_loss(
-                    family, unet, scheduler, x0.expand(len(t), -1, -1, -1),
-                    noise[start : start + len(t)].to(device), t, expand(cond, len(t)),
-                )
-            (losses.sum() * scale).backward()
-        grads = [p.grad.float() if p.grad is not None else torch.zeros_like(f) for p, f in zip(params, fisher)]
+        while True:
+            unet.zero_grad(set_to_none=True)
+            for start in range(0, len(timesteps), timestep_batch_size):
+                t = timesteps[start : start + timestep_batch_size].to(device)
+                with autocast() if autocast else contextlib.nullcontext():
+                    losses = per_sample_loss(
+                        family, unet, scheduler, x0.expand(len(t), -1, -1, -1),
+                        noise[start : start + len(t)].to(device), t, expand(cond, len(t)),
+                    )
+                (losses.sum() * (scale * loss_scale_now)).backward()
+            grads = [p.grad.float() if p.grad is not None else torch.zeros_like(f) for p, f in zip(params, fisher)]
+            if loss_scale is None:
+                break
+            if torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+                torch._foreach_div_(grads, loss_scale_now)  # in float32, before squaring
+                clean += 1
+                if clean % GROWTH_INTERVAL == 0:
+                    loss_scale_now *= 2
+                break
+            if loss_scale_now <= 1.0:  # not the scale's fault: the model itself overflows
+                break
+            loss_scale_now, clean = loss_scale_now / 2, 0
         torch._foreach_addcmul_(fisher, grads, grads)
         bar.update(1)
         first_batch(bar, len(timesteps), "Fisher")
@@ -163,9 +186,12 @@ def fisher_problem(value: torch.Tensor) -> str | None:
     return None
 
 
-def fisher_metadata(pipe, scheduler, base_model: str, num_samples: int, timesteps, seed: int, replay: str) -> dict:
+def fisher_metadata(pipe, scheduler, base_model: str, num_samples: int, timesteps, seed: int, replay: str,
+                    mixed_precision: str) -> dict:
     unet = pipe.unet
     return {
+        # The precision of its forward and backward passes ('no': float32; 'fp16' with loss scaling).
+        "mixed_precision": mixed_precision,
         "base_model": base_model,
         "architecture": family_of(pipe).name,
         "unet_config_hash": unet_config_hash(unet),
@@ -254,10 +280,12 @@ def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None
         family, pipe.unet, scheduler, replay.latents[:count], embed,
         timesteps, seed, timestep_batch_size, indices, autocast=accelerator.autocast,
         progress=accelerator.is_main_process,
+        loss_scale=FP16_LOSS_SCALE if accelerator.mixed_precision == "fp16" else None,
     )
     if accelerator.num_processes > 1:
         fisher = {k: accelerator.reduce(v, reduction="sum") for k, v in fisher.items()}
     if accelerator.is_main_process:
-        meta = fisher_metadata(pipe, scheduler, ref.identity, count, timesteps, seed, str(replay.path))
+        meta = fisher_metadata(pipe, scheduler, ref.identity, count, timesteps, seed, str(replay.path),
+                               accelerator.mixed_precision)
         save_fisher(output, fisher, dtype, meta)
     accelerator.wait_for_everyone()

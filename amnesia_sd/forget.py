@@ -20,6 +20,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .cache import cache_dir
 from .checkpoints import (broken_run, check_paths, check_resume, earlier_run, find_checkpoint, open_run,
                           save_checkpoint, training_settings, weights_finite)
 from .config import SURROGATE_SOURCES, ForgetConfig, split_concepts
@@ -507,7 +508,9 @@ def forget(config: ForgetConfig) -> Path:
                        "surrogate_set": recorded_path(image_set.path, work), "earlier_run": p["inherited"]}
                       for p, image_set in zip(pairs, surrogates)],
             "concept_prompts": concepts,
-            "fim": {"path": str(fim_path.resolve()), "cached": not config.fim, "metadata": fisher_meta},
+            # cached: the Fisher lives in the amnesia-sd cache (made by this run or an earlier one).
+            "fim": {"path": str(fim_path.resolve()), "cached": fim_path.resolve().is_relative_to(cache_dir().resolve()),
+                    "made_now": plan.fim_made, "metadata": fisher_meta},
             "origin_mismatches": mismatches,
             "seconds": round(time.time() - started, 1),
         }

@@ -73,6 +73,7 @@ class Plan:
                 parts.append((f"surrogate set{of} ({len(texts)} images x {config.num_inference_steps} steps)",
                               None if cached else passes))
         self.concept_texts = None
+        self.fim_made = False  # whether fisher() computed the Fisher in this run
         if config.adversarial:  # the inner attack's images of the concept, drawn by this model now
             concept = config.pairs()[-1]["concept"]
             self.concept_texts = repeat_to(concept_prompts(split_concepts(concept), config.templates),
@@ -142,12 +143,13 @@ class Plan:
         """The cached Fisher over `replay`: reused when its recorded settings match, else made now."""
         config = self.config
         wanted = {"num_samples": str(self.fim_count), "num_timesteps": str(self.fim_steps), "seed": str(config.seed),
-                  "replay_set": str(replay.path)}
+                  "replay_set": str(replay.path), "mixed_precision": accelerator.mixed_precision}
         path = self.entry / f"fim-{digest(wanted)}.safetensors"
         if path.is_file():
             with safe_open(str(path), framework="pt") as f:
                 if all((f.metadata() or {}).get(k) == v for k, v in wanted.items()):
                     return path
+        self.fim_made = True
         write_fisher_of_set(self.pipe, self.ref, replay, self.fim_count, self.fim_steps, config.seed,
                             DEFAULT_TIMESTEP_BATCH, config.gradient_checkpointing, accelerator, path)
         return path

@@ -62,6 +62,29 @@ def test_only_the_token_embedding_trains(tiny_model):
     assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_fp16_token_learns_with_loss_scaling_where_unscaled_fp16_learns_nothing(tiny_model):
+    """The UNet's backward in fp16 at SD's size (emulated as in test_fisher): unscaled, the token's
+    gradient flushes to zero and it does not move; with the GradScaler it moves as in fp32."""
+    from test_fisher import fp16_gradients
+
+    moved = {}
+    for name, shrink, fp16 in (("fp32", None, False), ("unscaled", 1e-5, False), ("scaled", 1e-5, True)):
+        pipe, scheduler = load_parts(tiny_model)
+        [token_id] = add_token(pipe, family_of(pipe), TOKEN, "man")
+        start = pipe.text_encoder.get_input_embeddings().weight[token_id].detach().clone()
+        handles = fp16_gradients(pipe.unet, shrink) if shrink else []
+        images = ImageSet(Path("unused"), ["x"] * 4, random_latents(4), {}, {})
+        [row], _, _ = learn_token(family_of(pipe), pipe, pipe.unet, scheduler, [token_id], images,
+                                  [f"a photo of {TOKEN}"], steps=3, learning_rate=1e-2, batch_size=2, seed=0, fp16=fp16)
+        for handle in handles:
+            handle.remove()
+        moved[name] = row - start
+    assert moved["fp32"].abs().min() > 0
+    assert torch.equal(moved["unscaled"], torch.zeros_like(moved["unscaled"]))  # measured: all 32 elements
+    assert (moved["scaled"] - moved["fp32"]).norm() <= 1e-2 * moved["fp32"].norm()  # measured: 2e-4
+
+
 @pytest.fixture(scope="module")
 def forgotten_digits(tmp_path_factory):
     return perturbed_copy(digits.SHIPPED_MODEL, tmp_path_factory.mktemp("digits") / "sa", {

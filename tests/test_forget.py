@@ -334,7 +334,7 @@ def test_one_command_makes_the_replay_set_and_fisher_once_per_base_model(tiny_mo
     assert "replay images:" in said and "UNet passes/s after the first batch" in said
     record = json.loads((first / "amnesia.json").read_text())
     fim = Path(record["fim"]["path"])
-    assert record["fim"]["cached"] and fim.parent == Path(record["replay_set"]).parent
+    assert record["fim"]["cached"] and record["fim"]["made_now"] and fim.parent == Path(record["replay_set"]).parent
     with safe_open(str(fim), "pt") as f:
         assert f.metadata()["num_samples"] == "2" and f.metadata()["num_timesteps"] == "5"  # 8 // 4 samples
     stamps = {p: p.stat().st_mtime_ns for p in (fim, Path(record["replay_set"]) / "latents.safetensors")}
@@ -344,6 +344,8 @@ def test_one_command_makes_the_replay_set_and_fisher_once_per_base_model(tiny_mo
             "x 5 timesteps, forward+backward): 10 passes") in capsys.readouterr().out
     again = json.loads((second / "amnesia.json").read_text())
     assert again["fim"]["path"] == str(fim) and again["replay_set"] == record["replay_set"]
+    assert again["fim"]["cached"] and not again["fim"]["made_now"]
+    assert again["fim"]["metadata"]["mixed_precision"] == "no"
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # reused, not made again
     assert unet_weights(first).keys() == unet_weights(second).keys()
 
