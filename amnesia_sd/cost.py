@@ -29,7 +29,7 @@ def announce(what: str, parts: list[tuple[str, int | None]]) -> None:
 
 
 def first_batch(bar: tqdm, passes_per_unit: float, label: str) -> None:
-    """After the bar's first update: the measured rate and the ETA of this step, once."""
+    """After the bar's first update: the measured rate and the ETA of this step, once (the bar has a total)."""
     if bar.disable or getattr(bar, "_rate_said", False):
         return
     done = bar.n - bar.initial  # a resumed bar starts at what was already done
@@ -38,5 +38,10 @@ def first_batch(bar: tqdm, passes_per_unit: float, label: str) -> None:
     bar._rate_said = True
     elapsed = bar.format_dict["elapsed"] or 1e-9
     rate = done * passes_per_unit / elapsed
-    remaining = (bar.total - bar.n) * passes_per_unit / rate if bar.total else 0
-    say(f"{label}: {rate:,.1f} UNet passes/s after the first batch; about {tqdm.format_interval(remaining)} to go")
+    # A slow rate as passes/s would print as "0.0 UNet passes/s"; seconds per pass stays readable.
+    speed = f"{rate:,.1f} UNet passes/s" if rate >= 1 else f"{1 / rate:,.1f} s per UNet pass"
+    if bar.n >= bar.total:  # the first batch was the whole job: nothing left to estimate
+        say(f"{label}: finished in {tqdm.format_interval(elapsed)} at {speed}")
+        return
+    remaining = (bar.total - bar.n) * passes_per_unit / rate
+    say(f"{label}: {speed} after the first batch; about {tqdm.format_interval(remaining)} to go")

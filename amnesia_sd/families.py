@@ -37,7 +37,10 @@ class StableDiffusion:
     # ({token: [n, dim]}, one text encoder).
     embedding_keys: tuple[str, ...] | None = None
     image_keys: tuple[str, ...] = ()  # the image part's keys
-    empty_prompt_is_unconditional = True  # the pipeline's unconditional branch encodes "" (--unconditional-replay)
+
+    def empty_prompt_is_unconditional(self, pipe) -> bool:
+        """The pipeline's unconditional branch encodes "" (what --unconditional-replay trains)."""
+        return True
 
     def pipeline_class(self):
         import diffusers
@@ -91,9 +94,11 @@ class StableDiffusionXL(StableDiffusion):
     tokenizers = ("tokenizer", "tokenizer_2")
     embedding_keys = ("clip_l", "clip_g")  # the layout of SDXL textual-inversion files
     image_keys = ("time_ids",)
-    # Its pipeline's unconditional branch is zero embeddings (force_zeros_for_empty_prompt), not the
-    # empty prompt's: replaying "" would train a conditioning that sampling never uses.
-    empty_prompt_is_unconditional = False
+
+    def empty_prompt_is_unconditional(self, pipe) -> bool:
+        """With force_zeros_for_empty_prompt (the base model's default) the unconditional branch is zero
+        embeddings, not the empty prompt's: replaying "" would train a conditioning sampling never uses."""
+        return not pipe.config.force_zeros_for_empty_prompt
 
     def check(self, pipe) -> None:
         """The UNet's added embedding must take six time ids and the pooled projection (the base;
@@ -133,12 +138,14 @@ class StableDiffusionXL(StableDiffusion):
         return {"time_ids": torch.tensor(ids, dtype=torch.float32)}
 
 
-def check_unconditional_replay(family: StableDiffusion, share: float | None) -> None:
+def check_unconditional_replay(family: StableDiffusion, pipe, share: float | None) -> None:
     """--unconditional-replay trains the empty prompt's conditioning: only where sampling uses it."""
-    if share and not family.empty_prompt_is_unconditional:
-        raise UserError(f"--unconditional-replay is not supported on {family.title} yet: its pipeline draws the "
-                        "unconditional branch from zero embeddings, not from the empty prompt, so replaying the "
-                        "empty prompt would not hold it; leave the flag out")
+    if share and not family.empty_prompt_is_unconditional(pipe):
+        raise UserError(f"--unconditional-replay is not supported on this {family.title} pipeline: it has "
+                        "force_zeros_for_empty_prompt=True, so its unconditional branch is zero embeddings, not the "
+                        "empty prompt, and replaying the empty prompt would not hold it; leave the flag out, or use "
+                        "a pipeline saved with force_zeros_for_empty_prompt=False (in its model_index.json), which "
+                        "accepts it")
 
 
 FAMILIES = {f.name: f for f in (StableDiffusion(), StableDiffusionXL())}

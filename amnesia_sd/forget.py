@@ -40,6 +40,9 @@ from .trainable import lora_modules, make_trainable
 
 ADVERSARY_EMBEDDINGS = "adversary_embeds.safetensors"  # forget --adversarial: its last token
 LOG_EVERY = 10  # steps between readings of the penalty's value (its gradient is added every step)
+# fp16's loss scaler halves its scale on every skipped step: this many in a row is no longer the
+# scale's fault but gradients fp16 cannot hold.
+MAX_SKIPPED_IN_A_ROW = 100
 
 
 def embed_all(family, pipe, prompts: list[str], progress: bool, batch: int = 64) -> Conditioning:
@@ -291,7 +294,7 @@ def forget(config: ForgetConfig) -> Path:
     for image_set in [*given.values(), *(pair["set"] for pair in inherited)]:  # before hours of generation
         check_fits(image_set, pipe)
     check_origins(config, ref, pipe, fisher_meta, given, ancestors)
-    check_unconditional_replay(family, config.unconditional_replay)
+    check_unconditional_replay(family, pipe, config.unconditional_replay)
     if config.lora_rank:  # the adapters' layers exist before hours of generation
         lora_modules(unet, config.train_method, config.lora_target_list())
     if config.adversarial:
@@ -399,10 +402,12 @@ def forget(config: ForgetConfig) -> Path:
                disable=not accelerator.is_main_process)
     unet.train()
     micro_step = global_step * config.gradient_accumulation_steps
+    skipped = skipped_in_a_row = 0  # optimizer steps fp16's loss scaler skipped (inf/NaN gradients)
     try:
         while global_step < config.max_train_steps:
+            # After a skipped step global_step is where it was: its round has been learned already.
             if (adversary is not None and micro_step % config.gradient_accumulation_steps == 0
-                    and global_step % config.adversarial_every == 0):
+                    and global_step % config.adversarial_every == 0 and not skipped_in_a_row):
                 adversary.learn(inner, noise_scheduler, global_step, accelerator)
             with accelerator.accumulate(unet):
                 d = draw_batch(config.seed, micro_step, accelerator.num_processes, accelerator.process_index, b,
@@ -455,7 +460,19 @@ def forget(config: ForgetConfig) -> Path:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
+            if accelerator.sync_gradients and optimizer.step_was_skipped:
+                # fp16: the loss scaler found inf/NaN gradients, left the weights as they were and lowered
+                # its scale. Not a training step: the warm-up, the EMA and the count wait for one that is;
+                # the next batches are fresh draws (micro_step counts on).
+                skipped += 1
+                skipped_in_a_row += 1
+                if skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:
+                    raise broken_run(f"the fp16 loss scale kept overflowing ({skipped_in_a_row} optimizer steps in a "
+                                     "row skipped for inf/NaN gradients; rerun with --mixed-precision bf16)",
+                                     global_step + 1, work)
+                continue
             if accelerator.sync_gradients:
+                skipped_in_a_row = 0
                 global_step += 1
                 lr_scheduler.step()
                 if ema is not None:
@@ -493,6 +510,7 @@ def forget(config: ForgetConfig) -> Path:
             "architecture": family.name,
             "pipeline_class": family.pipeline,
             "steps": global_step,
+            "skipped_steps": skipped,  # fp16 overflows since this run (or its resume) began; not in "steps"
             "final_losses": last,
             "trainable_parameters": sum(p.numel() for p in params),
             "num_processes": accelerator.num_processes,

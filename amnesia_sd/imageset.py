@@ -304,7 +304,7 @@ def make_image_set(config) -> ImageSet:
           config.overwrite)
     accelerator = make_accelerator()
     ref, pipe = load_on_device(config.model, accelerator, DTYPES[config.mixed_precision])
-    check_unconditional_replay(family_of(pipe), config.unconditional_replay)
+    check_unconditional_replay(family_of(pipe), pipe, config.unconditional_replay)
     prompts = with_unconditional(repeat_to(config.prompts, config.num_images), config.unconditional_replay)
     image_size(pipe, config.resolution)  # a size the model cannot make fails before anything is said or made
     announce(f"the {config.kind} set", [(f"{len(prompts)} images x {config.num_inference_steps} steps",

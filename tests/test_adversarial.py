@@ -19,7 +19,7 @@ from amnesia_sd.imageset import load_image_set
 from amnesia_sd.prompts import bundled, read_prompts
 from helpers import unet_weights
 from test_careless import refuses
-from test_forget import data, killed_after_first_checkpoint, run  # noqa: F401 (data: a fixture)
+from test_forget import data, killed_after_first_checkpoint, run, skip_optimizer_steps  # noqa: F401 (data: a fixture)
 
 ADVERSARIAL = {"adversarial": True, "adversarial_every": 2, "adversarial_steps": 2, "adversarial_images": 3,
                "adversarial_initializer": "man", "adversarial_batch_size": 2, "max_train_steps": 4,
@@ -63,6 +63,14 @@ def test_adversarial_run_records_its_rounds_and_keeps_the_text_encoder(tiny_mode
     a, b = unet_weights(out), unet_weights(plain)
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert "adversarial" not in json.loads((plain / "amnesia.json").read_text())
+
+
+def test_a_step_skipped_by_fp16_does_not_repeat_the_adversarys_round(tiny_model, data, tmp_path, monkeypatch):
+    skip_optimizer_steps(monkeypatch, {1})  # fp16's first steps typically overflow
+    out = run(tiny_model, data, tmp_path / "adv", **{**ADVERSARIAL, "max_train_steps": 2})
+    record = json.loads((out / "amnesia.json").read_text())
+    assert record["steps"] == 2 and record["skipped_steps"] == 1
+    assert [r["step"] for r in record["adversarial"]["rounds"]] == [0]  # one round before step 1, not one per try
 
 
 def test_adversarial_resumed_run_equals_uninterrupted_run(tiny_model, data, tmp_path, monkeypatch):

@@ -1,14 +1,43 @@
 """Every long command says what it will cost before it starts, and its measured rate after the first batch."""
 
+import io
+
+from tqdm import tqdm
 from typer.testing import CliRunner
 
 from amnesia_sd.cli import app
-from amnesia_sd.cost import generation_passes
+from amnesia_sd.cost import first_batch, generation_passes
 
 
 def test_generation_passes_count_guidance_twice():
     assert generation_passes(1000, 50, 7.5) == 100_000
     assert generation_passes(1000, 50, 1.0) == 50_000  # no classifier-free guidance: one pass per step
+
+
+def said_after_first_batch(capsys, monkeypatch, total, done, seconds, passes_per_unit):
+    """What first_batch prints for a bar whose first update of `done` units took `seconds`."""
+    monkeypatch.delenv("RANK", raising=False)
+    bar = tqdm(total=total, file=io.StringIO())
+    bar.update(done)
+    bar.start_t = bar._time() - seconds  # elapsed is measured from start_t
+    capsys.readouterr()
+    first_batch(bar, passes_per_unit, "Fisher")
+    first_batch(bar, passes_per_unit, "Fisher")  # said once
+    bar.close()
+    return capsys.readouterr().out.splitlines()
+
+
+def test_first_batch_of_a_one_image_job_says_it_finished_at_a_readable_rate(capsys, monkeypatch):
+    # one image x 50 timesteps in 3 minutes: 0.28 passes/s would print as "0.3" (or "0.0" when slower)
+    assert said_after_first_batch(capsys, monkeypatch, 1, 1, 180, 50) == [
+        "Fisher: finished in 03:00 at 3.6 s per UNet pass"]
+
+
+def test_first_batch_gives_rate_and_time_left(capsys, monkeypatch):
+    assert said_after_first_batch(capsys, monkeypatch, 5, 1, 10, 50) == [
+        "Fisher: 5.0 UNet passes/s after the first batch; about 00:40 to go"]
+    assert said_after_first_batch(capsys, monkeypatch, 5, 1, 100, 10) == [
+        "Fisher: 10.0 s per UNet pass after the first batch; about 06:40 to go"]
 
 
 def test_replay_fim_and_eval_announce_their_cost(tiny_model, tmp_path):

@@ -72,7 +72,7 @@ def test_each_train_method_changes_exactly_its_parameters(tiny_model, data, tmp_
     intended = set(trainable_names(load_parts(tiny_model)[0].unet, method))
     assert changed == intended
     record = json.loads((out / "amnesia.json").read_text())
-    assert record["steps"] == 1 and record["settings"]["train_method"] == method
+    assert record["steps"] == 1 and record["skipped_steps"] == 0 and record["settings"]["train_method"] == method
     assert set(record["final_losses"]) == {"surrogate", "replay", "ewc", "total"}
 
 
@@ -525,3 +525,51 @@ def test_lr_warmup_rises_linearly_and_resumes_exactly(tiny_model, data, tmp_path
     a, b = unet_weights(straight), unet_weights(resumed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def skip_optimizer_steps(monkeypatch, skipped: set[int]) -> list[float]:
+    """Make the optimizer steps numbered in `skipped` (from 1) act as fp16's loss scaler does on inf/NaN
+    gradients: no update, step_was_skipped set. Returns the learning rate each optimizer step saw."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    real_step, seen = AcceleratedOptimizer.step, []
+
+    def step(self, closure=None):
+        if self.gradient_state.sync_gradients:
+            seen.append(self.param_groups[0]["lr"])
+            self._is_overflow = len(seen) in skipped
+            if self._is_overflow:
+                return
+        real_step(self, closure)
+
+    monkeypatch.setattr(AcceleratedOptimizer, "step", step)
+    return seen
+
+
+def test_fp16_skipped_step_is_not_a_training_step(tiny_model, data, tmp_path, monkeypatch):
+    """An optimizer step fp16's loss scaler skips moves neither the warm-up nor the EMA, is not counted
+    as a step, and is recorded; three steps are three real updates."""
+    from diffusers.training_utils import EMAModel
+
+    seen = skip_optimizer_steps(monkeypatch, {2})
+    real_ema_step, ema_steps = EMAModel.step, []
+
+    def counted_ema_step(self, params):
+        ema_steps.append(1)
+        real_ema_step(self, params)
+
+    monkeypatch.setattr(EMAModel, "step", counted_ema_step)
+    out = run(tiny_model, data, tmp_path / "out", lr_warmup_steps=2, ema_decay=0.5)
+    record = json.loads((out / "amnesia.json").read_text())
+    assert record["steps"] == 3 and record["skipped_steps"] == 1
+    # the skipped 2nd step's warm-up rate is used again by the next one
+    assert seen == pytest.approx([1e-3 / 3, 2e-3 / 3, 2e-3 / 3, 1e-3])
+    assert len(ema_steps) == 3
+
+
+def test_fp16_steps_skipped_again_and_again_stop_the_run(tiny_model, data, tmp_path, monkeypatch):
+    monkeypatch.setattr(forget_module, "MAX_SKIPPED_IN_A_ROW", 3)
+    skip_optimizer_steps(monkeypatch, {2, 3, 4})
+    with pytest.raises(UserError, match=r"fp16 loss scale kept overflowing .*--mixed-precision bf16\) at step 2"):
+        run(tiny_model, data, tmp_path / "out", max_train_steps=5)
+    assert not (tmp_path / "out").exists()

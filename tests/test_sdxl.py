@@ -7,6 +7,7 @@ shows stays in one here too (`cli`, and the plain-diffusers check)."""
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -333,5 +334,24 @@ def test_unconditional_replay_is_refused_on_sdxl_before_any_work(tiny_sdxl_model
                  ["forget", "--concept", "brad pitt", "--surrogate", "a man", "--output-dir", "o"]):
         result = run_command(*args, "--model", str(tiny_sdxl_model), "--unconditional-replay", "0.1", cwd=tmp_path,
                              code=2)
-        assert "--unconditional-replay is not supported on Stable Diffusion XL yet" in result.output
+        assert ("--unconditional-replay is not supported on this Stable Diffusion XL pipeline: it has "
+                "force_zeros_for_empty_prompt=True") in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_unconditional_replay_is_accepted_on_sdxl_saved_without_zeroed_empty_prompt(tiny_sdxl_model, tmp_path):
+    """With force_zeros_for_empty_prompt=False in model_index.json (what the refusal suggests), the SDXL
+    pipeline's unconditional branch is the encoded empty prompt, as in SD 1.x, so the flag is accepted."""
+    copy = Path(shutil.copytree(tiny_sdxl_model, tmp_path / "sdxl"))
+    index = json.loads((copy / "model_index.json").read_text())
+    (copy / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    default, unzeroed = load_xl(tiny_sdxl_model), load_xl(copy)
+    with pytest.raises(UserError, match="force_zeros_for_empty_prompt=False"):
+        families.check_unconditional_replay(XL, default, 0.1)
+    families.check_unconditional_replay(XL, unzeroed, 0.1)
+    families.check_unconditional_replay(XL, default, None)  # without the flag nothing is checked
+    # what the replay of "" trains is what this pipeline's unconditional branch samples from
+    _, negative, _, negative_pooled = unzeroed.encode_prompt("a photo of brad pitt", device="cpu")
+    empty = XL.encode_text(unzeroed, [""])
+    assert torch.equal(negative, empty["encoder_hidden_states"])
+    assert torch.equal(negative_pooled, empty["text_embeds"])
