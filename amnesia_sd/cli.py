@@ -65,7 +65,8 @@ Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidanc
 Resolution = Annotated[Optional[int], typer.Option(help="Image size in pixels. [default: the model's native size]")]
 Seed = Annotated[Optional[int], typer.Option(help="Seed; image i uses a generator seeded by (seed, i). [default: 0]")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Images per sampling batch. [default: 8]")]
-Precision = Annotated[Optional[str], typer.Option(help="no, fp16 or bf16. [default: no]")]
+Precision = Annotated[Optional[str], typer.Option(help="no, fp16 or bf16. [default: bf16 on a CUDA GPU that has it, else no]")]
+MaxMemory = Annotated[Optional[str], typer.Option(help="Memory budget on the device, e.g. 20GB or 18GiB: sizes that do not change results (the Fisher's timestep batch) are chosen to fit it, and a run that cannot fit is refused before any work. [default: a CUDA GPU's free memory; none on the CPU]")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a finished result at the output path.")]
 PromptsFile = Annotated[Optional[Path], typer.Option("--prompts", help="Prompts file, one per line. [default: the bundled prompts/replay.txt]")]
 UnconditionalReplay = Annotated[Optional[float], typer.Option(help="Also sample the empty prompt: this many images per replay image (0.1: one in ten), appended to the replay set. Keeps the unconditional prediction that guidance steers from; not in the paper. [default: 0; forget after an earlier forget run: as the replay set it reuses]")]
@@ -195,7 +196,8 @@ def fim(
     prompts: PromptsFile = None,
     num_images: Annotated[Optional[int], typer.Option(help="Samples N (the paper: 5000). [default: the whole replay set]")] = None,
     num_timesteps: Annotated[Optional[int], typer.Option(help="Evenly spaced subset of timesteps. [default: all training timesteps]")] = None,
-    timestep_batch_size: Annotated[Optional[int], typer.Option(help="Timesteps per forward pass; bounds the activation memory. [default: 100]")] = None,
+    timestep_batch_size: Annotated[Optional[int], typer.Option(help="Timesteps per forward pass; bounds the activation memory, never changes the Fisher. [default: the largest that fits --max-memory, up to 100]")] = None,
+    max_memory: MaxMemory = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Trade compute for memory (large timestep batches at full size).")] = None,
     fim_dtype: Annotated[Optional[str], typer.Option(help="Storage dtype: fp32, bf16 or fp16. [default: fp32]")] = None,
     num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
@@ -212,7 +214,7 @@ def fim(
     cli = {"model": model, "output": str(output), "replay_dir": str(replay_dir) if replay_dir else None,
            "prompts_file": str(prompts) if prompts else None, "num_images": num_images,
            "num_timesteps": num_timesteps, "timestep_batch_size": timestep_batch_size,
-           "gradient_checkpointing": gradient_checkpointing, "fim_dtype": fim_dtype,
+           "gradient_checkpointing": gradient_checkpointing, "fim_dtype": fim_dtype, "max_memory": max_memory,
            "overwrite": overwrite,
            **_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, mixed_precision)}
     config = FimConfig(**{k: v for k, v in cli.items() if v is not None})
@@ -256,6 +258,7 @@ def forget(
     fuse: Annotated[Optional[bool], typer.Option("--fuse", help="With --lora-rank: also write the pipeline with the adapter merged into OUT.")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Trade compute for memory.")] = None,
     fim_dtype: Annotated[Optional[str], typer.Option(help="dtype of the Fisher and anchor weights on the device: fp32, bf16 or fp16. [default: fp32]")] = None,
+    max_memory: MaxMemory = None,
     use_8bit_adam: Annotated[Optional[bool], typer.Option("--use-8bit-adam", help="bitsandbytes' 8-bit AdamW (extra: bitsandbytes).")] = None,
     enable_xformers: Annotated[Optional[bool], typer.Option("--enable-xformers", help="xformers attention instead of PyTorch SDPA (extra: xformers).")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(help="Keep an EMA of the weights and save it (the paper: 0.9999). [default: off]")] = None,

@@ -77,6 +77,10 @@ class StableDiffusion:
         """One image's rows of the image part, from its micro-conditioning."""
         return {}
 
+    def example_conditioning(self, config, batch: int, latent: tuple[int, int], dtype: torch.dtype) -> Conditioning:
+        """Conditioning of the shapes a denoiser of this `config` takes, on the meta device (memory.py)."""
+        return {"encoder_hidden_states": torch.zeros((batch, 77, config.cross_attention_dim), device="meta", dtype=dtype)}
+
     def predict(self, unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         added = {k: v.to(noisy.dtype) for k, v in cond.items() if k != "encoder_hidden_states"}
         return unet(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
@@ -125,6 +129,12 @@ class StableDiffusionXL(StableDiffusion):
                 pooled = out[0]
             hidden.append(out.hidden_states[-2])
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
+
+    def example_conditioning(self, config, batch: int, latent: tuple[int, int], dtype: torch.dtype) -> Conditioning:
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        return {**super().example_conditioning(config, batch, latent, dtype),
+                "text_embeds": torch.zeros((batch, pooled), device="meta", dtype=dtype),
+                "time_ids": torch.zeros((batch, 6), device="meta", dtype=dtype)}
 
     def micro_conditioning(self, size: int, original: tuple[int, int] | None = None,
                            crop: tuple[int, int] = (0, 0)) -> dict:

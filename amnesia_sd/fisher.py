@@ -17,16 +17,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from .cost import first_batch
+from .cost import first_batch, say
 from .diffusion import per_sample_loss
 from .errors import UserError
 from .families import FAMILIES, expand, family_of, take, to_device
 from .generate import image_seed
 from .io import write_safetensors
+from .memory import budget, fisher_chunk, gib
 from .models import DTYPES, unet_config_hash
 from .paths import stamp
 
 FORMAT = "amnesia-sd-fisher"
+DEFAULT_TIMESTEP_BATCH = 100  # timesteps per pass when memory allows (no budget: always)
 
 
 def timestep_set(num_train_timesteps: int, num_timesteps: int | None) -> torch.Tensor:
@@ -240,7 +242,7 @@ def compute_fim(config) -> Path:
         raise UserError(f"--num-images {config.num_images} is more than the {len(replay.latents)} images of {replay.path}")
     write_fisher_of_set(pipe, ref, replay, config.num_images or len(replay.latents), config.num_timesteps, config.seed,
                         config.timestep_batch_size, config.gradient_checkpointing, accelerator, output,
-                        config.fim_dtype)
+                        config.fim_dtype, config.max_memory)
     return output
 
 
@@ -255,8 +257,27 @@ def replay_cost(images: int, settings, cached: bool) -> tuple[str, int | None]:
     return f"replay set ({images} images x {settings.num_inference_steps} steps)", None if cached else passes
 
 
-def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None, seed: int, timestep_batch_size: int,
-                        gradient_checkpointing: bool, accelerator, output: Path, dtype: str = "fp32") -> None:
+def fisher_plan(pipe, latent: tuple[int, int], num_timesteps: int, timestep_batch_size: int | None,
+                gradient_checkpointing: bool, mixed_precision: str, max_memory: str | None, device) -> tuple[int, str]:
+    """The Fisher's timestep batch (the largest that fits the budget unless given) and its plan in
+    words: what it holds besides activations is the UNet, the text encoders, the gradient and the
+    float32 sum of squares."""
+    unet = pipe.unet
+    encoders = [getattr(pipe, name) for name in family_of(pipe).text_encoders if getattr(pipe, name, None) is not None]
+    n = sum(p.numel() for p in unet.parameters())
+    resident = sum(p.numel() * p.element_size() for m in [unet, *encoders] for p in m.parameters()) + 8 * n
+    limit = budget(max_memory, device)
+    chunk, peak = fisher_chunk(family_of(pipe), unet, latent, num_timesteps, mixed_precision, gradient_checkpointing,
+                               resident, limit, timestep_batch_size, DEFAULT_TIMESTEP_BATCH)
+    said = (f"memory plan of the Fisher: {chunk} timestep(s) per pass, predicted peak {gib(peak)} "
+            f"(UNet, text encoders, gradient and sum {gib(resident)})"
+            + (f" of a {gib(limit)} budget" if limit else " (no budget on the CPU: --max-memory sets one)"))
+    return chunk, said
+
+
+def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None, seed: int,
+                        timestep_batch_size: int | None, gradient_checkpointing: bool, accelerator, output: Path,
+                        dtype: str = "fp32", max_memory: str | None = None) -> None:
     """The Fisher of the loaded base UNet over the first `count` images of a replay set, written
     to `output` by the first process (processes share the samples)."""
     from diffusers import DDPMScheduler
@@ -268,6 +289,10 @@ def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).requires_grad_(False)
     pipe.vae.to("cpu")  # latents are cached: the VAE has nothing to do here
+    timestep_batch_size, said = fisher_plan(pipe, tuple(replay.latents.shape[2:]), len(timesteps), timestep_batch_size,
+                                            gradient_checkpointing, accelerator.mixed_precision, max_memory,
+                                            accelerator.device)
+    say(said)
     if gradient_checkpointing:  # activations of a whole timestep batch: trade compute for memory
         pipe.unet.enable_gradient_checkpointing()
     indices = list(range(accelerator.process_index, count, accelerator.num_processes))

@@ -23,20 +23,22 @@ from tqdm.auto import tqdm
 from .cache import cache_dir
 from .checkpoints import (broken_run, check_paths, check_resume, earlier_run, find_checkpoint, open_run,
                           save_checkpoint, training_settings, weights_finite)
-from .config import SURROGATE_SOURCES, ForgetConfig, split_concepts
-from .cost import first_batch
+from .config import DEFAULT_FIM_TIMESTEPS, SURROGATE_SOURCES, ForgetConfig, split_concepts
+from .cost import first_batch, say
 from .diffusion import per_sample_loss
 from .errors import Interrupted, UserError
 from .families import Conditioning, check_unconditional_replay, family_of, join, take, to_device
-from .fisher import load_fisher
+from .fisher import fisher_plan, load_fisher, timestep_set
 from .generate import image_seed
 from .imageset import ImageSet, check_fits, is_finished, load_image_set
-from .models import DTYPES, ModelRef, load_on_device, make_accelerator, model_path, origin, origin_mismatches
+from .models import (DTYPES, ModelRef, load_on_device, make_accelerator, model_path, native_resolution, origin,
+                     origin_mismatches)
 from .paths import partial_of, publish
 from .prompts import concept_prompts, with_unconditional
 from .result import recorded_path, write_result
 from .sources import Plan
-from .trainable import lora_modules, make_trainable
+from .memory import activation_peak, budget, gib, meta_copy
+from .trainable import lora_modules, make_trainable, trainable_names
 
 ADVERSARY_EMBEDDINGS = "adversary_embeds.safetensors"  # forget --adversarial: its last token
 LOG_EVERY = 10  # steps between readings of the penalty's value (its gradient is added every step)
@@ -99,6 +101,49 @@ def fits(total_bytes: int) -> str:
         if total_bytes <= 0.9 * size * 1e9:
             return f"a {size} GB GPU keeps about {size - total_bytes / 1e9:.0f} GB for activations"
     return f"more than a {GPU_SIZES_GB[-1]} GB GPU holds"
+
+
+def training_peak(family, unet, config: ForgetConfig, latent: tuple[int, int], mixed_precision: str) -> int:
+    """Predicted peak bytes of one training step on the device, from the UNet before it trains:
+    what memory_parts counts, and the activations of one forward over surrogate + replay images."""
+    sizes = {name: p.numel() for name, p in unet.named_parameters()}
+    store = 2 if config.fim_dtype != "fp32" else 4
+    if config.lora_rank:
+        modules = dict(unet.named_modules())
+        adapted = lora_modules(unet, config.train_method, config.lora_target_list())
+        n_train = sum(config.lora_rank * (modules[m].weight[0].numel() + modules[m].weight.shape[0]) for m in adapted)
+        n_all, penalty = sum(sizes.values()), store * sum(sizes[f"{m}.weight"] for m in adapted)
+    else:
+        n_train = sum(sizes[name] for name in trainable_names(unet, config.train_method))
+        n_all, penalty = sum(sizes.values()), 2 * store * n_train
+    half_base = bool(config.lora_rank) and mixed_precision != "no"  # a LoRA run's frozen base in 16 bits
+    parts = memory_parts(n_all, n_train, penalty, config.use_8bit_adam, bool(config.ema_decay), 2 if half_base else 4)
+    activations = activation_peak(family, meta_copy(unet), 2 * config.train_batch_size, latent, mixed_precision,
+                                  config.gradient_checkpointing, float32_weights=not half_base)
+    return sum(parts.values()) + activations
+
+
+def check_training_memory(family, unet, config: ForgetConfig, latent: tuple[int, int], mixed_precision: str,
+                          limit: int | None) -> int:
+    """The training step's predicted peak; over the budget, refused before any work with the settings
+    that would fit, each with its predicted peak (none is switched on silently: each changes results
+    or speed)."""
+    peak = training_peak(family, unet, config, latent, mixed_precision)
+    if limit is None or peak <= limit:
+        return peak
+    options = [("--gradient-checkpointing", {"gradient_checkpointing": True}),
+               ("--fim-dtype bf16", {"fim_dtype": "bf16"}), ("--use-8bit-adam", {"use_8bit_adam": True})]
+    if not config.lora_rank:
+        options.append(("--lora-rank 8", {"lora_rank": 8}))
+    options += [(f"--train-batch-size {b}", {"train_batch_size": b})
+                for b in sorted({config.train_batch_size // 2, 1}, reverse=True) if 0 < b < config.train_batch_size]
+    said = []
+    for flag, change in options:
+        other = training_peak(family, unet, dataclasses.replace(config, **change), latent, mixed_precision)
+        said.append(f"{flag} ({gib(other)}{', fits' if other <= limit else ''})")
+    raise UserError(f"training needs about {gib(peak)} on the device at its peak, the budget is "
+                    f"{gib(limit)} (--max-memory or the GPU's free memory): options, alone, with their "
+                    f"predicted peaks: {'; '.join(said)}; several together fit where one alone does not")
 
 
 def preflight(unet, trainable, config: ForgetConfig, text_cache: Conditioning, ema: bool, adversary_bytes: int = 0) -> str:
@@ -301,6 +346,18 @@ def forget(config: ForgetConfig) -> Path:
         from .adversarial import Adversary, check_adversarial  # here: attack -> evaluate -> demo -> forget
 
         check_adversarial(config, family, pipe)
+    # The memory plan, before any work: the Fisher's chunk and the training step must fit the budget.
+    latent = (config.resolution or native_resolution(pipe)) // pipe.vae_scale_factor
+    latent, limit = (latent, latent), budget(config.max_memory, accelerator.device)
+    if not config.fim:
+        fim_steps = len(timestep_set(pipe.scheduler.config.num_train_timesteps,
+                                     config.fim_num_timesteps or DEFAULT_FIM_TIMESTEPS))
+        say(fisher_plan(pipe, latent, fim_steps, None, config.gradient_checkpointing, accelerator.mixed_precision,
+                        config.max_memory, accelerator.device)[1])
+    peak = check_training_memory(family, unet, config, latent, accelerator.mixed_precision, limit)
+    say(f"memory plan of training: predicted peak {gib(peak)} per process"
+        + (f" of a {gib(limit)} budget" if limit else " (no budget on the CPU: --max-memory sets one)")
+        + f"; mixed precision {accelerator.mixed_precision}")
     plan = Plan(config, ref, pipe, work, accelerator.num_processes, given, inherited)
     accelerator.wait_for_everyone()  # every process has checked the paths before the work folder changes
     if accelerator.is_main_process:  # only now, when everything given has been checked

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from .cache import digest, model_entry
 from .checkpoints import result_output
 from .config import (DEFAULT_FIM_FRACTION, DEFAULT_FIM_TIMESTEPS, DEFAULT_REPLAY_IMAGES, DEFAULT_SURROGATE_IMAGES,
-                     SURROGATE_SOURCES, FimConfig, ForgetConfig, split_concepts)
+                     SURROGATE_SOURCES, ForgetConfig, split_concepts)
 from .cost import announce, generation_passes
 from .fisher import fisher_cost, replay_cost, timestep_set, write_fisher_of_set
 from .imageset import (MANIFEST, ImageSet, encode_image_folder, generate_image_set, is_cached, is_finished, link_set,
@@ -20,7 +20,6 @@ from .models import ModelRef, origin
 from .paths import check_overlap
 from .prompts import concept_prompts, repeat_to, replay_prompts, with_unconditional
 
-DEFAULT_TIMESTEP_BATCH = FimConfig.timestep_batch_size
 
 
 def same_set(copy: Path, source: Path) -> bool:
@@ -151,7 +150,7 @@ class Plan:
                     return path
         self.fim_made = True
         write_fisher_of_set(self.pipe, self.ref, replay, self.fim_count, self.fim_steps, config.seed,
-                            DEFAULT_TIMESTEP_BATCH, config.gradient_checkpointing, accelerator, path)
+                            None, config.gradient_checkpointing, accelerator, path, max_memory=config.max_memory)
         return path
 
 

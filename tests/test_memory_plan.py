@@ -1,0 +1,125 @@
+"""The memory plan: sizes that never change results are chosen to fit the budget, and a run that
+cannot fit is refused before any work, with the settings that would."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from amnesia_sd.families import FAMILIES
+from amnesia_sd.memory import activation_peak, meta_copy
+from helpers import load_parts, run_command
+
+QUICK = ["--num-inference-steps", "2", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def work(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("memory")
+    run_command("replay", "--model", tiny_model, "--output-dir", "replay", "--num-images", "2", *QUICK, cwd=root)
+    run_command("surrogate", "--model", tiny_model, "--prompt", "a middle aged man", "--output-dir", "surrogate",
+                "--num-images", "2", *QUICK, cwd=root)
+    return root
+
+
+def fisher_peak(tiny_model, chunk: int, checkpointing: bool = False) -> int:
+    """What the plan predicts for the tiny model's Fisher at 8x8 latents (fp32)."""
+    pipe, _ = load_parts(tiny_model)
+    n = sum(p.numel() for p in pipe.unet.parameters())
+    resident = sum(p.numel() * 4 for m in (pipe.unet, pipe.text_encoder) for p in m.parameters()) + 8 * n
+    return resident + activation_peak(FAMILIES["sd"], meta_copy(pipe.unet), chunk, (8, 8), "no", checkpointing)
+
+
+def test_activations_grow_with_the_batch_and_shrink_with_checkpointing(tiny_model):
+    pipe, _ = load_parts(tiny_model)
+    meta = meta_copy(pipe.unet)
+    one, two = (activation_peak(FAMILIES["sd"], meta, b, (8, 8), "no", False) for b in (1, 2))
+    assert two == pytest.approx(2 * one, rel=0.05) and one > 0
+    assert activation_peak(FAMILIES["sd"], meta, 2, (8, 8), "no", True) < two
+    # bf16 autocast: activations in 16 bits, plus the 16-bit copy of every layer's weight
+    half = activation_peak(FAMILIES["sd"], meta, 2, (8, 8), "bf16", False)
+    layers = sum(m.weight.numel() for m in pipe.unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    assert half - 2 * layers == pytest.approx(two / 2, rel=0.1)
+
+
+def test_a_small_budget_gives_a_smaller_timestep_batch_and_the_same_fisher(tiny_model, work):
+    args = ["fim", "--model", tiny_model, "--replay-dir", "replay", "--num-timesteps", "8"]
+    full = run_command(*args, "--output", "all.safetensors", cwd=work)
+    assert "8 timestep(s) per pass" in full.output and "no budget on the CPU" in full.output
+    budget_kb = (fisher_peak(tiny_model, 3) + 999) // 1000  # room for 3 timesteps, not 4
+    assert fisher_peak(tiny_model, 4) > budget_kb * 1000
+    small = run_command(*args, "--output", "small.safetensors", "--max-memory", f"{budget_kb}KB", cwd=work)
+    assert "3 timestep(s) per pass" in small.output
+    a, b = load_file(str(work / "all.safetensors")), load_file(str(work / "small.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4 * a[k].abs().max().item())
+    # A given batch is kept, but checked against the plan.
+    refused = run_command(*args, "--output", "given.safetensors", "--max-memory", f"{budget_kb}KB",
+                          "--timestep-batch-size", "8", code=2, cwd=work)
+    assert "--timestep-batch-size 8 needs about" in refused.output and "use --timestep-batch-size 3" in refused.output
+    assert not (work / "given.safetensors").exists()
+
+
+def test_a_budget_too_small_for_one_timestep_names_checkpointing(tiny_model, work):
+    budget_kb = (fisher_peak(tiny_model, 1, checkpointing=True) + 999) // 1000
+    assert fisher_peak(tiny_model, 1) > budget_kb * 1000
+    refused = run_command("fim", "--model", tiny_model, "--replay-dir", "replay", "--num-timesteps", "8", "--output",
+                          "none.safetensors", "--max-memory", f"{budget_kb}KB", code=2, cwd=work)
+    assert "with one timestep at a time" in refused.output and "add --gradient-checkpointing" in refused.output
+    assert not (work / "none.safetensors").exists()
+
+
+def test_forget_over_the_budget_is_refused_before_any_work_listing_what_fits(tiny_model, work, tmp_path):
+    from amnesia_sd.config import ForgetConfig
+    from amnesia_sd.forget import training_peak
+
+    pipe, _ = load_parts(tiny_model)
+    settings = {"model": str(tiny_model), "concept": "brad pitt", "surrogate_dir": str(work / "surrogate"),
+                "replay_dir": str(work / "replay"), "fim": "unused", "output_dir": "unused", "train_batch_size": 4}
+    peak = training_peak(FAMILIES["sd"], pipe.unet, ForgetConfig(**settings), (8, 8), "no")
+    lora = training_peak(FAMILIES["sd"], pipe.unet, ForgetConfig(**{**settings, "lora_rank": 8}), (8, 8), "no")
+    assert lora < peak
+    budget_kb = (lora + 999) // 1000  # LoRA fits, full weights do not
+    run_command("fim", "--model", tiny_model, "--replay-dir", "replay", "--num-timesteps", "2", "--output",
+                "fim.safetensors", cwd=work)
+    before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    refused = run_command("forget", "--model", tiny_model, "--concept", "brad pitt", "--surrogate-dir", "surrogate",
+                          "--replay-dir", "replay", "--fim", "fim.safetensors", "--output-dir", "out",
+                          "--train-batch-size", "4", "--max-memory", f"{budget_kb}KB", code=2, cwd=work)
+    line = refused.output.strip().splitlines()[-1]
+    assert line.startswith("error: training needs about") and "--lora-rank 8 (" in line and "fits)" in line
+    assert "--gradient-checkpointing (" in line and "Traceback" not in refused.output
+    assert not (work / "out").exists() and not (work / "out.partial").exists()
+    assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before
+    # With the option it lists as fitting, the same budget trains.
+    done = run_command("forget", "--model", tiny_model, "--concept", "brad pitt", "--surrogate-dir", "surrogate",
+                       "--replay-dir", "replay", "--fim", "fim.safetensors", "--output-dir", "out",
+                       "--train-batch-size", "4", "--max-memory", f"{budget_kb}KB", "--lora-rank", "8",
+                       "--max-train-steps", "1", cwd=work)
+    assert "memory plan of training: predicted peak" in done.output
+    assert json.loads((work / "out" / "amnesia.json").read_text())["steps"] == 1
+
+
+def test_max_memory_must_be_a_size(tiny_model, work):
+    refused = run_command("fim", "--model", tiny_model, "--replay-dir", "replay", "--output", "x.safetensors",
+                          "--max-memory", "lots", code=2, cwd=work)
+    assert "--max-memory 'lots' is not a size: write it like 20GB or 18GiB" in refused.output
+
+
+def test_gpu_default_is_bf16_where_the_gpu_has_it_and_fp32_on_the_cpu(monkeypatch):
+    from amnesia_sd import config as config_module
+    from amnesia_sd.config import FimConfig
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    settings = {"model": "m", "output": "f.safetensors"}
+    assert FimConfig(**settings).mixed_precision == "no"  # this machine: no CUDA
+    monkeypatch.setattr(config_module, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert FimConfig(**settings).mixed_precision == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100: fp32, never fp16 silently
+    assert FimConfig(**settings).mixed_precision == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate's config still decides
+    assert FimConfig(**settings).mixed_precision == "fp16"
+    assert FimConfig(**settings, mixed_precision="no").mixed_precision == "no"  # and the flag over both
