@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import digits
 from .config import GenerationSettings, _check, _check_positive
+from .cost import say
 from .detectors import (
     DISTRACTORS, ClipDetector, Detector, DigitsDetector, NudeNetDetector, Sample, load_clip,
     nudenet_class,
@@ -40,10 +41,11 @@ from .errors import UserError
 from .evaluate import (ForgottenModelSettings, choose_detector, digits_of, forgotten_model, is_digits_model,
                        recorded_surrogates, spread)
 from .families import family_of, take, to_device
-from .generate import generate, image_seed, process_share
+from .generate import generate, image_seed, planned_sampling, process_share
 from .imageset import ImageSet, encode_image_folder, generate_image_set
 from .io import atomic_path, write_json, write_text
-from .models import load_on_device, make_accelerator, resolve_model
+from .memory import activation_peak, budget, check_batch, gib, meta_copy
+from .models import image_size, load_on_device, make_accelerator, resolve_model
 from .paths import Output, discard_on_failure, open_work, partial_of, publish, stamp
 from .prompts import bundled, concept_prompts, read_prompts
 from .report import STYLE, fmt
@@ -264,6 +266,7 @@ def image_path(role: str, kind: str, index: int) -> str:
 def _sample(pipe, role: str, samples: dict[str, list[Sample]], settings: GenerationSettings, folder: Path,
             accelerator) -> None:
     """This process's share of the images (whole batches, as with one process: the same pixels)."""
+    settings = planned_sampling(pipe, settings, accelerator)
     for kind, items in samples.items():
         share = process_share(len(items), settings.batch_size, accelerator.process_index, accelerator.num_processes)
         mine = [items[i] for i in share]
@@ -295,6 +298,20 @@ def _detector(kind: str, target: Target, config: AttackConfig, record: dict) -> 
     return clip, status
 
 
+def plan_token_training(pipe, config: AttackConfig, accelerator) -> None:
+    """Before any image is made: the token's training (a forward and backward through the UNet at
+    --train-batch-size, float32) must fit the memory budget."""
+    family, latent = family_of(pipe), image_size(pipe, config.resolution) // pipe.vae_scale_factor
+    parts = [pipe.unet, pipe.vae] + [getattr(pipe, n) for n in family.text_encoders if getattr(pipe, n, None)]
+    resident = sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+    meta = meta_copy(pipe.unet)
+    limit = budget(config.max_memory, accelerator.device)
+    peak = check_batch("learning the token", "--train-batch-size", config.train_batch_size,
+                       lambda b: resident + activation_peak(family, meta, b, (latent, latent), "no", False), limit)
+    say(f"memory plan of learning the token: predicted peak {gib(peak)}"
+        + (f" of a {gib(limit)} budget" if limit else " (no budget on the CPU: --max-memory sets one)"))
+
+
 def run_attack(config: AttackConfig) -> dict:
     """Learn the token on the forgotten model, sample both models with and without it, judge the
     images; write OUT/attack.json, OUT/report.html, OUT/learned_embeds.safetensors, OUT/images/ and
@@ -315,7 +332,8 @@ def run_attack(config: AttackConfig) -> dict:
     initializer = config.initializer or ("digit" if digits_model else "object")
     settings = GenerationSettings(num_inference_steps=config.num_inference_steps,
                                   guidance_scale=config.guidance_scale, resolution=config.resolution,
-                                  seed=config.seed, batch_size=config.batch_size, mixed_precision="no")
+                                  seed=config.seed, batch_size=config.batch_size, mixed_precision="no",
+                                  max_memory=config.max_memory)
     samples = held_out_samples(target, config.token, config.num_images, config.seed, config.guidance_scale)
     accelerator = make_accelerator()
     main = accelerator.is_main_process
@@ -329,10 +347,12 @@ def run_attack(config: AttackConfig) -> dict:
         concept_dir = partial / "concept-set"
         if config.concept_images:
             ref, pipe = load_on_device(config.model, accelerator)
+            plan_token_training(pipe, config, accelerator)
             images = encode_image_folder(pipe, ref, config.concept_images, concept_dir, config.resolution,
                                          accelerator, kind="concept")
         else:
             ref, pipe = load_on_device(base, accelerator)
+            plan_token_training(pipe, config, accelerator)  # the same architecture as the forgotten model
             images = generate_image_set(pipe, ref, spread(target.concept_prompts, config.num_images), settings,
                                         concept_dir, "concept", accelerator)
             del pipe

@@ -64,7 +64,7 @@ Steps = Annotated[Optional[int], typer.Option(help="Sampling steps (DDIM). [defa
 Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale. [default: 7.5]")]
 Resolution = Annotated[Optional[int], typer.Option(help="Image size in pixels. [default: the model's native size]")]
 Seed = Annotated[Optional[int], typer.Option(help="Seed; image i uses a generator seeded by (seed, i). [default: 0]")]
-BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Images per sampling batch. [default: 8]")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Images per sampling batch. [default: the largest that fits --max-memory, up to 8]")]
 Precision = Annotated[Optional[str], typer.Option(help="no, fp16 or bf16. [default: bf16 on a CUDA GPU that has it, else no]")]
 MaxMemory = Annotated[Optional[str], typer.Option(help="Memory budget on the device, e.g. 20GB or 18GiB: sizes that do not change results (the Fisher's timestep batch) are chosen to fit it, and a run that cannot fit is refused before any work. [default: a CUDA GPU's free memory; none on the CPU]")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a finished result at the output path.")]
@@ -73,9 +73,9 @@ UnconditionalReplay = Annotated[Optional[float], typer.Option(help="Also sample 
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML or TOML file with the same keys as the flags; flags win.")]
 
 
-def _generation(steps, guidance, resolution, seed, batch_size, precision) -> dict:
+def _generation(steps, guidance, resolution, seed, batch_size, precision, max_memory=None) -> dict:
     return {"num_inference_steps": steps, "guidance_scale": guidance, "resolution": resolution, "seed": seed,
-            "batch_size": batch_size, "mixed_precision": precision}
+            "batch_size": batch_size, "mixed_precision": precision, "max_memory": max_memory}
 
 
 def _say(message: str) -> None:
@@ -132,14 +132,14 @@ def _quiet_libraries() -> None:
 
 
 def _image_set(kind, model, output_dir, prompts, num_images, steps, guidance, resolution, seed, batch_size, precision,
-               overwrite, prompts_file=None, unconditional_replay=None):
+               overwrite, prompts_file=None, unconditional_replay=None, max_memory=None):
     from .config import SetConfig
     from .imageset import make_image_set
 
     config = SetConfig(model=model, output_dir=str(output_dir), prompts=prompts, num_images=num_images, kind=kind,
                        prompts_file=str(prompts_file) if prompts_file else None, overwrite=overwrite,
                        unconditional_replay=unconditional_replay or 0.0, **{k: v for k, v in _generation(
-                           steps, guidance, resolution, seed, batch_size, precision).items() if v is not None})
+                           steps, guidance, resolution, seed, batch_size, precision, max_memory).items() if v is not None})
     result = make_image_set(config)
     typer.echo(f"{kind} set: {len(result.latents)} images in {result.path}")
 
@@ -153,7 +153,7 @@ def replay(
     num_images: Annotated[Optional[int], typer.Option(help="Images to make; prompts repeat if fewer. [default: one per prompt]")] = None,
     unconditional_replay: UnconditionalReplay = None,
     num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
-    seed: Seed = None, batch_size: BatchSize = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
+    seed: Seed = None, batch_size: BatchSize = None, max_memory: MaxMemory = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
 ):
     """Generate the generative-replay set with the base model (one image per prompt).
 
@@ -163,7 +163,7 @@ def replay(
 
     _quiet_libraries()
     _image_set("replay", model, output_dir, replay_prompts(prompts), num_images, num_inference_steps, guidance_scale,
-               resolution, seed, batch_size, mixed_precision, overwrite, prompts, unconditional_replay)
+               resolution, seed, batch_size, mixed_precision, overwrite, prompts, unconditional_replay, max_memory)
 
 
 @app.command()
@@ -174,7 +174,7 @@ def surrogate(
     output_dir: Annotated[Path, typer.Option(help="Folder for the set (same format as replay).")],
     num_images: Annotated[int, typer.Option(help="Images to make.")] = 1000,
     num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
-    seed: Seed = None, batch_size: BatchSize = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
+    seed: Seed = None, batch_size: BatchSize = None, max_memory: MaxMemory = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
 ):
     """Generate the surrogate set q(x|c_f) from one prompt with the base model.
 
@@ -184,7 +184,7 @@ def surrogate(
     if not prompt.strip():
         raise UserError("--prompt is empty: give the surrogate prompt, e.g. 'a middle aged man'")
     _image_set("surrogate", model, output_dir, [" ".join(prompt.split())], num_images, num_inference_steps,
-               guidance_scale, resolution, seed, batch_size, mixed_precision, overwrite)
+               guidance_scale, resolution, seed, batch_size, mixed_precision, overwrite, max_memory=max_memory)
 
 
 @app.command()
@@ -197,11 +197,10 @@ def fim(
     num_images: Annotated[Optional[int], typer.Option(help="Samples N (the paper: 5000). [default: the whole replay set]")] = None,
     num_timesteps: Annotated[Optional[int], typer.Option(help="Evenly spaced subset of timesteps. [default: all training timesteps]")] = None,
     timestep_batch_size: Annotated[Optional[int], typer.Option(help="Timesteps per forward pass; bounds the activation memory, never changes the Fisher. [default: the largest that fits --max-memory, up to 100]")] = None,
-    max_memory: MaxMemory = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Trade compute for memory (large timestep batches at full size).")] = None,
     fim_dtype: Annotated[Optional[str], typer.Option(help="Storage dtype: fp32, bf16 or fp16. [default: fp32]")] = None,
     num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
-    seed: Seed = None, batch_size: BatchSize = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
+    seed: Seed = None, batch_size: BatchSize = None, max_memory: MaxMemory = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
 ):
     """Compute the diagonal Fisher information of the base UNet, once per base model.
 
@@ -214,9 +213,9 @@ def fim(
     cli = {"model": model, "output": str(output), "replay_dir": str(replay_dir) if replay_dir else None,
            "prompts_file": str(prompts) if prompts else None, "num_images": num_images,
            "num_timesteps": num_timesteps, "timestep_batch_size": timestep_batch_size,
-           "gradient_checkpointing": gradient_checkpointing, "fim_dtype": fim_dtype, "max_memory": max_memory,
+           "gradient_checkpointing": gradient_checkpointing, "fim_dtype": fim_dtype,
            "overwrite": overwrite,
-           **_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, mixed_precision)}
+           **_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, mixed_precision, max_memory)}
     config = FimConfig(**{k: v for k, v in cli.items() if v is not None})
     path = compute_fim(config)
     typer.echo(f"Fisher written to {path}")
@@ -258,7 +257,6 @@ def forget(
     fuse: Annotated[Optional[bool], typer.Option("--fuse", help="With --lora-rank: also write the pipeline with the adapter merged into OUT.")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Trade compute for memory.")] = None,
     fim_dtype: Annotated[Optional[str], typer.Option(help="dtype of the Fisher and anchor weights on the device: fp32, bf16 or fp16. [default: fp32]")] = None,
-    max_memory: MaxMemory = None,
     use_8bit_adam: Annotated[Optional[bool], typer.Option("--use-8bit-adam", help="bitsandbytes' 8-bit AdamW (extra: bitsandbytes).")] = None,
     enable_xformers: Annotated[Optional[bool], typer.Option("--enable-xformers", help="xformers attention instead of PyTorch SDPA (extra: xformers).")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(help="Keep an EMA of the weights and save it (the paper: 0.9999). [default: off]")] = None,
@@ -276,7 +274,7 @@ def forget(
     checkpoints_total_limit: Annotated[Optional[int], typer.Option(help="Checkpoints kept. [default: 2]")] = None,
     resume_from_checkpoint: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint folder.")] = None,
     num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
-    seed: Seed = None, batch_size: BatchSize = None, mixed_precision: Precision = None,
+    seed: Seed = None, batch_size: BatchSize = None, max_memory: MaxMemory = None, mixed_precision: Precision = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a finished result in --output-dir (once the new one is complete).")] = None,
     allow_origin_mismatch: Annotated[Optional[bool], typer.Option("--allow-origin-mismatch", help="Use a Fisher or image set recorded as made from another model (recorded in amnesia.json).")] = None,
     config: ConfigFile = None,
@@ -295,7 +293,7 @@ def forget(
     renames = {"prompts": "prompts_file"}
     cli = {renames.get(k, k): ([str(p) for p in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v)
            for k, v in given.items()}
-    cli.update(_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, mixed_precision))
+    cli.update(_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, mixed_precision, max_memory))
     settings = build_config(ForgetConfig, str(config) if config else None, cli)
     out = run_forget(settings)
     record = json.loads((out / "amnesia.json").read_text())
@@ -329,7 +327,7 @@ def sample(
     num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 4,
     compare: Annotated[Optional[str], typer.Option(help="Base model to sample on the same seeds, side by side (compare.png).")] = None,
     num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
-    seed: Seed = None, batch_size: BatchSize = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
+    seed: Seed = None, batch_size: BatchSize = None, max_memory: MaxMemory = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
 ):
     """Sample images from a model, optionally beside the base model on the same seeds.
 
@@ -344,7 +342,7 @@ def sample(
     config = SampleConfig(model=model, prompts=chosen, num_images=num_images, output_dir=str(output_dir),
                           compare=compare, prompts_file=str(prompts) if prompts else None, overwrite=overwrite,
                           **{k: v for k, v in _generation(num_inference_steps, guidance_scale, resolution, seed,
-                                                          batch_size, mixed_precision).items() if v is not None})
+                                                          batch_size, mixed_precision, max_memory).items() if v is not None})
     out = run_sample(config)
     typer.echo(f"samples in {out} (grid.png{', compare.png' if compare else ''})")
 
@@ -363,7 +361,7 @@ def eval_(
     distractor: Annotated[Optional[list[str]], typer.Option(help="Zero-shot alternative to the concept; repeat the flag for several. [default: a person, a landscape, ... and the surrogate]")] = None,
     prompts_csv: Annotated[Optional[Path], typer.Option(help="Extra prompt set in the I2P CSV format (prompt, sd_seed, sd_guidance_scale columns).")] = None,
     num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
-    seed: Seed = None, batch_size: BatchSize = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
+    seed: Seed = None, batch_size: BatchSize = None, max_memory: MaxMemory = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
 ):
     """Measure what a forgotten model forgot and what else changed, against its base on the same seeds.
 
@@ -377,7 +375,7 @@ def eval_(
            "detector": detector, "clip_model": clip_model, "nudenet_threshold": nudenet_threshold,
            "distractors": distractor, "prompts_csv": str(prompts_csv) if prompts_csv else None,
            "overwrite": overwrite,
-           **_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, mixed_precision)}
+           **_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, mixed_precision, max_memory)}
     report = run_eval(EvalConfig(**{k: v for k, v in cli.items() if v is not None}))
     if report:  # the main process's; the others leave the detectors and the report to it
         typer.echo(format_summary(report))
@@ -401,7 +399,7 @@ def attack(
     measure_steps: Annotated[Optional[list[int]], typer.Option(help="Also measure the forgotten model with the token as it was after N steps (repeat for several; each < --steps): shorter attacks from the same run.")] = None,
     clip_model: Annotated[Optional[str], typer.Option(help="CLIP for zero-shot detection: hub id or local folder. [default: openai/clip-vit-large-patch14]")] = None,
     num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
-    seed: Seed = None, batch_size: BatchSize = None, overwrite: Overwrite = False,
+    seed: Seed = None, batch_size: BatchSize = None, max_memory: MaxMemory = None, overwrite: Overwrite = False,
 ):
     """Try to bring the forgotten concept back: learn a token's embedding on the forgotten model (textual inversion).
 
@@ -414,7 +412,8 @@ def attack(
            "concept_images": str(concept_images) if concept_images else None, "steps": steps,
            "learning_rate": learning_rate, "train_batch_size": train_batch_size, "num_images": num_images,
            "initializer": initializer, "token": token, "measure_steps": measure_steps, "clip_model": clip_model,
-           "overwrite": overwrite, **_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, None)}
+           "overwrite": overwrite, **_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, None,
+                                                      max_memory)}
     result = run_attack(AttackConfig(**{k: v for k, v in cli.items() if v is not None}))
     if result:  # the main process's (under accelerate launch the others share the work, not the report)
         typer.echo(format_summary(result))

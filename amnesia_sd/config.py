@@ -140,7 +140,8 @@ class GenerationSettings:
     guidance_scale: float = 7.5
     resolution: int | None = None  # None: the model's native size
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int | None = None  # None: the largest that fits the memory budget, up to 8
+    max_memory: str | None = None  # None: a CUDA device's free memory (no budget on the CPU)
     # None: what `accelerate launch` / the accelerate config says (ACCELERATE_MIXED_PRECISION), else
     # default_mixed_precision() (bf16 on a CUDA GPU that has it, "no" elsewhere)
     mixed_precision: str | None = None
@@ -149,6 +150,8 @@ class GenerationSettings:
         check_types(self)
         _check_positive("num_inference_steps", self.num_inference_steps)
         _check_positive("batch_size", self.batch_size)
+        if self.max_memory is not None:
+            parse_size(self.max_memory)
         _check_positive("resolution", self.resolution)
         _check(self.guidance_scale >= 0, f"--guidance-scale must be >= 0, got {self.guidance_scale}")
         _check(0 <= self.seed < SEED_LIMIT, f"--seed must be in [0, 2**31), got {self.seed}")
@@ -197,7 +200,6 @@ class FimConfig(GenerationSettings):
     timestep_batch_size: int | None = None  # None: the largest that fits the memory budget, up to 100
     gradient_checkpointing: bool = False
     fim_dtype: str = "fp32"
-    max_memory: str | None = None  # None: a CUDA device's free memory (no budget on the CPU)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -208,8 +210,6 @@ class FimConfig(GenerationSettings):
         _check_positive("num_images", self.num_images)
         _check_positive("num_timesteps", self.num_timesteps)
         _check_positive("timestep_batch_size", self.timestep_batch_size)
-        if self.max_memory is not None:
-            parse_size(self.max_memory)
         _check(self.fim_dtype != "fp16", "--fim-dtype fp16 cannot hold a Fisher (its values overflow or flush to "
                                          "zero in fp16): use bf16 (same size, float32's range) or fp32")
         _check_choice("fim_dtype", self.fim_dtype, ("fp32", "bf16"))
@@ -263,7 +263,6 @@ class ForgetConfig(GenerationSettings):
     fuse: bool = False  # a LoRA result also as a pipeline with the adapter merged
     gradient_checkpointing: bool = False
     fim_dtype: str = "fp32"
-    max_memory: str | None = None  # None: a CUDA device's free memory (no budget on the CPU)
     use_8bit_adam: bool = False
     enable_xformers: bool = False
     ema_decay: float | None = None
@@ -334,8 +333,6 @@ class ForgetConfig(GenerationSettings):
                "--lora-alpha and --fuse are for LoRA training: add --lora-rank R (e.g. 8)")
         _check(bool(self.lora_target_list()), "--lora-targets is empty: name attention layers, e.g. to_q,to_k,to_v,to_out.0")
         _check_choice("fim_dtype", self.fim_dtype, ("fp32", "bf16", "fp16"))
-        if self.max_memory is not None:
-            parse_size(self.max_memory)
         _check(
             self.ema_decay is None or 0 < self.ema_decay < 1,
             f"--ema-decay must be between 0 and 1 (e.g. 0.9999), got {self.ema_decay}",

@@ -39,7 +39,7 @@ from .detectors import (
 from .cost import announce, generation_passes
 from .errors import UserError
 from .checkpoints import FINISHED
-from .generate import generate, image_seed, process_share
+from .generate import generate, image_seed, planned_sampling, process_share
 from .io import atomic_path
 from .models import DTYPES, ModelRef, image_size, load_on_device, make_accelerator, model_path, resolve_model
 from .paths import Output, discard_on_failure, guard, open_work, partial_of, publish
@@ -50,7 +50,6 @@ ROLES = ("base", "forgotten")
 DETECTORS = ("auto", "nudenet", "clip", "digits")
 CSV_COLUMNS = ("prompt", "sd_seed", "sd_guidance_scale")
 SD_IMAGES_PER_SET = 16
-SD_BATCH_SIZE = GenerationSettings.batch_size
 
 
 @dataclass
@@ -269,6 +268,7 @@ def _sample_model(spec: str, role: str, plan: Plan, settings: GenerationSettings
     """Generate this process's share of every block with one model; return the model's identity."""
     ref, pipe = load_on_device(spec, accelerator, DTYPES[settings.mixed_precision])
     size = image_size(pipe, settings.resolution)  # before the first image
+    settings = planned_sampling(pipe, settings, accelerator)
     total = sum(len(b) for b in plan.blocks)
     bar = tqdm(total=total, desc=f"sampling {role}", unit="img", disable=not accelerator.is_main_process)
     for block in plan.blocks:
@@ -404,10 +404,11 @@ def run_eval(config: EvalConfig) -> dict:
     digits_model = is_digits_model(resolve_model(base))
     detector = choose_detector(config.detector, digits_model, concepts)
     n = config.num_images or (DemoConfig.samples_per_digit if digits_model else SD_IMAGES_PER_SET)
-    batch_size = config.batch_size or (DemoConfig.batch_size if digits_model else SD_BATCH_SIZE)
+    batch_size = config.batch_size or (DemoConfig.batch_size if digits_model else None)  # None: the memory plan's
     settings = GenerationSettings(num_inference_steps=config.num_inference_steps,
                                   guidance_scale=config.guidance_scale, resolution=config.resolution,
-                                  seed=config.seed, batch_size=batch_size, mixed_precision=config.mixed_precision)
+                                  seed=config.seed, batch_size=batch_size, mixed_precision=config.mixed_precision,
+                                  max_memory=config.max_memory)
     plan = make_plan(groups, digits_model, n, settings,
                      read_prompts_csv(config.prompts_csv) if config.prompts_csv else None)
     if detector == "nudenet":  # on every process, so all of them stop alike

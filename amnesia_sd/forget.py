@@ -29,7 +29,7 @@ from .diffusion import per_sample_loss
 from .errors import Interrupted, UserError
 from .families import Conditioning, check_unconditional_replay, family_of, join, take, to_device
 from .fisher import fisher_plan, load_fisher, timestep_set
-from .generate import image_seed
+from .generate import image_seed, planned_sampling
 from .imageset import ImageSet, check_fits, is_finished, load_image_set
 from .models import (DTYPES, ModelRef, load_on_device, make_accelerator, model_path, native_resolution, origin,
                      origin_mismatches)
@@ -103,9 +103,12 @@ def fits(total_bytes: int) -> str:
     return f"more than a {GPU_SIZES_GB[-1]} GB GPU holds"
 
 
-def training_peak(family, unet, config: ForgetConfig, latent: tuple[int, int], mixed_precision: str) -> int:
-    """Predicted peak bytes of one training step on the device, from the UNet before it trains:
-    what memory_parts counts, and the activations of one forward over surrogate + replay images."""
+def training_peak(family, unet, config: ForgetConfig, latent: tuple[int, int], mixed_precision: str,
+                  adversary_bytes: int = 0) -> int:
+    """Predicted peak bytes of training on the device, from the UNet before it trains: what
+    memory_parts counts, and the activations of one forward over surrogate + replay images; with
+    --adversarial, the inner attack too (between steps: no gradients of the UNet, but the adversary's
+    float32 text encoders and a forward and backward through the UNet at --adversarial-batch-size)."""
     sizes = {name: p.numel() for name, p in unet.named_parameters()}
     store = 2 if config.fim_dtype != "fp32" else 4
     if config.lora_rank:
@@ -118,17 +121,24 @@ def training_peak(family, unet, config: ForgetConfig, latent: tuple[int, int], m
         n_all, penalty = sum(sizes.values()), 2 * store * n_train
     half_base = bool(config.lora_rank) and mixed_precision != "no"  # a LoRA run's frozen base in 16 bits
     parts = memory_parts(n_all, n_train, penalty, config.use_8bit_adam, bool(config.ema_decay), 2 if half_base else 4)
-    activations = activation_peak(family, meta_copy(unet), 2 * config.train_batch_size, latent, mixed_precision,
+    meta = meta_copy(unet)
+    activations = activation_peak(family, meta, 2 * config.train_batch_size, latent, mixed_precision,
                                   config.gradient_checkpointing, float32_weights=not half_base)
-    return sum(parts.values()) + activations
+    step = sum(parts.values()) + activations
+    if not config.adversarial:
+        return step
+    inner = sum(parts.values()) - parts["grads"] + adversary_bytes + activation_peak(
+        family, meta, config.adversarial_batch_size, latent, mixed_precision, config.gradient_checkpointing,
+        float32_weights=not half_base)
+    return max(step, inner)
 
 
 def check_training_memory(family, unet, config: ForgetConfig, latent: tuple[int, int], mixed_precision: str,
-                          limit: int | None) -> int:
+                          limit: int | None, adversary_bytes: int = 0) -> int:
     """The training step's predicted peak; over the budget, refused before any work with the settings
     that would fit, each with its predicted peak (none is switched on silently: each changes results
     or speed)."""
-    peak = training_peak(family, unet, config, latent, mixed_precision)
+    peak = training_peak(family, unet, config, latent, mixed_precision, adversary_bytes)
     if limit is None or peak <= limit:
         return peak
     options = [("--gradient-checkpointing", {"gradient_checkpointing": True}),
@@ -139,7 +149,8 @@ def check_training_memory(family, unet, config: ForgetConfig, latent: tuple[int,
                 for b in sorted({config.train_batch_size // 2, 1}, reverse=True) if 0 < b < config.train_batch_size]
     said = []
     for flag, change in options:
-        other = training_peak(family, unet, dataclasses.replace(config, **change), latent, mixed_precision)
+        other = training_peak(family, unet, dataclasses.replace(config, **change), latent, mixed_precision,
+                              adversary_bytes)
         said.append(f"{flag} ({gib(other)}{', fits' if other <= limit else ''})")
     raise UserError(f"training needs about {gib(peak)} on the device at its peak, the budget is "
                     f"{gib(limit)} (--max-memory or the GPU's free memory): options, alone, with their "
@@ -354,7 +365,10 @@ def forget(config: ForgetConfig) -> Path:
                                      config.fim_num_timesteps or DEFAULT_FIM_TIMESTEPS))
         say(fisher_plan(pipe, latent, fim_steps, None, config.gradient_checkpointing, accelerator.mixed_precision,
                         config.max_memory, accelerator.device)[1])
-    peak = check_training_memory(family, unet, config, latent, accelerator.mixed_precision, limit)
+    planned_sampling(pipe, config, accelerator)  # the sets' images: refused now if one image does not fit
+    adversary_bytes = 4 * sum(p.numel() for name in family.text_encoders if getattr(pipe, name, None) is not None
+                              for p in getattr(pipe, name).parameters()) if config.adversarial else 0
+    peak = check_training_memory(family, unet, config, latent, accelerator.mixed_precision, limit, adversary_bytes)
     say(f"memory plan of training: predicted peak {gib(peak)} per process"
         + (f" of a {gib(limit)} budget" if limit else " (no budget on the CPU: --max-memory sets one)")
         + f"; mixed precision {accelerator.mixed_precision}")

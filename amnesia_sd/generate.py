@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator
 
@@ -10,7 +11,10 @@ import torch
 from PIL import Image
 
 from .config import GenerationSettings
+from .cost import say
+from .errors import UserError
 from .families import family_of
+from .memory import budget, gib, meta_copy, sampling_peak
 from .models import image_size
 
 
@@ -38,6 +42,50 @@ def process_share(count: int, batch_size: int, rank: int, world: int) -> list[in
     so the pixels do not depend on the number of processes (kernels may differ by batch)."""
     starts = range(rank * batch_size, count, world * batch_size)
     return [i for start in starts for i in range(start, min(start + batch_size, count))]
+
+
+DEFAULT_SAMPLING_BATCH = 8  # images per batch when memory allows (no budget: always)
+
+
+def planned_sampling(pipe, settings: GenerationSettings, accelerator) -> GenerationSettings:
+    """`settings` with the batch size the memory plan fits into the budget (--max-memory, else a
+    GPU's free memory): the largest up to 8 when none is given; a given one is kept but refused when
+    it does not fit. Every process takes the smallest any of them can hold: they share the images
+    out in whole batches of one size."""
+    limit = budget(settings.max_memory, accelerator.device)
+    requested = settings.batch_size
+    if limit is None and requested:
+        return settings
+    latent = image_size(pipe, settings.resolution) // pipe.vae_scale_factor
+    parts = [pipe.unet, pipe.vae] + [getattr(pipe, n) for n in family_of(pipe).text_encoders if getattr(pipe, n, None)]
+    resident = sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+    meta_unet, meta_vae, family = meta_copy(pipe.unet), meta_copy(pipe.vae), family_of(pipe)
+
+    def peak(batch: int) -> int:
+        return resident + sampling_peak(family, meta_unet, meta_vae, batch, (latent, latent), pipe.unet.dtype,
+                                        settings.guidance_scale > 1, vae_dtype(pipe.vae))
+
+    if limit is None:
+        batch = DEFAULT_SAMPLING_BATCH
+    else:
+        fitting = max((b for b in range(1, (requested or DEFAULT_SAMPLING_BATCH) + 1) if peak(b) <= limit), default=0)
+        if requested and fitting < requested:
+            raise UserError(f"--batch-size {requested} needs about {gib(peak(requested))} on the device to sample, the "
+                            f"budget is {gib(limit)}: " + (f"use --batch-size {fitting} ({gib(peak(fitting))}) or leave it "
+                                                           "out" if fitting else "even 1 does not fit: " + _options()))
+        if not fitting:
+            raise UserError(f"sampling needs about {gib(peak(1))} on the device with one image at a time, the budget is "
+                            f"{gib(limit)}: " + _options())
+        batch = requested or fitting
+    if accelerator.num_processes > 1:
+        batch = int(accelerator.gather(torch.tensor([batch], device=accelerator.device)).min())
+    say(f"memory plan of sampling: {batch} image(s) per batch, predicted peak {gib(peak(batch))}"
+        + (f" of a {gib(limit)} budget" if limit else " (no budget on the CPU: --max-memory sets one)"))
+    return dataclasses.replace(settings, batch_size=batch)
+
+
+def _options() -> str:
+    return "a lower --resolution, --mixed-precision bf16 (if it is no), raise --max-memory, or a device with more memory"
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from .config import GenerationSettings
 from .errors import UserError
 from .cost import announce, first_batch, generation_passes
 from .families import Conditioning, check_unconditional_replay, family_of
-from .generate import encode, generate, image_seed, process_share
+from .generate import encode, generate, image_seed, planned_sampling, process_share
 from .io import atomic_path, write_json, write_text
 from .paths import Output, check_output, guard, is_ours, open_work, partial_of, publish, stamp
 from .models import ModelRef, image_size, unet_config_hash
@@ -209,6 +209,7 @@ def generate_image_set(
     if reuse and is_finished(out):
         overwrite = True  # a cache of ours made with other settings is stale
     partial = _start(out, overwrite, record, accelerator)
+    settings = planned_sampling(pipe, settings, accelerator)
     # A resumed run redoes whole batches, so every image is still made in the batch it would have
     # been made in without the interruption.
     b = settings.batch_size

@@ -13,10 +13,12 @@ those bytes plus the op in flight and its temporaries: TRANSIENT of them, measur
 from __future__ import annotations
 
 import contextlib
-import re
+import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .config import parse_size
 from .errors import UserError
@@ -100,6 +102,67 @@ def saved_bytes(family, meta_unet, batch: int, latent: tuple[int, int], dtype: t
         meta_unet.disable_gradient_checkpointing()
 
 
+class _LiveBytes(TorchDispatchMode):
+    """The peak bytes of tensors alive at once while code runs on the meta device: each op's new
+    storages are counted until the last tensor object on them is gone (no autograd holds them under
+    no_grad). Storages that existed before (weights, inputs) are not counted."""
+
+    def __init__(self, existing: set[int]):
+        super().__init__()
+        self.existing, self.refs, self.live, self.peak = existing, {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                key = t.untyped_storage()._cdata
+                if key in self.existing:
+                    continue
+                if key not in self.refs:
+                    self.refs[key] = [0, t.untyped_storage().nbytes()]
+                    self.live += self.refs[key][1]
+                    self.peak = max(self.peak, self.live)
+                self.refs[key][0] += 1
+                weakref.finalize(t, self._release, key)
+        return out
+
+    def _release(self, key: int) -> None:
+        entry = self.refs[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self.refs[key]
+
+
+def live_peak(module, run) -> int:
+    """Peak bytes of what `run()` allocates (beyond `module`'s weights) under no_grad, on the meta device."""
+    existing = {p.untyped_storage()._cdata for p in module.parameters()}
+    existing |= {b.untyped_storage()._cdata for b in module.buffers()}
+    with torch.no_grad(), _fused_attention(), _LiveBytes(existing) as counter:
+        run()
+    return counter.peak
+
+
+def sampling_peak(family, meta_unet, meta_vae, batch: int, latent: tuple[int, int], dtype: torch.dtype,
+                  guidance: bool, vae_dtype: torch.dtype) -> int:
+    """Bytes above the weights while a batch of images is sampled: one denoising step of the UNet
+    (twice the batch with classifier-free guidance), or the VAE decoding the batch, whichever is more."""
+    rows = 2 * batch if guidance else batch
+    meta_unet.to(dtype).eval()
+    meta_vae.to(vae_dtype).eval()
+
+    def denoise():
+        noisy = torch.zeros((rows, meta_unet.config.in_channels, *latent), device="meta", dtype=dtype)
+        t = torch.zeros((rows,), device="meta", dtype=torch.long)
+        family.predict(meta_unet, noisy, t, family.example_conditioning(meta_unet.config, rows, latent, dtype))
+
+    def decode():
+        z = torch.zeros((batch, meta_vae.config.latent_channels, *latent), device="meta", dtype=vae_dtype)
+        meta_vae.decode(z)
+
+    return max(live_peak(meta_unet, denoise), live_peak(meta_vae, decode))
+
+
 def activation_peak(family, meta_unet, batch: int, latent: tuple[int, int], mixed_precision: str,
                     gradient_checkpointing: bool, float32_weights: bool = True) -> int:
     """Predicted peak bytes of a forward and backward above what is resident (weights, gradients,
@@ -178,3 +241,15 @@ def _fisher_options(peak, limit: int, gradient_checkpointing: bool) -> str:
     if not gradient_checkpointing and peak(1, True) <= limit:
         return f"add --gradient-checkpointing ({gib(peak(1, True))}), or raise --max-memory"
     return "raise --max-memory, or use a device with more memory"
+
+
+def check_batch(what: str, flag: str, batch: int, peak, limit: int | None, more: str = "") -> int:
+    """A training phase at `batch` (given by `flag`, results depend on it, so never changed here):
+    its predicted peak, or a one-line refusal naming the largest batch that fits."""
+    predicted = peak(batch)
+    if limit is None or predicted <= limit:
+        return predicted
+    fitting = _largest_fitting(peak, batch, limit)
+    raise UserError(f"{what} needs about {gib(predicted)} on the device at {flag} {batch}, the budget is {gib(limit)}: "
+                    + (f"{flag} {fitting} fits ({gib(peak(fitting))})" if fitting else "even 1 does not fit")
+                    + (f"; {more}" if more else "") + "; or raise --max-memory")

@@ -8,7 +8,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .config import GenerationSettings, _check, _check_positive
-from .generate import generate, image_seed
+from .generate import generate, image_seed, planned_sampling
 from .grid import make_grid
 from .io import atomic_path, write_json
 from .models import DTYPES, image_size, load_on_device, make_accelerator, model_path
@@ -40,6 +40,7 @@ def sample_model(spec: str, prompts: list[str], config: SampleConfig, folder: Pa
     every prompt and every model sees the same noise."""
     _, pipe = load_on_device(spec, accelerator, DTYPES[config.mixed_precision])
     image_size(pipe, config.resolution)  # a size the model cannot make fails before the first image
+    config = planned_sampling(pipe, config, accelerator)
     flat = [p for p in prompts for _ in range(config.num_images)]
     seeds = [image_seed(config.seed, k) for _ in prompts for k in range(config.num_images)]
     folder.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,7 @@ def test_forget_over_the_budget_is_refused_before_any_work_listing_what_fits(tin
     refused = run_command("forget", "--model", tiny_model, "--concept", "brad pitt", "--surrogate-dir", "surrogate",
                           "--replay-dir", "replay", "--fim", "fim.safetensors", "--output-dir", "out",
                           "--train-batch-size", "4", "--max-memory", f"{budget_kb}KB", code=2, cwd=work)
-    line = refused.output.strip().splitlines()[-1]
+    [line] = [line for line in refused.output.splitlines() if line.startswith("error:")]
     assert line.startswith("error: training needs about") and "--lora-rank 8 (" in line and "fits)" in line
     assert "--gradient-checkpointing (" in line and "Traceback" not in refused.output
     assert not (work / "out").exists() and not (work / "out.partial").exists()
@@ -123,3 +123,69 @@ def test_gpu_default_is_bf16_where_the_gpu_has_it_and_fp32_on_the_cpu(monkeypatc
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate's config still decides
     assert FimConfig(**settings).mixed_precision == "fp16"
     assert FimConfig(**settings, mixed_precision="no").mixed_precision == "no"  # and the flag over both
+
+
+def sampling_peak_of(tiny_model, batch: int) -> int:
+    """The plan's figure for sampling the tiny model at its native 16 px (8x8 latents) with guidance (fp32)."""
+    from amnesia_sd.generate import vae_dtype
+    from amnesia_sd.memory import sampling_peak
+
+    pipe, _ = load_parts(tiny_model)
+    resident = sum(p.numel() * 4 for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
+    return resident + sampling_peak(FAMILIES["sd"], meta_copy(pipe.unet), meta_copy(pipe.vae), batch, (8, 8),
+                                    torch.float32, True, vae_dtype(pipe.vae))
+
+
+def test_sampling_counts_the_live_tensors_of_a_denoising_step_and_the_decode(tiny_model):
+    one, two = sampling_peak_of(tiny_model, 1), sampling_peak_of(tiny_model, 2)
+    pipe, _ = load_parts(tiny_model)
+    resident = sum(p.numel() * 4 for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
+    assert 0 < one - resident < two - resident <= 2.2 * (one - resident)
+
+
+def test_a_small_budget_samples_in_smaller_batches_and_too_small_is_refused(tiny_model, tmp_path):
+    args = ["replay", "--model", tiny_model, "--num-images", "5", "--num-inference-steps", "2"]
+    free = run_command(*args, "--output-dir", "all", cwd=tmp_path)
+    assert "memory plan of sampling: 8 image(s) per batch" in free.output
+    budget_kb = (sampling_peak_of(tiny_model, 3) + 999) // 1000
+    assert sampling_peak_of(tiny_model, 4) > budget_kb * 1000
+    small = run_command(*args, "--output-dir", "small", "--max-memory", f"{budget_kb}KB", cwd=tmp_path)
+    assert "memory plan of sampling: 3 image(s) per batch" in small.output
+    assert len(list((tmp_path / "small" / "images").glob("*.png"))) == 5
+    refused = run_command(*args, "--output-dir", "given", "--max-memory", f"{budget_kb}KB", "--batch-size", "5",
+                          code=2, cwd=tmp_path)
+    assert "--batch-size 5 needs about" in refused.output and "use --batch-size 3" in refused.output
+    tiny_kb = (sampling_peak_of(tiny_model, 1) - 1000) // 1000
+    none = run_command(*args, "--output-dir", "none", "--max-memory", f"{tiny_kb}KB", code=2, cwd=tmp_path)
+    assert "sampling needs about" in none.output and "with one image at a time" in none.output
+    for folder in ("given", "none"):
+        assert not (tmp_path / folder).exists()
+
+
+def test_attack_refuses_a_token_batch_over_the_budget_before_any_image(tiny_model, tmp_path):
+    pipe, _ = load_parts(tiny_model)
+    resident = sum(p.numel() * 4 for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
+    meta = meta_copy(pipe.unet)
+    peak = lambda b: resident + activation_peak(FAMILIES["sd"], meta, b, (8, 8), "no", False)  # noqa: E731
+    budget_kb = (peak(2) + 999) // 1000
+    assert peak(3) > budget_kb * 1000
+    refused = run_command("attack", "--model", tiny_model, "--base", tiny_model, "--concept", "Brad Pitt",
+                          "--output-dir", "a", "--train-batch-size", "4", "--max-memory", f"{budget_kb}KB",
+                          "--clip-model", "not/available", "--num-inference-steps", "2", code=2, cwd=tmp_path)
+    [line] = [line for line in refused.output.splitlines() if line.startswith("error:")]
+    assert "learning the token needs about" in line and "--train-batch-size 2 fits" in line
+    assert not list(tmp_path.iterdir())  # not even a concept image: nothing left behind
+
+
+def test_the_inner_attack_counts_in_forgets_plan(tiny_model):
+    from amnesia_sd.config import ForgetConfig
+    from amnesia_sd.forget import training_peak
+
+    pipe, _ = load_parts(tiny_model)
+    settings = {"model": "m", "concept": "brad pitt", "surrogate": "a man", "output_dir": "o", "train_batch_size": 1}
+    plain = training_peak(FAMILIES["sd"], pipe.unet, ForgetConfig(**settings), (8, 8), "no")
+    small = training_peak(FAMILIES["sd"], pipe.unet, ForgetConfig(**settings, adversarial=True,
+                                                                  adversarial_batch_size=1), (8, 8), "no", 10**6)
+    large = training_peak(FAMILIES["sd"], pipe.unet, ForgetConfig(**settings, adversarial=True,
+                                                                  adversarial_batch_size=16), (8, 8), "no", 10**6)
+    assert plain <= small < large  # a large inner batch is what the peak follows
