@@ -266,11 +266,12 @@ def image_path(role: str, kind: str, index: int) -> str:
 def _sample(pipe, role: str, samples: dict[str, list[Sample]], settings: GenerationSettings, folder: Path,
             accelerator) -> None:
     """This process's share of the images (whole batches, as with one process: the same pixels)."""
-    settings = planned_sampling(pipe, settings, accelerator)
+    settings, predicted = planned_sampling(pipe, settings, accelerator)
     for kind, items in samples.items():
         share = process_share(len(items), settings.batch_size, accelerator.process_index, accelerator.num_processes)
         mine = [items[i] for i in share]
-        for position, _, image in tqdm(generate(pipe, [s.prompt for s in mine], [s.seed for s in mine], settings),
+        for position, _, image in tqdm(generate(pipe, [s.prompt for s in mine], [s.seed for s in mine], settings,
+                                                predicted),
                                        total=len(mine), desc=f"sampling {role} ({kind})", unit="img",
                                        disable=not accelerator.is_main_process):
             with atomic_path(folder / image_path(role, kind, share[position])) as tmp:

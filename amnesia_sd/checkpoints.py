@@ -21,7 +21,8 @@ from .paths import Output, check_output, check_overlap, diff_settings, open_work
 FINISHED = "amnesia.json"  # written last into a forget result: its presence marks it finished
 # Settings a resumed run may change: how long it runs, how often it saves, and where from.
 RESUMABLE_CHANGES = ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
-                     "overwrite", "output_dir", "config_file", "batch_size", "max_memory")
+                     "overwrite", "output_dir", "config_file", "batch_size", "max_memory",
+                     "gradient_checkpointing")  # recomputes the same activations: the same trajectory
 CHECKPOINT_SETTINGS = "amnesia-settings.json"  # in every checkpoint: the settings that shaped it
 
 

@@ -163,7 +163,7 @@ def noise_images(folder: Path, count: int, size: int, seed: int) -> Path:
 def sample_and_classify(spec: str, prompts: list[str], seeds: list[int], settings, accelerator, classifier):
     """Images and the classifier's probabilities [N, 10] for one model."""
     _, pipe = load_on_device(spec, accelerator)
-    settings = planned_sampling(pipe, settings, accelerator)
+    settings, _ = planned_sampling(pipe, settings, accelerator)
     images = [image for _, _, image in tqdm(generate(pipe, prompts, seeds, settings), total=len(prompts),
                                             desc=f"sampling {Path(spec).name}", unit="img")]
     return images, digits.classify(images, classifier)

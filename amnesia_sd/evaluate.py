@@ -268,7 +268,7 @@ def _sample_model(spec: str, role: str, plan: Plan, settings: GenerationSettings
     """Generate this process's share of every block with one model; return the model's identity."""
     ref, pipe = load_on_device(spec, accelerator, DTYPES[settings.mixed_precision])
     size = image_size(pipe, settings.resolution)  # before the first image
-    settings = planned_sampling(pipe, settings, accelerator)
+    settings, predicted = planned_sampling(pipe, settings, accelerator)
     total = sum(len(b) for b in plan.blocks)
     bar = tqdm(total=total, desc=f"sampling {role}", unit="img", disable=not accelerator.is_main_process)
     for block in plan.blocks:
@@ -280,7 +280,7 @@ def _sample_model(spec: str, role: str, plan: Plan, settings: GenerationSettings
             items = [items[i] for i in share]
             samples = [plan.sets[name].samples[i] for name, i in items]
             for position, _, image in generate(pipe, [s.prompt for s in samples], [s.seed for s in samples],
-                                               dataclasses.replace(settings, guidance_scale=guidance)):
+                                               dataclasses.replace(settings, guidance_scale=guidance), predicted):
                 name, i = items[position]
                 with atomic_path(folder / image_path(name, role, i)) as tmp:
                     image.save(tmp, format="PNG")

@@ -23,7 +23,7 @@ from .errors import UserError
 from .families import FAMILIES, expand, family_of, take, to_device
 from .generate import image_seed
 from .io import write_safetensors
-from .memory import budget, fisher_chunk, gib
+from .memory import budget, fisher_chunk, gib, out_of_memory
 from .models import DTYPES, unet_config_hash
 from .paths import stamp
 
@@ -258,10 +258,11 @@ def replay_cost(images: int, settings, cached: bool) -> tuple[str, int | None]:
 
 
 def fisher_plan(pipe, latent: tuple[int, int], num_timesteps: int, timestep_batch_size: int | None,
-                gradient_checkpointing: bool, mixed_precision: str, max_memory: str | None, device) -> tuple[int, str]:
+                gradient_checkpointing: bool, mixed_precision: str, max_memory: str | None,
+                device) -> tuple[int, str, int]:
     """The Fisher's timestep batch (the largest that fits the budget unless given) and its plan in
-    words: what it holds besides activations is the UNet, the text encoders, the gradient and the
-    float32 sum of squares."""
+    words and its predicted peak: what it holds besides activations is the UNet, the text encoders,
+    the gradient and the float32 sum of squares."""
     unet = pipe.unet
     encoders = [getattr(pipe, name) for name in family_of(pipe).text_encoders if getattr(pipe, name, None) is not None]
     n = sum(p.numel() for p in unet.parameters())
@@ -272,7 +273,7 @@ def fisher_plan(pipe, latent: tuple[int, int], num_timesteps: int, timestep_batc
     said = (f"memory plan of the Fisher: {chunk} timestep(s) per pass, predicted peak {gib(peak)} "
             f"(UNet, text encoders, gradient and sum {gib(resident)})"
             + (f" of a {gib(limit)} budget" if limit else " (no budget on the CPU: --max-memory sets one)"))
-    return chunk, said
+    return chunk, said, peak
 
 
 def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None, seed: int,
@@ -289,9 +290,9 @@ def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).requires_grad_(False)
     pipe.vae.to("cpu")  # latents are cached: the VAE has nothing to do here
-    timestep_batch_size, said = fisher_plan(pipe, tuple(replay.latents.shape[2:]), len(timesteps), timestep_batch_size,
-                                            gradient_checkpointing, accelerator.mixed_precision, max_memory,
-                                            accelerator.device)
+    timestep_batch_size, said, predicted = fisher_plan(
+        pipe, tuple(replay.latents.shape[2:]), len(timesteps), timestep_batch_size, gradient_checkpointing,
+        accelerator.mixed_precision, max_memory, accelerator.device)
     say(said)
     if gradient_checkpointing:  # activations of a whole timestep batch: trade compute for memory
         pipe.unet.enable_gradient_checkpointing()
@@ -301,12 +302,15 @@ def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None
     def embed(n: int):
         return {**family.encode_text(pipe, [replay.prompts[n]]), **take(images, slice(n, n + 1))}
 
-    fisher = fisher_diagonal(
-        family, pipe.unet, scheduler, replay.latents[:count], embed,
-        timesteps, seed, timestep_batch_size, indices, autocast=accelerator.autocast,
-        progress=accelerator.is_main_process,
-        loss_scale=FP16_LOSS_SCALE if accelerator.mixed_precision == "fp16" else None,
-    )
+    advice = (f"pass a smaller --timestep-batch-size (this run took {timestep_batch_size})"
+              + ("" if gradient_checkpointing else " or --gradient-checkpointing"))
+    with out_of_memory("the Fisher", predicted, advice):
+        fisher = fisher_diagonal(
+            family, pipe.unet, scheduler, replay.latents[:count], embed,
+            timesteps, seed, timestep_batch_size, indices, autocast=accelerator.autocast,
+            progress=accelerator.is_main_process,
+            loss_scale=FP16_LOSS_SCALE if accelerator.mixed_precision == "fp16" else None,
+        )
     if accelerator.num_processes > 1:
         fisher = {k: accelerator.reduce(v, reduction="sum") for k, v in fisher.items()}
     if accelerator.is_main_process:

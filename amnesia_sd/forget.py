@@ -37,7 +37,7 @@ from .paths import partial_of, publish
 from .prompts import concept_prompts, with_unconditional
 from .result import recorded_path, write_result
 from .sources import Plan
-from .memory import activation_peak, budget, gib, meta_copy
+from .memory import activation_peak, budget, gib, meta_copy, out_of_memory_error
 from .trainable import lora_modules, make_trainable, trainable_names
 
 ADVERSARY_EMBEDDINGS = "adversary_embeds.safetensors"  # forget --adversarial: its last token
@@ -559,6 +559,14 @@ def forget(config: ForgetConfig) -> Path:
                         raise broken_run("the weights became non-finite (NaN or inf)", global_step, work)
                     if accelerator.is_main_process:
                         save_checkpoint(accelerator, work, global_step, config.checkpoints_total_limit, settings)
+    except torch.OutOfMemoryError:
+        kept = find_checkpoint(work, "latest")
+        raise out_of_memory_error(
+            "training" + (" (or its inner attack)" if adversary is not None else ""), peak,
+            ("add --gradient-checkpointing (same result) and --resume-from-checkpoint latest to go on from "
+             f"{kept.name}; " if kept else "add --gradient-checkpointing (same result); ")
+            + "--fim-dtype bf16, --use-8bit-adam or a smaller --train-batch-size change the training: start again "
+              "with them" + (" and --overwrite" if kept else "")) from None
     except KeyboardInterrupt:
         kept = find_checkpoint(work, "latest")
         raise Interrupted(

@@ -14,7 +14,7 @@ from .config import GenerationSettings
 from .cost import say
 from .errors import UserError
 from .families import family_of
-from .memory import budget, gib, meta_copy, sampling_peak
+from .memory import budget, gib, meta_copy, out_of_memory, sampling_peak
 from .models import image_size
 
 
@@ -47,15 +47,15 @@ def process_share(count: int, batch_size: int, rank: int, world: int) -> list[in
 DEFAULT_SAMPLING_BATCH = 8  # images per batch when memory allows (no budget: always)
 
 
-def planned_sampling(pipe, settings: GenerationSettings, accelerator) -> GenerationSettings:
+def planned_sampling(pipe, settings: GenerationSettings, accelerator) -> tuple[GenerationSettings, int | None]:
     """`settings` with the batch size the memory plan fits into the budget (--max-memory, else a
     GPU's free memory): the largest up to 8 when none is given; a given one is kept but refused when
     it does not fit. Every process takes the smallest any of them can hold: they share the images
-    out in whole batches of one size."""
+    out in whole batches of one size. Also returns the predicted peak (None: not planned)."""
     limit = budget(settings.max_memory, accelerator.device)
     requested = settings.batch_size
     if limit is None and requested:
-        return settings
+        return settings, None
     latent = image_size(pipe, settings.resolution) // pipe.vae_scale_factor
     parts = [pipe.unet, pipe.vae] + [getattr(pipe, n) for n in family_of(pipe).text_encoders if getattr(pipe, n, None)]
     resident = sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
@@ -81,7 +81,11 @@ def planned_sampling(pipe, settings: GenerationSettings, accelerator) -> Generat
         batch = int(accelerator.gather(torch.tensor([batch], device=accelerator.device)).min())
     say(f"memory plan of sampling: {batch} image(s) per batch, predicted peak {gib(peak(batch))}"
         + (f" of a {gib(limit)} budget" if limit else " (no budget on the CPU: --max-memory sets one)"))
-    return dataclasses.replace(settings, batch_size=batch)
+    return dataclasses.replace(settings, batch_size=batch), peak(batch)
+
+
+def sampling_advice(settings: GenerationSettings) -> str:
+    return f"pass a smaller --batch-size (this run sampled {settings.batch_size} at a time)"
 
 
 def _options() -> str:
@@ -90,9 +94,10 @@ def _options() -> str:
 
 @torch.no_grad()
 def generate(
-    pipe, prompts: list[str], seeds: list[int], settings: GenerationSettings
+    pipe, prompts: list[str], seeds: list[int], settings: GenerationSettings, predicted: int | None = None
 ) -> Iterator[tuple[int, torch.Tensor, Image.Image]]:
-    """Yield (position, latent, image) for each prompt, in batches of settings.batch_size.
+    """Yield (position, latent, image) for each prompt, in batches of settings.batch_size
+    (`predicted`: the memory plan's peak, for the message should the device run out).
 
     The latent is the denoised, scaled latent that decodes to the image; training reuses it, so
     the VAE never has to encode generated images again.
@@ -104,19 +109,20 @@ def generate(
     size = image_size(pipe, settings.resolution)
     micro = family_of(pipe).micro_conditioning(size)  # recorded with image sets: training matches it
     for start in range(0, len(prompts), settings.batch_size):
-        batch = prompts[start : start + settings.batch_size]
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + len(batch)]]
-        latents = pipe(
-            batch,
-            height=size,
-            width=size,
-            num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale,
-            generator=generators,
-            output_type="latent",
-            **micro,
-        ).images
-        images = pipe.image_processor.postprocess(decode(pipe.vae, latents), output_type="pil")
+        with out_of_memory("sampling", predicted, sampling_advice(settings)):
+            batch = prompts[start : start + settings.batch_size]
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + len(batch)]]
+            latents = pipe(
+                batch,
+                height=size,
+                width=size,
+                num_inference_steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance_scale,
+                generator=generators,
+                output_type="latent",
+                **micro,
+            ).images
+            images = pipe.image_processor.postprocess(decode(pipe.vae, latents), output_type="pil")
         for offset, (latent, image) in enumerate(zip(latents, images)):
             yield start + offset, latent.float().cpu(), image
 

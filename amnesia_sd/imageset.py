@@ -209,7 +209,7 @@ def generate_image_set(
     if reuse and is_finished(out):
         overwrite = True  # a cache of ours made with other settings is stale
     partial = _start(out, overwrite, record, accelerator)
-    settings = planned_sampling(pipe, settings, accelerator)
+    settings, predicted = planned_sampling(pipe, settings, accelerator)
     # A resumed run redoes whole batches, so every image is still made in the batch it would have
     # been made in without the interruption.
     b = settings.batch_size
@@ -224,7 +224,7 @@ def generate_image_set(
     family = family_of(pipe)
     conditioning = family.image_conditioning(family.micro_conditioning(image_size(pipe, settings.resolution)))
     for position, latent, image in generate(
-        pipe, [prompts[i] for i in todo], [image_seed(settings.seed, i) for i in todo], settings
+        pipe, [prompts[i] for i in todo], [image_seed(settings.seed, i) for i in todo], settings, predicted
     ):
         _save_image(partial, todo[position], latent, image, prompts[todo[position]], conditioning)
         bar.update(accelerator.num_processes)

@@ -253,3 +253,25 @@ def check_batch(what: str, flag: str, batch: int, peak, limit: int | None, more:
     raise UserError(f"{what} needs about {gib(predicted)} on the device at {flag} {batch}, the budget is {gib(limit)}: "
                     + (f"{flag} {fitting} fits ({gib(peak(fitting))})" if fitting else "even 1 does not fit")
                     + (f"; {more}" if more else "") + "; or raise --max-memory")
+
+
+@contextlib.contextmanager
+def out_of_memory(phase: str, predicted: int | None, advice: str):
+    """A device out-of-memory error in `phase` becomes one line: what the plan predicted, what the
+    run had allocated at most, and what to change. What was made before (image sets, the Fisher,
+    checkpoints) is finished and stays, so a rerun picks it up."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise out_of_memory_error(phase, predicted, advice) from None
+
+
+def out_of_memory_error(phase: str, predicted: int | None, advice: str) -> UserError:
+    measured = ""
+    if torch.cuda.is_available():
+        measured = f"; it had allocated up to {gib(torch.cuda.max_memory_allocated())} (max_memory_allocated)"
+        torch.cuda.empty_cache()
+    planned = f"the plan predicted a peak of {gib(predicted)}" if predicted else "no plan covered it"
+    return UserError(f"out of memory on the device in {phase}: {planned}{measured}; {advice} (another process on the "
+                     "GPU shrinks what is free: --max-memory tells the plan). Finished image sets, the Fisher and "
+                     "checkpoints are kept; a rerun with the same flags picks them up")

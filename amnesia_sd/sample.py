@@ -40,13 +40,13 @@ def sample_model(spec: str, prompts: list[str], config: SampleConfig, folder: Pa
     every prompt and every model sees the same noise."""
     _, pipe = load_on_device(spec, accelerator, DTYPES[config.mixed_precision])
     image_size(pipe, config.resolution)  # a size the model cannot make fails before the first image
-    config = planned_sampling(pipe, config, accelerator)
+    config, predicted = planned_sampling(pipe, config, accelerator)
     flat = [p for p in prompts for _ in range(config.num_images)]
     seeds = [image_seed(config.seed, k) for _ in prompts for k in range(config.num_images)]
     folder.mkdir(parents=True, exist_ok=True)
     rows: list[list] = [[] for _ in prompts]
     with tqdm(total=len(flat), desc=f"sampling {spec}", unit="img") as bar:
-        for position, _, image in generate(pipe, flat, seeds, config):
+        for position, _, image in generate(pipe, flat, seeds, config, predicted):
             j, k = divmod(position, config.num_images)
             with atomic_path(folder / f"p{j:03d}_s{k:03d}.png") as tmp:
                 image.save(tmp, format="PNG")

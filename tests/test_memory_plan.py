@@ -189,3 +189,59 @@ def test_the_inner_attack_counts_in_forgets_plan(tiny_model):
     large = training_peak(FAMILIES["sd"], pipe.unet, ForgetConfig(**settings, adversarial=True,
                                                                   adversarial_batch_size=16), (8, 8), "no", 10**6)
     assert plain <= small < large  # a large inner batch is what the peak follows
+
+
+def test_out_of_memory_in_training_is_one_line_and_a_rerun_picks_up_what_was_made(tiny_model, tmp_path, monkeypatch):
+    """A CUDA out-of-memory (raised here by hand: this machine has no GPU) mid-training: exit 2, the
+    phase, the plan's prediction and what to change in one line; the sets made stay, and the rerun
+    with --gradient-checkpointing resumes from the checkpoint instead of making them again."""
+    from amnesia_sd import forget as forget_module
+
+    monkeypatch.setenv("AMNESIA_SD_CACHE", str(tmp_path / "cache"))
+    args = ["forget", "--model", tiny_model, "--concept", "brad pitt", "--surrogate", "a man", "--output-dir", "out",
+            "--num-surrogate-images", "2", "--num-replay-images", "4", "--fim-num-timesteps", "2",
+            "--num-inference-steps", "2", "--train-batch-size", "1", "--max-train-steps", "4",
+            "--checkpointing-steps", "2"]
+    real, calls = forget_module.per_sample_loss, []
+
+    def runs_out_at_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, **k)
+
+    monkeypatch.setattr(forget_module, "per_sample_loss", runs_out_at_step_3)
+    failed = run_command(*args, code=2, cwd=tmp_path)
+    [line] = [line for line in failed.output.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: out of memory on the device in training: the plan predicted a peak of ")
+    assert "--resume-from-checkpoint latest to go on from checkpoint-2" in line and "Traceback" not in failed.output
+    assert (tmp_path / "out.partial" / "data" / "surrogate" / "manifest.json").is_file()
+    monkeypatch.setattr(forget_module, "per_sample_loss", real)
+    again = run_command(*args, "--gradient-checkpointing", "--resume-from-checkpoint", "latest", cwd=tmp_path)
+    assert "surrogate set (2 images x 2 steps): cached" in again.output and "resumed from" in again.output
+    assert json.loads((tmp_path / "out" / "amnesia.json").read_text())["steps"] == 4
+
+
+def test_out_of_memory_in_the_fisher_names_its_chunk(tiny_model, tmp_path, monkeypatch):
+    from amnesia_sd import fisher as fisher_module
+
+    run_command("replay", "--model", tiny_model, "--output-dir", "replay", "--num-images", "2", *QUICK, cwd=tmp_path)
+    monkeypatch.setattr(fisher_module, "per_sample_loss",
+                        lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
+    failed = run_command("fim", "--model", tiny_model, "--replay-dir", "replay", "--output", "f.safetensors",
+                         "--num-timesteps", "4", code=2, cwd=tmp_path)
+    [line] = [line for line in failed.output.splitlines() if line.startswith("error:")]
+    assert "out of memory on the device in the Fisher" in line and "--timestep-batch-size (this run took 4)" in line
+    assert not (tmp_path / "f.safetensors").exists()
+
+
+def test_out_of_memory_while_sampling_names_the_batch(tiny_model, tmp_path, monkeypatch):
+    from amnesia_sd import generate as generate_module
+
+    monkeypatch.setattr(generate_module, "decode",
+                        lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
+    failed = run_command("replay", "--model", tiny_model, "--output-dir", "r", "--num-images", "3",
+                         "--num-inference-steps", "2", code=2, cwd=tmp_path)
+    [line] = [line for line in failed.output.splitlines() if line.startswith("error:")]
+    assert "out of memory on the device in sampling: the plan predicted a peak of" in line
+    assert "--batch-size (this run sampled 8 at a time)" in line
