@@ -44,7 +44,7 @@ from .families import family_of, take, to_device
 from .generate import generate, image_seed, planned_sampling, process_share
 from .imageset import ImageSet, encode_image_folder, generate_image_set
 from .io import atomic_path, write_json, write_text
-from .memory import activation_peak, budget, check_batch, gib, meta_copy
+from .memory import activation_peak, budget, check_batch, gib, meta_copy, out_of_memory
 from .models import image_size, load_on_device, make_accelerator, resolve_model
 from .paths import Output, discard_on_failure, open_work, partial_of, publish, stamp
 from .prompts import bundled, concept_prompts, read_prompts
@@ -299,7 +299,7 @@ def _detector(kind: str, target: Target, config: AttackConfig, record: dict) -> 
     return clip, status
 
 
-def plan_token_training(pipe, config: AttackConfig, accelerator) -> None:
+def plan_token_training(pipe, config: AttackConfig, accelerator) -> int:
     """Before any image is made: the token's training (a forward and backward through the UNet at
     --train-batch-size, float32) must fit the memory budget."""
     family, latent = family_of(pipe), image_size(pipe, config.resolution) // pipe.vae_scale_factor
@@ -311,6 +311,7 @@ def plan_token_training(pipe, config: AttackConfig, accelerator) -> None:
                        lambda b: resident + activation_peak(family, meta, b, (latent, latent), "no", False), limit)
     say(f"memory plan of learning the token: predicted peak {gib(peak)}"
         + (f" of a {gib(limit)} budget" if limit else " (no budget on the CPU: --max-memory sets one)"))
+    return peak
 
 
 def run_attack(config: AttackConfig) -> dict:
@@ -348,12 +349,12 @@ def run_attack(config: AttackConfig) -> dict:
         concept_dir = partial / "concept-set"
         if config.concept_images:
             ref, pipe = load_on_device(config.model, accelerator)
-            plan_token_training(pipe, config, accelerator)
+            predicted = plan_token_training(pipe, config, accelerator)
             images = encode_image_folder(pipe, ref, config.concept_images, concept_dir, config.resolution,
                                          accelerator, kind="concept")
         else:
             ref, pipe = load_on_device(base, accelerator)
-            plan_token_training(pipe, config, accelerator)  # the same architecture as the forgotten model
+            predicted = plan_token_training(pipe, config, accelerator)  # the same architecture as the forgotten one
             images = generate_image_set(pipe, ref, spread(target.concept_prompts, config.num_images), settings,
                                         concept_dir, "concept", accelerator)
             del pipe
@@ -364,10 +365,11 @@ def run_attack(config: AttackConfig) -> dict:
         prompts = [t.format(config.token) for t in target.train_templates]
         for module in (pipe.unet, pipe.vae):
             module.requires_grad_(False)
-        rows, losses, kept = learn_token(family, pipe, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config),
-                                         token_ids, images, prompts, config.steps, config.learning_rate,
-                                         config.train_batch_size, config.seed, keep_at=tuple(config.measure_steps),
-                                         fp16=accelerator.mixed_precision == "fp16")
+        with out_of_memory("learning the token", predicted, "pass a smaller --train-batch-size"):
+            rows, losses, kept = learn_token(family, pipe, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config),
+                                             token_ids, images, prompts, config.steps, config.learning_rate,
+                                             config.train_batch_size, config.seed, keep_at=tuple(config.measure_steps),
+                                             fp16=accelerator.mixed_precision == "fp16")
         rows = [broadcast(row.contiguous()) for row in rows]
         kept = {at: [broadcast(row.contiguous()) for row in kept[at]] for at in config.measure_steps}
         if main:

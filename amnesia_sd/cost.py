@@ -4,6 +4,7 @@ step), and the measured rate with an ETA once the first batch is done."""
 from __future__ import annotations
 
 import os
+import sys
 
 from tqdm.auto import tqdm
 
@@ -17,6 +18,7 @@ def say(line: str) -> None:
     """One line from the first process, above any open progress bar."""
     if os.environ.get("RANK", "0") == "0":
         tqdm.write(line)
+        sys.stdout.flush()  # before any error line on stderr, also when stdout is a file or a pipe
 
 
 def announce(what: str, parts: list[tuple[str, int | None]]) -> None:
