@@ -287,7 +287,7 @@ def _sample_model(spec: str, role: str, plan: Plan, settings: GenerationSettings
                 bar.update(accelerator.num_processes)
     bar.close()
     identity = {"spec": spec, "identity": ref.identity, "dtype": str(pipe.unet.dtype).replace("torch.", ""),
-                "resolution": size}
+                "resolution": size, "batch_size": settings.batch_size}  # the memory plan's, when not given
     if accelerator.is_main_process:
         identity["unet_sha256"] = unet_digest(pipe.unet)
     del pipe
@@ -495,7 +495,7 @@ def _build_report(config, plan, n, detector, detectors, status, clip, models, co
             "num_images": n,
             "seed": settings.seed, "num_inference_steps": settings.num_inference_steps,
             "guidance_scale": settings.guidance_scale, "resolution": models["base"]["resolution"],
-            "batch_size": settings.batch_size, "mixed_precision": settings.mixed_precision,
+            "batch_size": models["base"]["batch_size"], "mixed_precision": settings.mixed_precision,
             "scheduler": "DDIMScheduler", "clip_model": config.clip_model,
             "nudenet_threshold": config.nudenet_threshold, "distractors": distractors,
             "prompts_csv": config.prompts_csv,

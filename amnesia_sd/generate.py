@@ -84,8 +84,8 @@ def planned_sampling(pipe, settings: GenerationSettings, accelerator) -> tuple[G
     return dataclasses.replace(settings, batch_size=batch), peak(batch)
 
 
-def sampling_advice(settings: GenerationSettings) -> str:
-    return f"pass a smaller --batch-size (this run sampled {settings.batch_size} at a time)"
+def sampling_advice(batch: int) -> str:
+    return f"pass a smaller --batch-size (this run sampled {batch} at a time)"
 
 
 def _options() -> str:
@@ -96,8 +96,9 @@ def _options() -> str:
 def generate(
     pipe, prompts: list[str], seeds: list[int], settings: GenerationSettings, predicted: int | None = None
 ) -> Iterator[tuple[int, torch.Tensor, Image.Image]]:
-    """Yield (position, latent, image) for each prompt, in batches of settings.batch_size
-    (`predicted`: the memory plan's peak, for the message should the device run out).
+    """Yield (position, latent, image) for each prompt, in batches of settings.batch_size (None: 8,
+    unplanned; commands pass planned_sampling's) (`predicted`: the plan's peak, for the message
+    should the device run out).
 
     The latent is the denoised, scaled latent that decodes to the image; training reuses it, so
     the VAE never has to encode generated images again.
@@ -108,9 +109,10 @@ def generate(
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     size = image_size(pipe, settings.resolution)
     micro = family_of(pipe).micro_conditioning(size)  # recorded with image sets: training matches it
-    for start in range(0, len(prompts), settings.batch_size):
-        with out_of_memory("sampling", predicted, sampling_advice(settings)):
-            batch = prompts[start : start + settings.batch_size]
+    size_of_batch = settings.batch_size or DEFAULT_SAMPLING_BATCH
+    for start in range(0, len(prompts), size_of_batch):
+        with out_of_memory("sampling", predicted, sampling_advice(size_of_batch)):
+            batch = prompts[start : start + size_of_batch]
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + len(batch)]]
             latents = pipe(
                 batch,

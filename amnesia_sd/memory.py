@@ -185,7 +185,8 @@ def budget(max_memory: str | None, device) -> int | None:
         return parse_size(max_memory)
     if torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free + torch.cuda.memory_allocated(torch.device(device)))  # what we hold already is ours
+        # What this process's allocator holds (weights already loaded, its cache) is ours to use too.
+        return int(free + torch.cuda.memory_reserved(torch.device(device)))
     return None
 
 

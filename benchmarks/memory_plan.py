@@ -6,7 +6,9 @@ Fisher chunk (eval mode, every weight's gradient) and a training step (train mod
 Measured: the peak resident memory of the process during the forward+backward (Linux's VmHWM,
 reset just before) above what it held before, with the weights' gradients already allocated (so
 the difference is activations and temporaries) and freed heap pages returned first (malloc_trim).
-Target: every |predicted - measured| / measured within 0.15. The last line holds max_relative_error.
+Target: every |predicted - measured| / measured within 0.15. It prints one JSON object, on its last
+line, with every row and max_relative_error (the rows also go to stderr as they are measured). The
+tiny UNet of --smoke is dominated by the allocator's and the runtime's own overheads: no target.
 
     python benchmarks/memory_plan.py            # about 5 minutes on 2 cores
     python benchmarks/memory_plan.py --smoke    # the tiny UNet: seconds (no target)
@@ -82,9 +84,9 @@ def main() -> None:
                              "measured_gib": measured / 2**30,
                              "relative_error": abs(predicted - measured) / max(measured, 1),
                              "seconds": round(time.time() - started, 1)})
-                print(json.dumps(rows[-1]), flush=True)
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
     print(json.dumps({"benchmark": "memory_plan", "unet": "tiny" if smoke else "SD v1.4 (random weights)",
-                      "latent": latent, "threads": torch.get_num_threads(), "target": 0.15,
+                      "latent": latent, "threads": torch.get_num_threads(), "target": 0.15, "rows": rows,
                       "max_relative_error": max(r["relative_error"] for r in rows)}))
 
 

@@ -72,3 +72,22 @@ def test_step_benchmark_reports_ratios(tiny_model):
     assert lora["rank"] == 8 and 0 < lora["trainable_parameters"] < report["trainable_parameters"]
     assert {"lora_time_ratio", "lora_peak_over_full_sa_peak", "lora_time_over_full_sa_time", "lora_sa_peak_rss_gb",
             "full_sa_peak_rss_gb", "lora_sa_seconds_per_step", "lora_plain_seconds_per_step"} <= set(lora)
+
+
+def test_gpu_check_code_path_on_cpu():
+    """benchmarks/gpu_check.py --smoke: the one-command forget on tiny SD- and SDXL-shaped models, per
+    phase the plan's prediction beside what ran, and the fp16 Fisher against fp32."""
+    report = run("gpu_check.py", "--smoke")
+    assert report["device"] == "cpu (smoke)"
+    for kind in ("sd14", "sdxl"):
+        phases = {row["phase"]: row for row in report[kind]["phases"]}
+        assert set(phases) == {"sampling the replay set", "sampling the surrogate set", "the Fisher", "training"}
+        assert all(row["predicted_peak_gib"] > 0 and row["unet_passes_per_s"] > 0 for row in phases.values())
+        assert report[kind]["mixed_precision"] == "no" and report[kind]["skipped_steps"] == 0
+    fisher = report["sd14"]["fp16_vs_fp32_fisher"]
+    assert fisher["entries_zeroed_by_fp16"] == 0 and fisher["relative_error"] < 1e-2
+
+
+def test_memory_plan_benchmark_code_path_on_cpu():
+    report = run("memory_plan.py", "--smoke")
+    assert report["benchmark"] == "memory_plan" and report["max_relative_error"] >= 0
