@@ -1,5 +1,6 @@
-"""The memory plan: what a phase that trains the denoiser (the Fisher's chunks, forgetting's steps)
-holds on the device at its peak, predicted before any work, and the sizes chosen to fit a budget.
+"""The memory plan: what each phase that runs the denoiser (sampling, the Fisher's chunks,
+forgetting's steps, a learned token) holds on the device at its peak, predicted before any work;
+the sizes chosen to fit a budget; and a device out-of-memory turned into one line.
 
 Activations are counted on the meta device (no weights, no compute: well under a second for SD's
 UNet): a copy of the denoiser runs the phase's batch at its size while a saved-tensors hook adds up
@@ -7,7 +8,8 @@ the distinct storages autograd keeps for backward (the weights excluded: they ar
 Fused attention (PyTorch's SDPA on a GPU or a CPU, xformers) keeps q, k, v, its output and the
 log-sum-exp, never the score matrix; the meta run is told to keep the same. The forward's peak is
 those bytes plus the op in flight and its temporaries: TRANSIENT of them, measured (README,
-"Memory plan"; benchmarks/memory_plan.py checks the prediction against a real run).
+"Memory plan"; benchmarks/memory_plan.py checks the prediction against a real run). Sampling keeps
+nothing for backward: there the tensors alive at once are counted, op by op.
 """
 
 from __future__ import annotations
