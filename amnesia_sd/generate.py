@@ -61,8 +61,12 @@ def planned_sampling(pipe, settings: GenerationSettings, accelerator) -> tuple[G
     resident = sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
     meta_unet, meta_vae, family = meta_copy(pipe.unet), meta_copy(pipe.vae), family_of(pipe)
 
+    # Under autocast (image sets sample a float32 pipeline in the run's mixed precision) activations
+    # are 16-bit; its per-op weight casts are freed at once without gradients.
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, pipe.unet.dtype)
+
     def peak(batch: int) -> int:
-        return resident + sampling_peak(family, meta_unet, meta_vae, batch, (latent, latent), pipe.unet.dtype,
+        return resident + sampling_peak(family, meta_unet, meta_vae, batch, (latent, latent), dtype,
                                         settings.guidance_scale > 1, vae_dtype(pipe.vae))
 
     if limit is None:
@@ -157,7 +161,9 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
             + torch.tensor(mean).view(shape).to(latents)
     else:
         latents = latents / vae.config.scaling_factor
-    return _in_dtype(vae, dtype).decode(latents.to(dtype)).sample
+    # In the VAE's own dtype even inside an autocast region (SDXL's VAE overflows in fp16).
+    with torch.autocast(latents.device.type, enabled=False):
+        return _in_dtype(vae, dtype).decode(latents.to(dtype)).sample
 
 
 def _in_dtype(vae, dtype: torch.dtype):

@@ -223,13 +223,15 @@ def generate_image_set(
     per_image = generation_passes(1, settings.num_inference_steps, settings.guidance_scale)
     family = family_of(pipe)
     conditioning = family.image_conditioning(family.micro_conditioning(image_size(pipe, settings.resolution)))
-    for position, latent, image in generate(
-        pipe, [prompts[i] for i in todo], [image_seed(settings.seed, i) for i in todo], settings, predicted
-    ):
-        _save_image(partial, todo[position], latent, image, prompts[todo[position]], conditioning)
-        bar.update(accelerator.num_processes)
-        if position + 1 == min(b, len(todo)):
-            first_batch(bar, per_image, f"{kind} images")
+    # Under the run's mixed precision (bf16 on a GPU by default): the pipeline may hold float32 weights.
+    with accelerator.autocast():
+        for position, latent, image in generate(
+            pipe, [prompts[i] for i in todo], [image_seed(settings.seed, i) for i in todo], settings, predicted
+        ):
+            _save_image(partial, todo[position], latent, image, prompts[todo[position]], conditioning)
+            bar.update(accelerator.num_processes)
+            if position + 1 == min(b, len(todo)):
+                first_batch(bar, per_image, f"{kind} images")
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -190,7 +190,7 @@ def test_fp16_autocast_fisher_with_loss_scaling_equals_fp32_and_backs_off_on_ove
     args = (SD, pipe.unet, scheduler, latents, embedder(pipe, PROMPTS), timesteps, 0, 4)
     exact = fisher_diagonal(*args, progress=False)
     half = lambda: torch.autocast("cpu", dtype=torch.float16)  # noqa: E731
-    for start in (2.0**16, 2.0**40):
+    for start in (2.0**16, 2.0**30):
         got = fisher_diagonal(*args, progress=False, autocast=half, loss_scale=start)
         assert all(torch.isfinite(v).all() for v in got.values())
         flat = lambda f: torch.cat([v.flatten() for v in f.values()])  # noqa: E731

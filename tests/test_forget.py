@@ -182,6 +182,20 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_model, data, tmp_path):
         torch.testing.assert_close(plain[k], ckpt[k], rtol=1e-5, atol=1e-6)
 
 
+def test_sets_made_by_forget_are_sampled_in_its_mixed_precision(tiny_model, data, tmp_path, monkeypatch):
+    """forget holds the pipeline in float32 (master weights): its surrogate set is sampled under the
+    run's autocast (bf16 here; on a GPU, the default), the VAE's decode in the VAE's own dtype."""
+    from amnesia_sd import generate as generate_module
+
+    seen, real = [], generate_module.decode
+    monkeypatch.setattr(generate_module, "decode", lambda vae, latents: seen.append(
+        (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))) or real(vae, latents))
+    given = {k: v for k, v in data.items() if k != "surrogate_dir"}
+    run(tiny_model, given, tmp_path / "o", surrogate="a man", num_surrogate_images=2, num_inference_steps=2,
+        mixed_precision="bf16", max_train_steps=1)
+    assert seen and all(s == (True, torch.bfloat16) for s in seen)
+
+
 def test_bf16_mixed_precision_trains(tiny_model, data, tmp_path):
     out = run(tiny_model, data, tmp_path / "bf16", mixed_precision="bf16", max_train_steps=2)
     weights = unet_weights(out)
