@@ -19,9 +19,10 @@ import torch
 
 from .errors import UserError
 from .io import write_json
-from .paths import stamp
+from .paths import is_our_partial, is_ours, stamp
 
 INFO = "entry.json"  # marks a cache entry of ours
+FISHER_FORMAT = "amnesia-sd-fisher"  # the metadata format of a Fisher file (fisher.py writes them)
 SAMPLES_PER_TENSOR = 64
 
 
@@ -54,21 +55,55 @@ def model_entry(origin: dict, unet) -> Path:
     """The cache folder of one base model (made, with its record, on first use)."""
     key = {**origin, "unet_weights": weights_digest(unet)}
     entry = cache_dir() / "models" / digest(key)
-    if not (entry / INFO).is_file():
-        entry.mkdir(parents=True, exist_ok=True)
-        write_json(entry / INFO, {**stamp(), **key})
+    try:
+        if not (entry / INFO).is_file():
+            entry.mkdir(parents=True, exist_ok=True)
+            write_json(entry / INFO, {**stamp(), **key})
+    except OSError as exc:
+        raise UserError(f"the amnesia-sd cache {cache_dir()} cannot hold a new entry ({exc.strerror or exc}): point "
+                        "AMNESIA_SD_CACHE at a writable folder, or pass --replay-dir and --fim") from None
     return entry
 
 
+def _record(entry: Path) -> dict | None:
+    """An entry's record when the entry is ours: a real folder (not a link) whose entry.json carries our
+    stamp, holding nothing but what we write there (replay sets and their work folders, Fishers)."""
+    try:
+        if entry.is_symlink() or not entry.is_dir():
+            return None
+        record = json.loads((entry / INFO).read_text())
+        if not isinstance(record, dict) or record.get("tool") != stamp()["tool"]:
+            return None
+        return record if all(_our_item(p) for p in entry.iterdir()) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _our_item(path: Path) -> bool:
+    if path.is_symlink():
+        return False
+    if path.name == INFO:
+        return path.is_file()
+    if path.name.startswith("replay-") and path.is_dir():
+        return is_ours(path, "manifest.json") or is_our_partial(path)
+    if path.name.startswith("fim-") and path.name.endswith(".safetensors") and path.is_file():
+        return is_ours(path, None, (FISHER_FORMAT,))
+    return False
+
+
 def entries() -> list[dict]:
-    """Every model entry: its record, path, size in bytes, and what it holds."""
+    """Every model entry of ours: its record, path, size in bytes, and what it holds. Folders that
+    are not ours (no stamp, or something in them we did not write) are never listed, so never removed."""
     root = cache_dir() / "models"
     found = []
-    for entry in sorted(root.iterdir()) if root.is_dir() else []:
-        try:
-            record = json.loads((entry / INFO).read_text())
-        except (OSError, ValueError):
-            continue  # not an entry of ours
+    try:
+        folders = sorted(root.iterdir()) if root.is_dir() and not root.is_symlink() else []
+    except OSError as exc:
+        raise UserError(f"cannot read the amnesia-sd cache {root} ({exc.strerror or exc})") from None
+    for entry in folders:
+        record = _record(entry)
+        if record is None:
+            continue
         files = [f for f in entry.rglob("*") if f.is_file()]
         found.append({"path": str(entry), "base_model": record.get("base_model"),
                       "bytes": sum(f.stat().st_size for f in files),
@@ -82,5 +117,9 @@ def clear(base_model: str | None = None) -> list[dict]:
     if base_model is not None and not removed:
         raise UserError(f"the cache holds nothing for {base_model}; `amnesia-sd cache list` shows what it holds")
     for entry in removed:
-        shutil.rmtree(entry["path"])
+        try:
+            shutil.rmtree(entry["path"])
+        except OSError as exc:
+            raise UserError(f"could not remove {entry['path']} ({exc.strerror or exc}); nothing after it was "
+                            "touched: check its permissions") from None
     return removed

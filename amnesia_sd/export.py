@@ -313,7 +313,7 @@ def _guard(config: ExportConfig, inputs: dict) -> Path:
     from .paths import Output, guard
 
     output = Path(config.output)
-    guard([Output("--output", output, None, "export")], inputs, config.overwrite)
+    guard([Output("--output", output, None, "export", (FORMAT, LORA_FORMAT))], inputs, config.overwrite)
     return output
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from .cache import FISHER_FORMAT
 from .cost import first_batch, say
 from .diffusion import per_sample_loss
 from .errors import UserError
@@ -27,7 +28,7 @@ from .memory import budget, fisher_chunk, gib, out_of_memory
 from .models import DTYPES, unet_config_hash
 from .paths import stamp
 
-FORMAT = "amnesia-sd-fisher"
+FORMAT = FISHER_FORMAT
 DEFAULT_TIMESTEP_BATCH = 100  # timesteps per pass when memory allows (no budget: always)
 
 
@@ -217,7 +218,7 @@ def compute_fim(config) -> Path:
 
     output = Path(config.output)
     replay_dir = None if config.replay_dir else output.with_name(output.name.removesuffix(".safetensors") + "-replay")
-    outputs = [Output("--output", output, None, "Fisher")]
+    outputs = [Output("--output", output, None, "Fisher", (FORMAT,))]
     if replay_dir:  # a cache of ours beside the Fisher, reused when its settings match
         outputs.append(Output("--output's replay set", replay_dir, MANIFEST, "image set"))
     check_overlap(outputs, {"--model": model_path(config.model), "--replay-dir": config.replay_dir,

@@ -57,29 +57,32 @@ def partial_of(out: str | Path) -> Path:
 @dataclass(frozen=True)
 class Output:
     """One thing a command writes. `marker`: the file inside a result folder that marks it finished
-    and ours (None for a file result: its safetensors metadata carries the stamp)."""
+    and ours (None for a file result: its safetensors metadata carries the stamp, and `formats` the
+    metadata formats this command writes: --overwrite replaces only a file of one of those)."""
 
     flag: str
     path: Path
     marker: str | None = None
     what: str = "result"
+    formats: tuple[str, ...] = ()
 
     @property
     def is_dir(self) -> bool:
         return self.marker is not None
 
 
-def is_ours(path: Path, marker: str | None) -> bool:
+def is_ours(path: Path, marker: str | None, formats: tuple[str, ...] = ()) -> bool:
     """A finished result amnesia-sd made: a folder whose marker holds our stamp, or a safetensors
-    file whose metadata does."""
+    file whose metadata does (and, with `formats`, names one of them as its format)."""
     if marker is None:
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                return _stamped(f.metadata() or {})
+                metadata = f.metadata() or {}
         except Exception:  # not safetensors at all: not ours
             return False
+        return _stamped(metadata) and (not formats or metadata.get("format") in formats)
     try:
         return _stamped(json.loads((path / marker).read_text()))
     except (OSError, ValueError):
@@ -140,7 +143,10 @@ def check_output(output: Output, overwrite: bool) -> bool:
     if path.exists() and path.is_dir() != output.is_dir:
         raise UserError(f"{flag} {path} exists and is {'a folder' if path.is_dir() else 'a file'}, but {flag} "
                         f"must be {expect}; pick another {flag}")
-    finished = path.exists() and is_ours(path, output.marker)
+    finished = path.exists() and is_ours(path, output.marker, output.formats)
+    if path.is_file() and not finished and is_ours(path, None):  # ours, but another command's result
+        raise UserError(f"{flag} {path} is another kind of amnesia-sd file (not this command's {output.what}); "
+                        f"--overwrite replaces only a result of the same kind: pick another {flag}")
     if finished and not overwrite:
         raise UserError(f"{path} already holds a finished {output.what}; pass --overwrite to replace it (the old "
                         f"one is kept until the new one is complete) or pick another {flag}")
