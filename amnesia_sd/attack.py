@@ -398,7 +398,7 @@ def run_attack(config: AttackConfig) -> dict:
         result["seconds"] = round(time.time() - started, 1)
         write_text(partial / "report.html", render_html(result))
         write_json(partial / ATTACK_JSON, result)
-    publish(partial, out)
+    publish(partial, out, ATTACK_JSON)
     return result
 
 

@@ -351,7 +351,7 @@ def run_demo(config: DemoConfig) -> dict:
         metrics["forget_seconds"] = forget_seconds
         metrics["seconds"] = round(time.time() - started, 1)
         write_json(work / "metrics.json", metrics)
-    publish(work, out)
+    publish(work, out, "metrics.json")
     return metrics
 
 

@@ -599,7 +599,7 @@ def _build(output_dir: Path, seed: int, progress: bool, replace: bool) -> Path:
         }
         (partial / "digits.json").write_text(json.dumps(record, indent=2) + "\n")
         if replace:
-            publish(partial, output_dir)
+            publish(partial, output_dir, "digits.json")
         else:
             try:
                 partial.rename(output_dir)

@@ -462,7 +462,7 @@ def run_eval(config: EvalConfig) -> dict:
                                settings, partial)
         report["seconds"] = round(time.time() - started, 1)
         write_report(partial, report)
-    publish(partial, out)
+    publish(partial, out, REPORT_JSON)
     return report
 
 

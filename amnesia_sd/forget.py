@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .cache import cache_dir
-from .checkpoints import (broken_run, check_paths, check_resume, earlier_run, find_checkpoint, open_run,
+from .checkpoints import (FINISHED, broken_run, check_paths, check_resume, earlier_run, find_checkpoint, open_run,
                           save_checkpoint, training_settings, weights_finite)
 from .config import DEFAULT_FIM_TIMESTEPS, SURROGATE_SOURCES, ForgetConfig, split_concepts
 from .cost import first_batch, say
@@ -619,7 +619,7 @@ def forget(config: ForgetConfig) -> Path:
         if earlier:  # the whole sequence, oldest first; each entry is that run's own record
             summary["history"] = [*earlier.get("history", []), {k: v for k, v in earlier.items() if k != "history"}]
         write_result(work, ref, trained, trainable, config, summary)
-        publish(work, out)
+        publish(work, out, FINISHED)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out

@@ -131,7 +131,7 @@ def _finish(partial: Path, out: Path, prompts: list[str], manifest: dict) -> Non
     shutil.rmtree(partial / "latents")
     manifest["latent_shape"] = list(latents.shape[1:])
     write_json(partial / MANIFEST, {**stamp(), **manifest})
-    publish(partial, out)
+    publish(partial, out, MANIFEST)
 
 
 def _save_image(partial: Path, index: int, latent: torch.Tensor, image: Image.Image, prompt: str,

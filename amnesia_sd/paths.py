@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cost import say
 from .errors import UserError
 
 TOOL = "amnesia-sd"
@@ -210,16 +211,32 @@ def diff_settings(before: dict, now: dict) -> str:
     return "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k))
 
 
-def publish(work: Path, out: Path) -> None:
-    """Put a complete result in place. An old result (checked as ours by check_output) is moved
-    aside first and deleted only once the new one is in place."""
-    (work / PARTIAL_MARKER).unlink(missing_ok=True)
+def publish(work: Path, out: Path, marker: str) -> None:
+    """Put a complete result in place. The output is checked again now, at the swap, not only when
+    the run began: what is there must still be nothing, or a finished result of ours (`marker`), else
+    nothing is touched and the result stays in the work folder. An old result is moved aside first and
+    deleted once the new one is in place, unless it holds files newer than its marker (written last
+    when it was finished): those were added by someone since, so it is kept, and said where."""
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
+    if out.exists() and not (out.is_dir() and is_ours(out, marker)):
+        found = sorted(p.name for p in out.iterdir())[:3] if out.is_dir() else [out.name]
+        raise UserError(f"{out} changed during the run and now holds {', '.join(found)}, which amnesia-sd did not "
+                        f"write; nothing there was touched. The finished result is in {work}: move it where you "
+                        "want it")
+    (work / PARTIAL_MARKER).unlink(missing_ok=True)
     old = None
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
         os.replace(out, old / out.name)
     os.replace(work, out)
-    if old is not None:
+    if old is None:
+        return
+    finished_at = (old / out.name / marker).stat().st_mtime
+    added = sorted(str(p.relative_to(old / out.name)) for p in (old / out.name).rglob("*")
+                   if p.is_file() and p.stat().st_mtime > finished_at)
+    if added:
+        say(f"the replaced result held files added after it was made ({', '.join(added[:3])}"
+            f"{', ...' if len(added) > 3 else ''}): it is kept at {old / out.name}")
+    else:
         shutil.rmtree(old)

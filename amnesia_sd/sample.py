@@ -78,5 +78,5 @@ def sample(config: SampleConfig) -> Path:
                 make_grid(pairs, labels=labels).save(tmp, format="PNG")
         write_json(work / "prompts.json", config.prompts)
         write_json(work / MARKER, {**stamp(), **vars(config)})
-    publish(work, out)
+    publish(work, out, MARKER)
     return out

@@ -92,3 +92,65 @@ def test_overwrite_still_replaces_its_own_kind(tmp_path):
     assert check_output(Output("--output", own, None, "export", (FORMAT, LORA_FORMAT)), overwrite=True)
     with pytest.raises(UserError, match="already holds a finished export"):
         check_output(Output("--output", own, None, "export", (FORMAT, LORA_FORMAT)), overwrite=False)
+
+
+QUICK = ["--num-inference-steps", "2", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def sets(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("trust")
+    run_command("replay", "--model", tiny_model, "--output-dir", "replay", "--num-images", "2", *QUICK, cwd=root)
+    run_command("surrogate", "--model", tiny_model, "--prompt", "a man", "--output-dir", "surrogate",
+                "--num-images", "2", *QUICK, cwd=root)
+    run_command("fim", "--model", tiny_model, "--replay-dir", "replay", "--num-timesteps", "2", "--output",
+                "fim.safetensors", cwd=root)
+    return root
+
+
+def forget_args(tiny_model, sets, out):
+    return ["forget", "--model", tiny_model, "--concept", "brad pitt", "--surrogate-dir", sets / "surrogate",
+            "--replay-dir", sets / "replay", "--fim", sets / "fim.safetensors", "--output-dir", out,
+            "--max-train-steps", "1", "--train-batch-size", "1"]
+
+
+def test_a_file_written_into_the_output_during_the_run_is_never_moved_or_deleted(tiny_model, sets, tmp_path,
+                                                                                    monkeypatch):
+    from amnesia_sd import forget as forget_module
+
+    (tmp_path / "o").mkdir()  # empty: accepted at the start
+    real = forget_module.write_result
+
+    def user_writes_meanwhile(*args, **kwargs):
+        (tmp_path / "o" / "important.txt").write_text("mine")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(forget_module, "write_result", user_writes_meanwhile)
+    inputs = hashes(sets)
+    refused = run_command(*forget_args(tiny_model, sets, "o"), code=2, cwd=tmp_path)
+    [line] = [line for line in refused.output.splitlines() if line.startswith("error:")]
+    assert "changed during the run and now holds important.txt" in line and "o.partial" in line
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["important.txt"]
+    assert (tmp_path / "o" / "important.txt").read_text() == "mine"
+    assert (tmp_path / "o.partial" / "amnesia.json").is_file()  # the finished result, kept
+    assert hashes(sets) == inputs
+
+
+def test_overwrite_keeps_an_old_result_that_someone_added_files_to(tiny_model, sets, tmp_path):
+    run_command(*forget_args(tiny_model, sets, "o"), cwd=tmp_path)
+    old_record = (tmp_path / "o" / "amnesia.json").read_text()
+    import os
+    import time
+
+    notes = tmp_path / "o" / "notes.txt"
+    notes.write_text("mine")
+    later = time.time() + 5
+    os.utime(notes, (later, later))  # written after the result was finished
+    again = run_command(*forget_args(tiny_model, sets, "o"), "--overwrite", cwd=tmp_path)
+    assert "it is kept at" in again.output and "notes.txt" in again.output
+    [kept] = list(tmp_path.glob(".o.replaced-*/o"))
+    assert (kept / "notes.txt").read_text() == "mine" and (kept / "amnesia.json").read_text() == old_record
+    assert (tmp_path / "o" / "amnesia.json").is_file() and not (tmp_path / "o" / "notes.txt").exists()
+    # Without an added file, --overwrite replaces the old result whole, as before.
+    run_command(*forget_args(tiny_model, sets, "o"), "--overwrite", cwd=tmp_path)
+    assert len(list(tmp_path.glob(".o.replaced-*"))) == 1
