@@ -16,7 +16,9 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from .errors import UserError
 
 TOOL = "amnesia-sd"
 PARTIAL_MARKER = ".amnesia-sd-partial.json"  # in every work folder we make
+LOCK = ".amnesia-sd-lock.json"  # in a work folder while a run uses it: which process, where, since when
 
 
 def stamp() -> dict:
@@ -159,6 +162,8 @@ def check_output(output: Output, overwrite: bool) -> bool:
         if work.exists() and not (work.is_dir() and is_our_partial(work)):
             raise UserError(f"{work} exists and was not made by amnesia-sd (it would be the work folder of "
                             f"{flag} {path}); move it away or pick another {flag}")
+        if work.is_dir():
+            check_lock(work)
     _probe_writable(path, flag)
     return finished
 
@@ -168,6 +173,52 @@ def guard(outputs: list[Output], inputs: dict[str, str | Path | None], overwrite
     check_overlap(outputs, inputs)
     for output in outputs:
         check_output(output, overwrite)
+
+
+def _running(pid) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, TypeError, ValueError):
+        return False
+
+
+def check_lock(work: Path) -> None:
+    """Refuse a work folder that another running process holds. The lock of a process that is gone
+    (killed, crashed, or an earlier run in this same process) is removed, and a dead one's is named."""
+    lock = work / LOCK
+    try:
+        held = json.loads(lock.read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        held = {}
+    held = held if isinstance(held, dict) else {}
+    pid, host = held.get("pid"), held.get("host")
+    if host == socket.gethostname() and (pid == os.getpid() or not _running(pid)):
+        lock.unlink(missing_ok=True)
+        if pid != os.getpid():
+            say(f"{work}: its run (process {pid}) is no longer running; its lock was removed")
+        return
+    raise UserError(f"{work} is in use by another run ({held.get('command', 'amnesia-sd')}, process {pid} on "
+                    f"{host}, since {held.get('since')}): wait for it to finish, or stop it; if it is gone, delete "
+                    f"{lock}")
+
+
+def take_lock(work: Path, command: str) -> None:
+    """Mark `work` as this process's until publish() (or the folder's removal) releases it."""
+    for _ in range(2):
+        try:
+            fd = os.open(work / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            check_lock(work)  # refuses a live holder; clears a dead one's, then try again
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"command": command, "pid": os.getpid(), "host": socket.gethostname(),
+                       "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+        return
+    raise UserError(f"{work} is being taken by another run at this moment: try again")
 
 
 def open_work(out: Path, command: str, settings: dict, keep: bool) -> tuple[Path, bool]:
@@ -180,15 +231,18 @@ def open_work(out: Path, command: str, settings: dict, keep: bool) -> tuple[Path
     if work.exists():
         if not is_our_partial(work):  # check_output refused it already; never delete what is not ours
             raise UserError(f"{work} exists and was not made by amnesia-sd; move it away")
+        check_lock(work)
         before = json.loads(marker.read_text())
         if keep and before.get("command") == command:
             differences = diff_settings(before.get("settings", {}), settings)
             if differences:
                 raise UserError(f"{work} holds an interrupted run made with other settings ({differences}); rerun "
                                 "with the same settings to resume it, or pass --overwrite to start again")
+            take_lock(work, command)
             return work, True
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    take_lock(work, command)
     from .io import write_json
 
     write_json(marker, record)
@@ -225,6 +279,7 @@ def publish(work: Path, out: Path, marker: str) -> None:
                         f"write; nothing there was touched. The finished result is in {work}: move it where you "
                         "want it")
     (work / PARTIAL_MARKER).unlink(missing_ok=True)
+    (work / LOCK).unlink(missing_ok=True)
     old = None
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))

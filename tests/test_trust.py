@@ -154,3 +154,50 @@ def test_overwrite_keeps_an_old_result_that_someone_added_files_to(tiny_model, s
     # Without an added file, --overwrite replaces the old result whole, as before.
     run_command(*forget_args(tiny_model, sets, "o"), "--overwrite", cwd=tmp_path)
     assert len(list(tmp_path.glob(".o.replaced-*"))) == 1
+
+
+def test_two_runs_on_one_output_the_second_refuses_while_the_first_runs(tiny_model, sets, tmp_path):
+    import subprocess
+    import time
+
+    from helpers import ENV, EXE
+
+    first = subprocess.Popen([EXE, *map(str, forget_args(tiny_model, sets, "o")), "--max-train-steps", "3000"],
+                             cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = tmp_path / "o.partial" / ".amnesia-sd-lock.json"
+        deadline = time.time() + 120
+        while not lock.is_file() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert lock.is_file(), first.stderr.read() if first.poll() is not None else "no lock"
+        second = run_command(*forget_args(tiny_model, sets, "o"), "--overwrite", code=2, cwd=tmp_path)
+        [line] = [line for line in second.output.splitlines() if line.startswith("error:")]
+        assert "is in use by another run (forget, process" in line and str(first.pid) in line
+        assert first.poll() is None  # the first run goes on, its folder untouched
+    finally:
+        first.kill()
+        first.wait()
+    # Killed: its lock is stale now. The next run says so, takes the folder and finishes.
+    done = run_command(*forget_args(tiny_model, sets, "o"), "--overwrite", cwd=tmp_path)
+    assert f"(process {first.pid}) is no longer running; its lock was removed" in done.output
+    assert (tmp_path / "o" / "amnesia.json").is_file() and not (tmp_path / "o" / ".amnesia-sd-lock.json").exists()
+
+
+def test_a_second_attack_never_deletes_the_first_ones_work_folder(tmp_path):
+    import subprocess
+
+    from amnesia_sd.paths import open_work
+
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        work = tmp_path / "a.partial"
+        open_work(tmp_path / "a", "attack", {}, keep=False)
+        (work / "concept-set").mkdir()
+        lock = json.loads((work / ".amnesia-sd-lock.json").read_text())
+        (work / ".amnesia-sd-lock.json").write_text(json.dumps({**lock, "pid": holder.pid}))  # another live run
+        with pytest.raises(UserError, match=f"is in use by another run \\(attack, process {holder.pid}"):
+            open_work(tmp_path / "a", "attack", {}, keep=False)
+        assert (work / "concept-set").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
