@@ -112,7 +112,7 @@ class Adversary:
         return {"token": TOKEN, "prompts": self.prompts,
                 "rounds": [{"step": int(s), "loss_first": a, "loss_last": b} for s, a, b in self.rounds]}
 
-    # accelerate's register_for_checkpointing
+    # what forget's checkpoints carry (checkpoints.save_checkpoint)
     def state_dict(self) -> dict:
         return {"rows": [row.detach().cpu().clone() for row in self.rows],
                 "rounds": torch.tensor(self.rounds, dtype=torch.float64)}

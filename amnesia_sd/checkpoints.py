@@ -1,8 +1,16 @@
 """forget's run folder and checkpoints: the run works in OUT.partial, its checkpoints record the
-settings that shaped them (a resumed run must match them), and only finite weights are ever saved."""
+settings that shaped them (a resumed run must match them), and only finite weights are ever saved.
+
+Nothing in a checkpoint is unpickled: accelerate keeps the weights (safetensors) and the optimizer
+(read with weights_only); our own state (learning-rate schedule, EMA, the adversary's token) is
+written here as safetensors and JSON, never registered with accelerate, whose custom objects are
+pickles it loads with weights_only=False. A digest of every file, written last at save time, must
+match before a checkpoint is loaded: a file changed or added since is refused, never read.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +32,8 @@ RESUMABLE_CHANGES = ("max_train_steps", "checkpointing_steps", "checkpoints_tota
                      "overwrite", "output_dir", "config_file", "batch_size", "max_memory",
                      "gradient_checkpointing")  # recomputes the same activations: the same trajectory
 CHECKPOINT_SETTINGS = "amnesia-settings.json"  # in every checkpoint: the settings that shaped it
+STATE_TENSORS, STATE_JSON = "amnesia-state.safetensors", "amnesia-state.json"  # our objects' state_dicts
+DIGEST = "amnesia-digest.json"  # sha256 of every other file, written last
 
 
 def training_settings(config: ForgetConfig, num_processes: int) -> dict:
@@ -99,17 +109,82 @@ def open_run(out: Path, config: ForgetConfig, finished: bool) -> Path:
     return work
 
 
+def checkpoint_step(path: Path) -> int | None:
+    name = path.name
+    return int(name.removeprefix("checkpoint-")) if name.startswith("checkpoint-") and \
+        name.removeprefix("checkpoint-").isdigit() else None
+
+
 def find_checkpoint(work: Path, resume: str | None) -> Path | None:
+    """'latest' or a checkpoint-N folder of this run's own work folder (OUT.partial/checkpoints):
+    a checkpoint from anywhere else is never loaded."""
     if not resume:
         return None
+    root = work / "checkpoints"
     if resume != "latest":
         path = Path(resume)
-        if not (path / CHECKPOINT_SETTINGS).is_file():
-            raise UserError(f"--resume-from-checkpoint {resume} is not a checkpoint of `amnesia-sd forget` (no "
-                            f"{CHECKPOINT_SETTINGS}); pass 'latest' or a checkpoint-N folder of an earlier run")
+        if checkpoint_step(path) is None or real(path).parent != real(root) or not path.is_dir():
+            raise UserError(f"--resume-from-checkpoint {resume} is not a checkpoint-N folder of this run ({root}): "
+                            "pass 'latest' or one of its checkpoint-N folders")
         return path
-    found = sorted((work / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    found = sorted((p for p in root.glob("checkpoint-*") if checkpoint_step(p) is not None), key=checkpoint_step)
     return found[-1] if found else None
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != DIGEST}
+
+
+def check_digest(checkpoint: Path) -> None:
+    """The checkpoint holds exactly the files it was saved with, byte for byte."""
+    try:
+        saved = json.loads((checkpoint / DIGEST).read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{checkpoint} has no readable {DIGEST} (it was made by an older amnesia-sd, or not by "
+                        "amnesia-sd): it is not loaded; start again with --overwrite") from None
+    now = _digests(checkpoint)
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        raise UserError(f"{checkpoint} changed after it was saved ({', '.join(changed[:3])}): it is not loaded; resume "
+                        "from another checkpoint or start again with --overwrite")
+
+
+def _flatten(value, tensors: dict):
+    """A state_dict as JSON, its tensors set aside (by key) for a safetensors file."""
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"tensor": key}
+    if isinstance(value, dict):
+        return {"dict": [[k, _flatten(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {"list" if isinstance(value, list) else "tuple": [_flatten(v, tensors) for v in value]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    raise TypeError(f"cannot checkpoint a {type(value).__name__} without pickle")
+
+
+def _unflatten(node, tensors: dict):
+    (kind, value), = node.items()
+    if kind == "tensor":
+        return tensors[value]
+    if kind == "dict":
+        return {k: _unflatten(v, tensors) for k, v in value}
+    if kind in ("list", "tuple"):
+        items = [_unflatten(v, tensors) for v in value]
+        return items if kind == "list" else tuple(items)
+    return value
+
+
+def load_state(checkpoint: Path, objects: dict) -> None:
+    """Our objects' states from a checkpoint that save_checkpoint wrote (digest checked before)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(checkpoint / STATE_TENSORS))
+    states = json.loads((checkpoint / STATE_JSON).read_text())
+    for name, obj in objects.items():
+        obj.load_state_dict(_unflatten(states[name], tensors))
 
 
 def check_resume(checkpoint: Path, settings: dict) -> None:
@@ -131,17 +206,26 @@ def weights_finite(params: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()) if params else True
 
 
-def save_checkpoint(accelerator, work: Path, step: int, keep: int | None, settings: dict) -> None:
-    """Written under a temporary name and renamed, so a half-written checkpoint is never 'latest'."""
+def save_checkpoint(accelerator, work: Path, step: int, keep: int | None, settings: dict, objects: dict) -> None:
+    """Written under a temporary name and renamed, so a half-written checkpoint is never 'latest'.
+    `objects` (name -> object with state_dict) are saved as safetensors + JSON; the digest last."""
+    from safetensors.torch import save_file
+
     root = work / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp, final = root / f".tmp-checkpoint-{step}", root / f"checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     accelerator.save_state(str(tmp))
+    tensors: dict = {}
+    states = {name: _flatten(obj.state_dict(), tensors) for name, obj in objects.items()}
+    save_file(tensors, str(tmp / STATE_TENSORS))
+    write_json(tmp / STATE_JSON, states)
     write_json(tmp / CHECKPOINT_SETTINGS, settings)
+    write_json(tmp / DIGEST, _digests(tmp))
     os.replace(tmp, final)
     if keep:
-        old = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
+        old = sorted((p for p in root.glob("checkpoint-*") if checkpoint_step(p) is not None),
+                     key=checkpoint_step)[:-keep]
         for path in old:
             shutil.rmtree(path)
 

@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .cache import cache_dir
-from .checkpoints import (FINISHED, broken_run, check_paths, check_resume, earlier_run, find_checkpoint, open_run,
-                          save_checkpoint, training_settings, weights_finite)
+from .checkpoints import (FINISHED, broken_run, check_digest, check_paths, check_resume, checkpoint_step, earlier_run,
+                          find_checkpoint, load_state, open_run, save_checkpoint, training_settings, weights_finite)
 from .config import DEFAULT_FIM_TIMESTEPS, SURROGATE_SOURCES, ForgetConfig, split_concepts
 from .cost import first_batch, say
 from .diffusion import per_sample_loss
@@ -338,6 +338,7 @@ def forget(config: ForgetConfig) -> Path:
     settings = training_settings(config, accelerator.num_processes)
     checkpoint = find_checkpoint(work, config.resume_from_checkpoint)
     if checkpoint is not None:
+        check_digest(checkpoint)  # before anything in it is read
         check_resume(checkpoint, settings)
     set_seed(config.seed)
     weight_dtype = DTYPES[config.mixed_precision]
@@ -443,18 +444,19 @@ def forget(config: ForgetConfig) -> Path:
                         adversary.parameter_bytes if adversary else 0),
               flush=True)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)  # stepped once per optimizer step, below
     trainable.register_checkpointing(accelerator, unet)
     if ema is not None:
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    if adversary is not None:  # its token, so a resumed run goes on from it
-        accelerator.register_for_checkpointing(adversary)
+    # What checkpoints carry besides the weights and the optimizer (checkpoints.py, no pickle): the
+    # schedule (stepped once per optimizer step), the EMA, and the adversary's token.
+    carried = {name: obj for name, obj in (("lr_scheduler", lr_scheduler), ("ema", ema), ("adversary", adversary))
+               if obj is not None}
 
     global_step = 0
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        global_step = int(checkpoint.name.split("-")[-1])
+        load_state(checkpoint, carried)
+        global_step = checkpoint_step(checkpoint)
         accelerator.print(f"resumed from {checkpoint} at step {global_step}")
     elif config.resume_from_checkpoint:
         accelerator.print(f"no checkpoint in {work / 'checkpoints'}: starting from step 0")
@@ -558,7 +560,8 @@ def forget(config: ForgetConfig) -> Path:
                     if not weights_finite(params + (ema.shadow_params if ema is not None else [])):
                         raise broken_run("the weights became non-finite (NaN or inf)", global_step, work)
                     if accelerator.is_main_process:
-                        save_checkpoint(accelerator, work, global_step, config.checkpoints_total_limit, settings)
+                        save_checkpoint(accelerator, work, global_step, config.checkpoints_total_limit, settings,
+                                        carried)
     except torch.OutOfMemoryError:
         kept = find_checkpoint(work, "latest")
         raise out_of_memory_error(

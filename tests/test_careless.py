@@ -297,7 +297,7 @@ def test_yaml_numbers_written_as_strings_are_read(tmp_path):
 
 def test_resuming_from_something_that_is_not_a_checkpoint(world, untouched, tmp_path):
     refuses(forget(world, tmp_path / "o", "--resume-from-checkpoint", world["mine"]),
-            "is not a checkpoint of `amnesia-sd forget`")
+            "is not a checkpoint-N folder of this run")
 
 
 @pytest.mark.parametrize("content,message", [

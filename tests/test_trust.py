@@ -201,3 +201,57 @@ def test_a_second_attack_never_deletes_the_first_ones_work_folder(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+class _Boom:
+    """A pickle that runs a command when loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_pickle_in_a_checkpoint_never_runs_and_the_resume_is_refused(tiny_model, sets, tmp_path,
+                                                                              monkeypatch):
+    import pickle
+
+    from amnesia_sd import forget as forget_module
+
+    real = forget_module.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(forget_module, "save_checkpoint", save_then_stop)
+    args = [*forget_args(tiny_model, sets, "o"), "--max-train-steps", "4", "--checkpointing-steps", "2"]
+    run_command(*args, code=130, cwd=tmp_path)
+    monkeypatch.setattr(forget_module, "save_checkpoint", real)
+    checkpoint = tmp_path / "o.partial" / "checkpoints" / "checkpoint-2"
+    assert not list(checkpoint.glob("*.pkl")) or all("random_states" in p.name for p in checkpoint.glob("*.pkl"))
+    marker = tmp_path / "pwned"
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl"):
+        original = (checkpoint / name).read_bytes() if (checkpoint / name).exists() else None
+        (checkpoint / name).write_bytes(pickle.dumps(_Boom(marker)))
+        refused = run_command(*args, "--resume-from-checkpoint", "latest", code=2, cwd=tmp_path)
+        [line] = [line for line in refused.output.splitlines() if line.startswith("error:")]
+        assert f"changed after it was saved ({name})" in line and "it is not loaded" in line
+        assert not marker.exists()
+        if original is None:
+            (checkpoint / name).unlink()
+        else:
+            (checkpoint / name).write_bytes(original)
+    # A folder that is not one of this run's checkpoints: one line, no traceback.
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "o.partial" / "checkpoints" / "not-a-step").mkdir()
+    for given in ("elsewhere", "o.partial/checkpoints/not-a-step"):
+        refused = run_command(*args, "--resume-from-checkpoint", given, code=2, cwd=tmp_path)
+        assert "is not a checkpoint-N folder of this run" in refused.output and "Traceback" not in refused.output
+    # As saved, it resumes: the schedule, weights and optimizer come back without any pickle.
+    resumed = run_command(*args, "--resume-from-checkpoint", "latest", cwd=tmp_path)
+    assert "resumed from" in resumed.output and not marker.exists()
+    assert json.loads((tmp_path / "o" / "amnesia.json").read_text())["steps"] == 4
