@@ -42,11 +42,23 @@ def adversarial_prompts(config: ForgetConfig) -> list[str]:
     return [t.format(TOKEN) for t in templates]
 
 
-def check_adversarial(config: ForgetConfig, family, pipe) -> None:
-    """Before any work: usable templates, an initializer of one token in every tokenizer."""
+DEFAULT_INITIALIZERS = ("object", "digit")  # neutral words; the digits model's vocabulary has only the second
+
+
+def check_adversarial(config: ForgetConfig, family, pipe) -> str:
+    """Before any work: usable templates, an initializer of one token in every tokenizer. Returns the
+    initializer: the one given, else the first default that this model's tokenizers hold as one token."""
     adversarial_prompts(config)
-    for tokenizer, _ in family.text_parts():
-        initializer_id(getattr(pipe, tokenizer), config.adversarial_initializer, "--adversarial-initializer")
+    tokenizers = [getattr(pipe, tokenizer) for tokenizer, _ in family.text_parts()]
+    if config.adversarial_initializer is None:
+        for word in DEFAULT_INITIALIZERS:
+            if all(len(t.encode(word, add_special_tokens=False)) == 1 for t in tokenizers):
+                return word
+        raise UserError(f"none of {', '.join(DEFAULT_INITIALIZERS)} is one token for this model's tokenizer: pass "
+                        "--adversarial-initializer with a neutral one-token word")
+    for tokenizer in tokenizers:
+        initializer_id(tokenizer, config.adversarial_initializer, "--adversarial-initializer")
+    return config.adversarial_initializer
 
 
 class Adversary:

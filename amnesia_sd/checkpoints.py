@@ -230,12 +230,20 @@ def save_checkpoint(accelerator, work: Path, step: int, keep: int | None, settin
             shutil.rmtree(path)
 
 
-def broken_run(what: str, step: int, work: Path) -> UserError:
+# Far beyond what any run of the method uses: a non-finite run with one of these names it as the cause.
+UNUSUAL = {"learning_rate": (1e-2, "the default is 1e-5, the paper's 1.6e-4"),
+           "lambda_ewc": (1e6, "the paper's is 50"), "gamma": (1e3, "the paper's is 1")}
+
+
+def broken_run(what: str, step: int, work: Path, config: ForgetConfig | None = None) -> UserError:
     kept = find_checkpoint(work, "latest")
+    unusual = [f"--{name.replace('_', '-')} {getattr(config, name):g} ({usual})" for name, (limit, usual)
+               in UNUSUAL.items() if config is not None and abs(getattr(config, name)) > limit]
+    fix = f"lower {' and '.join(unusual)}" if unusual else "a lower --learning-rate"
     return UserError(
         f"{what} at step {step}; training stopped and nothing was written as finished. "
-        + (f"Last good checkpoint: {kept}; resume with --resume-from-checkpoint latest and a lower "
-           "--learning-rate" if kept else "No checkpoint was saved yet; lower --learning-rate")
+        + (f"Last good checkpoint: {kept}; resume with --resume-from-checkpoint latest and {fix}" if kept
+           else f"No checkpoint was saved yet; start again with {fix}")
     )
 
 

@@ -267,7 +267,7 @@ def forget(
     adversarial_learning_rate: Annotated[Optional[float], typer.Option(help="Learning rate of the inner attack's token. [default: 5e-3]")] = None,
     adversarial_batch_size: Annotated[Optional[int], typer.Option(help="Concept images per inner-attack step. [default: 4]")] = None,
     adversarial_images: Annotated[Optional[int], typer.Option(help="Images of the concept the model draws before forgetting, for the inner attack (OUT/data/concept). [default: 16]")] = None,
-    adversarial_initializer: Annotated[Optional[str], typer.Option(help="One-token word the inner attack's token starts from. [default: object]")] = None,
+    adversarial_initializer: Annotated[Optional[str], typer.Option(help="One-token word the inner attack's token starts from. [default: object, or digit on the built-in digits model]")] = None,
     adversarial_share: Annotated[Optional[float], typer.Option(help="Share of the concept's surrogate samples whose prompt names the token instead. [default: 0.5]")] = None,
     adversarial_templates: Annotated[Optional[Path], typer.Option(help="Prompt templates ('{}' where the token goes) for the token. [default: prompts/concept_templates.txt]")] = None,
     checkpointing_steps: Annotated[Optional[int], typer.Option(help="Save a resumable checkpoint every N steps. [default: 500]")] = None,

@@ -278,7 +278,9 @@ class ForgetConfig(GenerationSettings):
     adversarial_learning_rate: float = 5e-3  # attack's default
     adversarial_batch_size: int = 4
     adversarial_images: int = 16  # of the concept, drawn by --model before forgetting (OUT/data/concept)
-    adversarial_initializer: str = "object"  # one-token word the token starts from
+    # One-token word the token starts from; None: the first of DEFAULT_INITIALIZERS that is one token
+    # in every tokenizer of the model (object; digit on the built-in digits model).
+    adversarial_initializer: str | None = None
     adversarial_share: float = 0.5
     adversarial_templates: str | None = None  # '{}' prompt templates naming the token; None: the concept templates
     checkpointing_steps: int = 500
@@ -319,10 +321,15 @@ class ForgetConfig(GenerationSettings):
                      "adversarial_images"):
             _check_positive(name, getattr(self, name))
         _check(0 < self.adversarial_share <= 1, f"--adversarial-share must be in (0, 1], got {self.adversarial_share}")
+        # AdamW's update is about the learning rate per weight: past 1 it overflows or destroys the model.
+        for name in ("learning_rate", "adversarial_learning_rate"):
+            _check(getattr(self, name) <= 1, f"--{name.replace('_', '-')} {getattr(self, name):g} is far above any that "
+                                             "trains (the default is 1e-5; AdamW moves each weight by about this much "
+                                             "per step): use at most 1")
         _check(not self.adversarial or len(self.concepts) == 1,
                "--adversarial learns one token for one concept: give one --concept per run (forget the others "
                "before or after it, with forget --model <that result>)")
-        _check(bool(self.adversarial_initializer.strip()),
+        _check(self.adversarial_initializer is None or bool(self.adversarial_initializer.strip()),
                "--adversarial-initializer is empty: give a neutral one-token word, e.g. object")
         _check(self.lr_warmup_steps >= 0, f"--lr-warmup-steps must be >= 0, got {self.lr_warmup_steps}")
         _check(self.adam_weight_decay >= 0, f"--adam-weight-decay must be >= 0, got {self.adam_weight_decay}")

@@ -357,7 +357,7 @@ def forget(config: ForgetConfig) -> Path:
     if config.adversarial:
         from .adversarial import Adversary, check_adversarial  # here: attack -> evaluate -> demo -> forget
 
-        check_adversarial(config, family, pipe)
+        config = dataclasses.replace(config, adversarial_initializer=check_adversarial(config, family, pipe))
     # The memory plan, before any work: the Fisher's chunk and the training step must fit the budget.
     latent = (config.resolution or native_resolution(pipe)) // pipe.vae_scale_factor
     latent, limit = (latent, latent), budget(config.max_memory, accelerator.device)
@@ -516,7 +516,7 @@ def forget(config: ForgetConfig) -> Path:
                 reported = accelerator.reduce(torch.stack([loss_s.detach(), loss_r.detach()]), reduction="mean")
                 if not torch.isfinite(reported).all():
                     raise broken_run(f"the loss became {(reported[0] + config.gamma * reported[1]).item()}",
-                                     global_step + 1, work)
+                                     global_step + 1, work, config)
                 accelerator.backward(data_loss)
                 if accelerator.sync_gradients:
                     accelerator.unscale_gradients()  # the penalty's gradient is added unscaled
@@ -525,7 +525,7 @@ def forget(config: ForgetConfig) -> Path:
                     if value is not None:
                         ewc = value.item()
                         if not math.isfinite(ewc):  # the whole objective is checked, EWC included
-                            raise broken_run(f"the EWC penalty became {ewc}", global_step + 1, work)
+                            raise broken_run(f"the EWC penalty became {ewc}", global_step + 1, work, config)
                     if config.max_grad_norm:
                         # Already unscaled (and synced across processes): accelerator.clip_grad_norm_
                         # would unscale a second time under fp16.
@@ -542,7 +542,7 @@ def forget(config: ForgetConfig) -> Path:
                 if skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:
                     raise broken_run(f"the fp16 loss scale kept overflowing ({skipped_in_a_row} optimizer steps in a "
                                      "row skipped for inf/NaN gradients; rerun with --mixed-precision bf16)",
-                                     global_step + 1, work)
+                                     global_step + 1, work, config)
                 continue
             if accelerator.sync_gradients:
                 skipped_in_a_row = 0
@@ -558,7 +558,7 @@ def forget(config: ForgetConfig) -> Path:
                 if global_step % config.checkpointing_steps == 0 and global_step < config.max_train_steps:
                     # Only finite weights are ever saved, so the last checkpoint is always a good one.
                     if not weights_finite(params + (ema.shadow_params if ema is not None else [])):
-                        raise broken_run("the weights became non-finite (NaN or inf)", global_step, work)
+                        raise broken_run("the weights became non-finite (NaN or inf)", global_step, work, config)
                     if accelerator.is_main_process:
                         save_checkpoint(accelerator, work, global_step, config.checkpoints_total_limit, settings,
                                         carried)
@@ -584,9 +584,9 @@ def forget(config: ForgetConfig) -> Path:
     if ema is not None:
         ema.copy_to(params)  # the EMA weights are the result
     if not weights_finite(params):
-        raise broken_run("the trained weights are non-finite (NaN or inf)", global_step, work)
+        raise broken_run("the trained weights are non-finite (NaN or inf)", global_step, work, config)
     if adversary is not None and not weights_finite(adversary.rows):  # saved with the result
-        raise broken_run("the adversary's token is non-finite (NaN or inf)", global_step, work)
+        raise broken_run("the adversary's token is non-finite (NaN or inf)", global_step, work, config)
     if accelerator.is_main_process:
         summary = {
             "architecture": family.name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,12 +166,14 @@ def native_resolution(pipe) -> int:
 
 
 def image_size(pipe, resolution: int | None) -> int:
-    """The size images are made at: --resolution, checked against the VAE, or the native size."""
+    """The size images are made at: --resolution, checked as the pipeline will check it (a multiple of
+    8, as diffusers' SD and SDXL pipelines require) and against the VAE, or the native size."""
     size = resolution or native_resolution(pipe)
-    factor = pipe.vae_scale_factor
+    factor = math.lcm(8, pipe.vae_scale_factor)
     if size % factor:
-        raise UserError(f"--resolution {size} is not a multiple of {factor}, this model's VAE downsampling factor: "
-                        f"use e.g. {max(factor, size // factor * factor)}")
+        raise UserError(f"--resolution {size} is not a multiple of {factor} (the pipeline takes multiples of 8, and "
+                        f"this model's VAE downsamples by {pipe.vae_scale_factor}): use e.g. "
+                        f"{max(factor, size // factor * factor)}")
     return size
 
 

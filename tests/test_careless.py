@@ -203,11 +203,15 @@ def test_mutually_exclusive_flags(world, untouched, tmp_path):
 
 # 4. One clear line, never a traceback -----------------------------------------------------------
 
-def test_resolution_that_the_vae_cannot_take(world, untouched, tmp_path):
+def test_resolution_that_the_vae_or_the_pipeline_cannot_take(world, untouched, tmp_path):
     refuses(["replay", "--model", world["model"], "--output-dir", tmp_path / "r", "--resolution", "13", *QUICK],
-            "--resolution 13 is not a multiple of 2, this model's VAE downsampling factor")
+            "--resolution 13 is not a multiple of 8 (the pipeline takes multiples of 8, and this model's VAE "
+            "downsamples by 2)")
     refuses(["sample", "--model", world["model"], "--prompt", "a dog", "--output-dir", tmp_path / "s",
-             "--resolution", "13", *QUICK], "--resolution 13 is not a multiple of 2")
+             "--resolution", "13", *QUICK], "--resolution 13 is not a multiple of 8")
+    # A multiple of the VAE's factor that diffusers' pipeline refuses (issue 24, case 8): one line too.
+    refuses(["replay", "--model", world["model"], "--output-dir", tmp_path / "r12", "--resolution", "12", *QUICK],
+            "--resolution 12 is not a multiple of 8")
     assert list(tmp_path.iterdir()) == []  # no .partial folder left behind
 
 

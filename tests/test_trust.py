@@ -255,3 +255,34 @@ def test_a_crafted_pickle_in_a_checkpoint_never_runs_and_the_resume_is_refused(t
     resumed = run_command(*args, "--resume-from-checkpoint", "latest", cwd=tmp_path)
     assert "resumed from" in resumed.output and not marker.exists()
     assert json.loads((tmp_path / "o" / "amnesia.json").read_text())["steps"] == 4
+
+
+def test_a_learning_rate_beyond_any_that_trains_is_one_line(tiny_model, sets, tmp_path):
+    refused = run_command(*forget_args(tiny_model, sets, "o"), "--learning-rate", "1e38", code=2, cwd=tmp_path)
+    assert "--learning-rate 1e+38 is far above any that trains" in refused.output
+    assert "Traceback" not in refused.output and not (tmp_path / "o").exists()
+
+
+def test_a_non_finite_run_names_the_flag_that_is_out_of_range(tiny_model, sets, tmp_path):
+    refused = run_command(*forget_args(tiny_model, sets, "o"), "--max-train-steps", "3", "--learning-rate", "1e-3",
+                          "--lambda-ewc", "1e38", code=2, cwd=tmp_path)
+    [line] = [line for line in refused.output.splitlines() if line.startswith("error:")]
+    assert "lower --lambda-ewc 1e+38 (the paper's is 50)" in line and "--learning-rate" not in line
+    assert not (tmp_path / "o" / "amnesia.json").exists()
+
+
+def test_the_default_adversary_initializer_works_on_every_bundled_model(tiny_model):
+    from amnesia_sd.adversarial import check_adversarial
+    from amnesia_sd.config import ForgetConfig
+    from amnesia_sd.families import family_of
+    from amnesia_sd.models import load_pipeline, resolve_model
+
+    config = ForgetConfig(model="digits", concept="zero", surrogate="noise", output_dir="o", adversarial=True)
+    digits = load_pipeline(resolve_model("digits"))
+    assert check_adversarial(config, family_of(digits), digits) == "digit"  # 'object' is not in its vocabulary
+    tiny, _ = load_parts(tiny_model)
+    with pytest.raises(UserError, match="none of object, digit is one token for this model's tokenizer"):
+        check_adversarial(config, family_of(tiny), tiny)
+    given = ForgetConfig(model="m", concept="c", surrogate="s", output_dir="o", adversarial=True,
+                         adversarial_initializer="man")
+    assert check_adversarial(given, family_of(tiny), tiny) == "man"
