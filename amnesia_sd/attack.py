@@ -106,6 +106,12 @@ def add_token(text, family, token: str, initializer: str, flag: str = "--initial
     initializer word's row; return the token's id in each. Every other row is kept as it is."""
     starts = [initializer_id(getattr(text, tok), initializer, flag) for tok, _ in family.text_parts()]
     ids = []
+    for tok, _ in family.text_parts():  # all checked before any tokenizer changes
+        tokenizer = getattr(text, tok)
+        existing = tokenizer.encode(token, add_special_tokens=False)
+        if token in tokenizer.get_vocab() or (len(existing) == 1 and existing[0] != tokenizer.unk_token_id):
+            raise UserError(f"the token {token!r} is already a word of this model's tokenizer: a new row would shadow "
+                            "it (the concept's own name, if it is that word); pick a new string such as <my-token>")
     for (tok, enc), start in zip(family.text_parts(), starts):
         tokenizer, encoder = getattr(text, tok), getattr(text, enc)
         if tokenizer.add_tokens(token) != 1:

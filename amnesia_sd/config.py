@@ -336,6 +336,11 @@ class ForgetConfig(GenerationSettings):
         _check_choice("train_method", self.train_method, ("full", "noxattn", "xattn"))
         _check_positive("lora_rank", self.lora_rank)
         _check_positive("lora_alpha", self.lora_alpha)
+        if self.lora_rank and self.lora_alpha is not None:  # the update is (alpha / rank) B A
+            _check(1e-3 <= self.lora_alpha / self.lora_rank <= 1e3,
+                   f"--lora-alpha {self.lora_alpha:g} with --lora-rank {self.lora_rank} scales the adapter's update by "
+                   f"{self.lora_alpha / self.lora_rank:g}: keep alpha / rank between 0.001 and 1000 (the default, "
+                   "alpha = rank, scales it by 1)")
         _check(self.lora_rank is not None or (self.lora_alpha is None and not self.fuse),
                "--lora-alpha and --fuse are for LoRA training: add --lora-rank R (e.g. 8)")
         _check(bool(self.lora_target_list()), "--lora-targets is empty: name attention layers, e.g. to_q,to_k,to_v,to_out.0")

@@ -42,6 +42,13 @@ class StableDiffusion:
         """The pipeline's unconditional branch encodes "" (what --unconditional-replay trains)."""
         return True
 
+    def beyond_window(self, pipe, prompt: str) -> str:
+        """The end of `prompt` that the text encoders never see (CLIP reads 77 tokens), or ''."""
+        tokenizer = getattr(pipe, self.tokenizers[-1])
+        ids = tokenizer(prompt, truncation=False).input_ids  # with the start and end tokens
+        limit = tokenizer.model_max_length
+        return tokenizer.decode(ids[limit - 1 : -1]).strip() if len(ids) > limit else ""
+
     def pipeline_class(self):
         import diffusers
 

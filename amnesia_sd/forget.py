@@ -38,7 +38,7 @@ from .prompts import concept_prompts, with_unconditional
 from .result import recorded_path, write_result
 from .sources import Plan
 from .memory import activation_peak, budget, gib, meta_copy, out_of_memory_error
-from .trainable import lora_modules, make_trainable, trainable_names
+from .trainable import check_rank, lora_modules, make_trainable, trainable_names
 
 ADVERSARY_EMBEDDINGS = "adversary_embeds.safetensors"  # forget --adversarial: its last token
 LOG_EVERY = 10  # steps between readings of the penalty's value (its gradient is added every step)
@@ -180,6 +180,12 @@ def preflight(unet, trainable, config: ForgetConfig, text_cache: Conditioning, e
                 f"; an inner attack of {config.adversarial_steps} steps x {config.adversarial_batch_size} images "
                 f"before step 1 and every {config.adversarial_every} steps" if config.adversarial else "")
             + "; the progress bar's ETA follows the first steps")
+
+
+@torch.no_grad()
+def fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
+    """Two float64 sums per tensor: any update changes them."""
+    return torch.stack([torch.stack([p.double().sum(), p.double().abs().sum()]) for p in params]).cpu()
 
 
 def draw_batch(seed: int, micro_step: int, world: int, rank: int, batch: int, images: list[tuple[int, int]],
@@ -352,12 +358,20 @@ def forget(config: ForgetConfig) -> Path:
         check_fits(image_set, pipe)
     check_origins(config, ref, pipe, fisher_meta, given, ancestors)
     check_unconditional_replay(family, pipe, config.unconditional_replay)
-    if config.lora_rank:  # the adapters' layers exist before hours of generation
-        lora_modules(unet, config.train_method, config.lora_target_list())
+    if config.lora_rank:  # the adapters' layers exist, and can take the rank, before hours of generation
+        check_rank(unet, lora_modules(unet, config.train_method, config.lora_target_list()), config.lora_rank)
     if config.adversarial:
         from .adversarial import Adversary, check_adversarial  # here: attack -> evaluate -> demo -> forget
 
         config = dataclasses.replace(config, adversarial_initializer=check_adversarial(config, family, pipe))
+    for pair in config.pairs():  # a concept longer than the text encoder's window loses its end: say so
+        cut = [(p, family.beyond_window(pipe, p)) for p in concept_prompts(split_concepts(pair["concept"]),
+                                                                           config.templates)]
+        cut = [(p, dropped) for p, dropped in cut if dropped]
+        if cut:
+            say(f"{len(cut)} prompt(s) of the concept {pair['concept']!r} are longer than the text encoder reads "
+                f"({getattr(pipe, family.tokenizers[-1]).model_max_length} tokens): e.g. {cut[0][1]!r} is dropped "
+                f"from {cut[0][0]!r}")
     # The memory plan, before any work: the Fisher's chunk and the training step must fit the budget.
     latent = (config.resolution or native_resolution(pipe)) // pipe.vae_scale_factor
     latent, limit = (latent, latent), budget(config.max_memory, accelerator.device)
@@ -419,6 +433,7 @@ def forget(config: ForgetConfig) -> Path:
     # Fisher entries it needs, kept on the training device.
     trainable = make_trainable(unet, config, lambda names: load_fisher(fim_path, pipe, names)[0], accelerator.device)
     params, penalty = trainable.params, trainable.penalty
+    started_at = fingerprint(params)  # a result identical to its start is no result
     if config.lora_rank and weight_dtype != torch.float32:
         # The frozen base in the mixed-precision dtype, as diffusers' LoRA training does: half the
         # memory; the adapters (and their optimizer) stay fp32.
@@ -585,6 +600,11 @@ def forget(config: ForgetConfig) -> Path:
         ema.copy_to(params)  # the EMA weights are the result
     if not weights_finite(params):
         raise broken_run("the trained weights are non-finite (NaN or inf)", global_step, work, config)
+    if torch.equal(fingerprint(params), started_at):
+        raise UserError("training changed nothing: the weights that train are exactly where they started, so the "
+                        f"result would be the base model. Likely cause: --learning-rate {config.learning_rate:g} too "
+                        "small for float32 to move them" + (f", or --lora-alpha {config.lora_alpha_value():g}"
+                                                             if config.lora_rank else ""))
     if adversary is not None and not weights_finite(adversary.rows):  # saved with the result
         raise broken_run("the adversary's token is non-finite (NaN or inf)", global_step, work, config)
     if accelerator.is_main_process:

@@ -52,6 +52,17 @@ def lora_modules(unet, method: str, targets: list[str]) -> list[str]:
     return sorted({n for names in found.values() for n in names})
 
 
+def check_rank(unet, modules: list[str], rank: int) -> None:
+    """A rank above a layer's smaller side adds parameters and memory without adding anything an
+    update of full rank could not hold."""
+    layers = dict(unet.named_modules())
+    smallest = min(modules, key=lambda m: min(layers[m].weight.shape[0], layers[m].weight[0].numel()))
+    side = min(layers[smallest].weight.shape[0], layers[smallest].weight[0].numel())
+    if rank > side:
+        raise UserError(f"--lora-rank {rank} is more than the smaller side ({side}) of the adapted layer {smallest}: "
+                        f"use at most {side} (8 to 64 is usual)")
+
+
 class FullWeights:
     """Full fine-tuning of the parameters --train-method selects; the anchor theta* is a copy."""
 

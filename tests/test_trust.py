@@ -286,3 +286,43 @@ def test_the_default_adversary_initializer_works_on_every_bundled_model(tiny_mod
     given = ForgetConfig(model="m", concept="c", surrogate="s", output_dir="o", adversarial=True,
                          adversarial_initializer="man")
     assert check_adversarial(given, family_of(tiny), tiny) == "man"
+
+
+def test_lora_rank_and_alpha_out_of_range_are_refused_before_any_work(tiny_model, sets, tmp_path):
+    refused = run_command(*forget_args(tiny_model, sets, "o"), "--lora-rank", "100000", code=2, cwd=tmp_path)
+    assert "--lora-rank 100000 is more than the smaller side" in refused.output
+    refused = run_command(*forget_args(tiny_model, sets, "o"), "--lora-rank", "4", "--lora-alpha", "1e30", "--fuse",
+                          code=2, cwd=tmp_path)
+    assert "--lora-alpha 1e+30 with --lora-rank 4 scales the adapter's update by 2.5e+29" in refused.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_a_result_identical_to_its_start_is_an_error_naming_the_cause(tiny_model, sets, tmp_path, monkeypatch):
+    # An optimizer that moves nothing stands in for every cause (a learning rate too small for
+    # float32, an adapter scaled to nothing): the run must not call the unchanged model a result.
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)
+    refused = run_command(*forget_args(tiny_model, sets, "o"), "--learning-rate", "1e-9", code=2, cwd=tmp_path)
+    [line] = [line for line in refused.output.splitlines() if line.startswith("error:")]
+    assert "training changed nothing" in line and "--learning-rate 1e-09 too small" in line
+    assert not (tmp_path / "o" / "amnesia.json").exists()
+
+
+def test_attack_token_must_be_new_to_the_tokenizer(tiny_model):
+    from amnesia_sd.attack import add_token
+    from amnesia_sd.families import family_of
+
+    pipe, _ = load_parts(tiny_model)
+    before = len(pipe.tokenizer)
+    for word in ("pitt", "Brad"):  # words of the vocabulary (the concept's own name among them)
+        with pytest.raises(UserError, match=f"the token '{word}' is already a word of this model's tokenizer"):
+            add_token(pipe, family_of(pipe), word, "man")
+    assert len(pipe.tokenizer) == before  # nothing was added
+    assert len(add_token(pipe, family_of(pipe), "<new-token>", "man")) == 1
+
+
+def test_a_concept_longer_than_the_text_window_says_what_is_dropped(tiny_model, sets, tmp_path):
+    long = "brad pitt " * 12  # the tiny tokenizer reads 16 tokens
+    done = run_command(*forget_args(tiny_model, sets, "o")[:4], long.strip(), *forget_args(tiny_model, sets, "o")[5:],
+                       "--no-templates", cwd=tmp_path)
+    assert "1 prompt(s) of the concept" in done.output and "longer than the text encoder reads (16 tokens)" in done.output
+    assert "is dropped from" in done.output
