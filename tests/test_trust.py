@@ -326,3 +326,21 @@ def test_a_concept_longer_than_the_text_window_says_what_is_dropped(tiny_model, 
                        "--no-templates", cwd=tmp_path)
     assert "1 prompt(s) of the concept" in done.output and "longer than the text encoder reads (16 tokens)" in done.output
     assert "is dropped from" in done.output
+
+
+def test_a_cache_entry_that_cannot_be_removed_is_one_line(tmp_path, monkeypatch):
+    """A read-only cache (simulated: this machine runs as root, which may write anywhere)."""
+    from amnesia_sd import cache as cache_module
+
+    monkeypatch.setenv("AMNESIA_SD_CACHE", str(tmp_path / "c"))
+    entry = tmp_path / "c" / "models" / "ours"
+    entry.mkdir(parents=True)
+    (entry / "entry.json").write_text(json.dumps({**stamp(), "base_model": "m"}))
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cache_module.shutil, "rmtree", read_only)
+    refused = run_command("cache", "clear", code=2, cwd=tmp_path)
+    assert f"could not remove {entry} (Permission denied)" in refused.output and "Traceback" not in refused.output
+    assert entry.is_dir()
