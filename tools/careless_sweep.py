@@ -65,8 +65,8 @@ def main() -> None:
                                                    "--overwrite"]),
                   (f"forget --fim {what}", [*forget[:-4], "--fim", path, "--output-dir", "o", "--max-train-steps",
                                             "2"]),
-                  (f"forget --replay-dir {what}", [*forget[:6], "--replay-dir", path, "--fim", "fim.safetensors",
-                                                   "--output-dir", "o2"]),
+                  (f"forget --replay-dir {what}", [*forget[:7], "--replay-dir", path, "--fim", "fim.safetensors",
+                                                   "--output-dir", "o2", "--max-train-steps", "2"]),
                   (f"eval --model {what}", ["eval", "--model", path, "--output-dir", "ev", "--num-images", "2", *QUICK])]
     for value in ("0", "-1", "nan", "inf", "1e308", "abc", ""):
         cases += [(f"forget --learning-rate {value!r}", [*forget, "--output-dir", "o3", "--learning-rate", value]),
