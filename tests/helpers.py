@@ -50,3 +50,16 @@ def run_command(*args, cwd, code: int = 0):
     trace = "".join(traceback.format_exception(result.exception)) if result.exception else ""
     assert result.exit_code == code, f"{result.output}\n{trace}"
     return result
+
+
+def make_sets(model, root: Path, fisher: bool = False) -> Path:
+    """A 2-image replay set and surrogate set of `model` in `root` (and, with `fisher`, a 2-timestep
+    Fisher fim.safetensors), made with the commands as a user runs them."""
+    quick = ["--num-inference-steps", "2", "--batch-size", "2"]
+    run_command("replay", "--model", model, "--output-dir", "replay", "--num-images", "2", *quick, cwd=root)
+    run_command("surrogate", "--model", model, "--prompt", "a middle aged man", "--output-dir", "surrogate",
+                "--num-images", "2", *quick, cwd=root)
+    if fisher:
+        run_command("fim", "--model", model, "--replay-dir", "replay", "--num-timesteps", "2", "--output",
+                    "fim.safetensors", cwd=root)
+    return root

@@ -10,18 +10,14 @@ from safetensors.torch import load_file
 
 from amnesia_sd.families import FAMILIES
 from amnesia_sd.memory import activation_peak, meta_copy
-from helpers import load_parts, run_command
+from helpers import load_parts, make_sets, run_command
 
 QUICK = ["--num-inference-steps", "2", "--batch-size", "2"]
 
 
 @pytest.fixture(scope="module")
 def work(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("memory")
-    run_command("replay", "--model", tiny_model, "--output-dir", "replay", "--num-images", "2", *QUICK, cwd=root)
-    run_command("surrogate", "--model", tiny_model, "--prompt", "a middle aged man", "--output-dir", "surrogate",
-                "--num-images", "2", *QUICK, cwd=root)
-    return root
+    return make_sets(tiny_model, tmp_path_factory.mktemp("memory"))
 
 
 def fisher_peak(tiny_model, chunk: int, checkpointing: bool = False) -> int:

@@ -10,7 +10,7 @@ import torch
 
 from amnesia_sd.errors import UserError
 from amnesia_sd.paths import stamp
-from helpers import load_parts, run_command
+from helpers import load_parts, make_sets, run_command
 
 
 def hashes(folder: Path) -> dict[str, str]:
@@ -94,18 +94,9 @@ def test_overwrite_still_replaces_its_own_kind(tmp_path):
         check_output(Output("--output", own, None, "export", (FORMAT, LORA_FORMAT)), overwrite=False)
 
 
-QUICK = ["--num-inference-steps", "2", "--batch-size", "2"]
-
-
 @pytest.fixture(scope="module")
 def sets(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("trust")
-    run_command("replay", "--model", tiny_model, "--output-dir", "replay", "--num-images", "2", *QUICK, cwd=root)
-    run_command("surrogate", "--model", tiny_model, "--prompt", "a man", "--output-dir", "surrogate",
-                "--num-images", "2", *QUICK, cwd=root)
-    run_command("fim", "--model", tiny_model, "--replay-dir", "replay", "--num-timesteps", "2", "--output",
-                "fim.safetensors", cwd=root)
-    return root
+    return make_sets(tiny_model, tmp_path_factory.mktemp("trust"), fisher=True)
 
 
 def forget_args(tiny_model, sets, out):
