@@ -44,8 +44,8 @@ from .families import family_of, take, to_device
 from .generate import generate, image_seed, planned_sampling, process_share
 from .imageset import ImageSet, encode_image_folder, generate_image_set
 from .io import atomic_path, write_json, write_text
-from .memory import activation_peak, budget, check_batch, gib, meta_copy, out_of_memory
-from .models import image_size, load_on_device, make_accelerator, resolve_model
+from .memory import activation_peak, budget, check_batch, meta_copy, out_of_memory, plan_line, weight_bytes
+from .models import latent_size, load_on_device, make_accelerator, resolve_model
 from .paths import Output, discard_on_failure, open_work, partial_of, publish, stamp
 from .prompts import bundled, concept_prompts, read_prompts
 from .report import STYLE, fmt
@@ -308,15 +308,13 @@ def _detector(kind: str, target: Target, config: AttackConfig, record: dict) -> 
 def plan_token_training(pipe, config: AttackConfig, accelerator) -> int:
     """Before any image is made: the token's training (a forward and backward through the UNet at
     --train-batch-size, float32) must fit the memory budget."""
-    family, latent = family_of(pipe), image_size(pipe, config.resolution) // pipe.vae_scale_factor
-    parts = [pipe.unet, pipe.vae] + [getattr(pipe, n) for n in family.text_encoders if getattr(pipe, n, None)]
-    resident = sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+    family, latent = family_of(pipe), latent_size(pipe, config.resolution)
+    resident = weight_bytes(pipe.unet, pipe.vae, *family.loaded_text_encoders(pipe))
     meta = meta_copy(pipe.unet)
     limit = budget(config.max_memory, accelerator.device)
     peak = check_batch("learning the token", "--train-batch-size", config.train_batch_size,
-                       lambda b: resident + activation_peak(family, meta, b, (latent, latent), "no", False), limit)
-    say(f"memory plan of learning the token: predicted peak {gib(peak)}"
-        + (f" of a {gib(limit)} budget" if limit else " (no budget on the CPU: --max-memory sets one)"))
+                       lambda b: resident + activation_peak(family, meta, b, latent, "no", False), limit)
+    say(plan_line("learning the token", "", peak, limit))
     return peak
 
 

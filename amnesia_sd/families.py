@@ -57,6 +57,10 @@ class StableDiffusion:
     def check(self, pipe) -> None:
         """A loaded pipeline is one this family can condition."""
 
+    def loaded_text_encoders(self, pipe) -> list:
+        """The pipeline's text encoder modules (a pipeline may lack one, e.g. SDXL's first)."""
+        return [getattr(pipe, name) for name in self.text_encoders if getattr(pipe, name, None) is not None]
+
     def text_parts(self) -> list[tuple[str, str]]:
         """(tokenizer, text encoder) attribute names of the family's pipelines, in order."""
         return list(zip(self.tokenizers, self.text_encoders))

@@ -24,7 +24,7 @@ from .errors import UserError
 from .families import FAMILIES, expand, family_of, take, to_device
 from .generate import image_seed
 from .io import write_safetensors
-from .memory import budget, fisher_chunk, gib, out_of_memory
+from .memory import budget, fisher_chunk, gib, out_of_memory, plan_line, weight_bytes
 from .models import DTYPES, unet_config_hash
 from .paths import stamp
 
@@ -264,17 +264,14 @@ def fisher_plan(pipe, latent: tuple[int, int], num_timesteps: int, timestep_batc
     """The Fisher's timestep batch (the largest that fits the budget unless given) and its plan in
     words and its predicted peak: what it holds besides activations is the UNet, the text encoders,
     the gradient and the float32 sum of squares."""
-    unet = pipe.unet
-    encoders = [getattr(pipe, name) for name in family_of(pipe).text_encoders if getattr(pipe, name, None) is not None]
+    unet, family = pipe.unet, family_of(pipe)
     n = sum(p.numel() for p in unet.parameters())
-    resident = sum(p.numel() * p.element_size() for m in [unet, *encoders] for p in m.parameters()) + 8 * n
+    resident = weight_bytes(unet, *family.loaded_text_encoders(pipe)) + 8 * n
     limit = budget(max_memory, device)
-    chunk, peak = fisher_chunk(family_of(pipe), unet, latent, num_timesteps, mixed_precision, gradient_checkpointing,
+    chunk, peak = fisher_chunk(family, unet, latent, num_timesteps, mixed_precision, gradient_checkpointing,
                                resident, limit, timestep_batch_size, DEFAULT_TIMESTEP_BATCH)
-    said = (f"memory plan of the Fisher: {chunk} timestep(s) per pass, predicted peak {gib(peak)} "
-            f"(UNet, text encoders, gradient and sum {gib(resident)})"
-            + (f" of a {gib(limit)} budget" if limit else " (no budget on the CPU: --max-memory sets one)"))
-    return chunk, said, peak
+    detail = f"{chunk} timestep(s) per pass (UNet, text encoders, gradient and sum {gib(resident)})"
+    return chunk, plan_line("the Fisher", detail, peak, limit), peak
 
 
 def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None, seed: int,
@@ -287,9 +284,8 @@ def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     timesteps = timestep_set(scheduler.config.num_train_timesteps, num_timesteps)
     family = family_of(pipe)
-    for name in family.text_encoders:
-        if getattr(pipe, name, None) is not None:
-            getattr(pipe, name).requires_grad_(False)
+    for encoder in family.loaded_text_encoders(pipe):
+        encoder.requires_grad_(False)
     pipe.vae.to("cpu")  # latents are cached: the VAE has nothing to do here
     timestep_batch_size, said, predicted = fisher_plan(
         pipe, tuple(replay.latents.shape[2:]), len(timesteps), timestep_batch_size, gradient_checkpointing,

@@ -31,13 +31,13 @@ from .families import Conditioning, check_unconditional_replay, family_of, join,
 from .fisher import fisher_plan, load_fisher, timestep_set
 from .generate import image_seed, planned_sampling
 from .imageset import ImageSet, check_fits, is_finished, load_image_set
-from .models import (DTYPES, ModelRef, load_on_device, make_accelerator, model_path, native_resolution, origin,
+from .models import (DTYPES, ModelRef, latent_size, load_on_device, make_accelerator, model_path, origin,
                      origin_mismatches)
 from .paths import partial_of, publish
 from .prompts import concept_prompts, with_unconditional
 from .result import recorded_path, write_result
 from .sources import Plan
-from .memory import activation_peak, budget, gib, meta_copy, out_of_memory_error
+from .memory import activation_peak, budget, gib, meta_copy, out_of_memory_error, plan_line
 from .trainable import check_rank, lora_modules, make_trainable, trainable_names
 
 ADVERSARY_EMBEDDINGS = "adversary_embeds.safetensors"  # forget --adversarial: its last token
@@ -373,20 +373,17 @@ def forget(config: ForgetConfig) -> Path:
                 f"({getattr(pipe, family.tokenizers[-1]).model_max_length} tokens): e.g. {cut[0][1]!r} is dropped "
                 f"from {cut[0][0]!r}")
     # The memory plan, before any work: the Fisher's chunk and the training step must fit the budget.
-    latent = (config.resolution or native_resolution(pipe)) // pipe.vae_scale_factor
-    latent, limit = (latent, latent), budget(config.max_memory, accelerator.device)
+    latent, limit = latent_size(pipe, config.resolution), budget(config.max_memory, accelerator.device)
     if not config.fim:
         fim_steps = len(timestep_set(pipe.scheduler.config.num_train_timesteps,
                                      config.fim_num_timesteps or DEFAULT_FIM_TIMESTEPS))
         say(fisher_plan(pipe, latent, fim_steps, None, config.gradient_checkpointing, accelerator.mixed_precision,
                         config.max_memory, accelerator.device)[1])
     planned_sampling(pipe, config, accelerator)  # the sets' images: refused now if one image does not fit
-    adversary_bytes = 4 * sum(p.numel() for name in family.text_encoders if getattr(pipe, name, None) is not None
-                              for p in getattr(pipe, name).parameters()) if config.adversarial else 0
+    adversary_bytes = 4 * sum(p.numel() for encoder in family.loaded_text_encoders(pipe)
+                              for p in encoder.parameters()) if config.adversarial else 0
     peak = check_training_memory(family, unet, config, latent, accelerator.mixed_precision, limit, adversary_bytes)
-    say(f"memory plan of training: predicted peak {gib(peak)} per process"
-        + (f" of a {gib(limit)} budget" if limit else " (no budget on the CPU: --max-memory sets one)")
-        + f"; mixed precision {accelerator.mixed_precision}")
+    say(plan_line("training", "", peak, limit) + f"; mixed precision {accelerator.mixed_precision} (per process)")
     plan = Plan(config, ref, pipe, work, accelerator.num_processes, given, inherited)
     accelerator.wait_for_everyone()  # every process has checked the paths before the work folder changes
     if accelerator.is_main_process:  # only now, when everything given has been checked
@@ -414,7 +411,7 @@ def forget(config: ForgetConfig) -> Path:
     # The conditioning of every prompt is computed once; then neither the VAE nor the text
     # encoders run during training, and they leave the accelerator. Each image keeps the image
     # conditioning (SDXL's time ids) it was made with.
-    text_encoders = [getattr(pipe, name) for name in family.text_encoders if getattr(pipe, name, None) is not None]
+    text_encoders = family.loaded_text_encoders(pipe)
     for encoder in text_encoders:
         encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
     concept_text = family.encode_text(pipe, concepts)

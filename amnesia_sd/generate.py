@@ -14,8 +14,8 @@ from .config import GenerationSettings
 from .cost import say
 from .errors import UserError
 from .families import family_of
-from .memory import budget, gib, meta_copy, out_of_memory, sampling_peak
-from .models import image_size
+from .memory import budget, gib, largest_fitting, meta_copy, out_of_memory, plan_line, sampling_peak, weight_bytes
+from .models import image_size, latent_size
 
 
 STREAMS = ("image", "fisher", "train", "adversary", "adversarial")
@@ -56,23 +56,22 @@ def planned_sampling(pipe, settings: GenerationSettings, accelerator) -> tuple[G
     requested = settings.batch_size
     if limit is None and requested:
         return settings, None
-    latent = image_size(pipe, settings.resolution) // pipe.vae_scale_factor
-    parts = [pipe.unet, pipe.vae] + [getattr(pipe, n) for n in family_of(pipe).text_encoders if getattr(pipe, n, None)]
-    resident = sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
-    meta_unet, meta_vae, family = meta_copy(pipe.unet), meta_copy(pipe.vae), family_of(pipe)
+    latent, family = latent_size(pipe, settings.resolution), family_of(pipe)
+    resident = weight_bytes(pipe.unet, pipe.vae, *family.loaded_text_encoders(pipe))
+    meta_unet, meta_vae = meta_copy(pipe.unet), meta_copy(pipe.vae)
 
     # Under autocast (image sets sample a float32 pipeline in the run's mixed precision) activations
     # are 16-bit; its per-op weight casts are freed at once without gradients.
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, pipe.unet.dtype)
 
     def peak(batch: int) -> int:
-        return resident + sampling_peak(family, meta_unet, meta_vae, batch, (latent, latent), dtype,
+        return resident + sampling_peak(family, meta_unet, meta_vae, batch, latent, dtype,
                                         settings.guidance_scale > 1, vae_dtype(pipe.vae))
 
     if limit is None:
         batch = DEFAULT_SAMPLING_BATCH
     else:
-        fitting = max((b for b in range(1, (requested or DEFAULT_SAMPLING_BATCH) + 1) if peak(b) <= limit), default=0)
+        fitting = largest_fitting(peak, requested or DEFAULT_SAMPLING_BATCH, limit)
         if requested and fitting < requested:
             raise UserError(f"--batch-size {requested} needs about {gib(peak(requested))} on the device to sample, the "
                             f"budget is {gib(limit)}: " + (f"use --batch-size {fitting} ({gib(peak(fitting))}) or leave it "
@@ -83,8 +82,7 @@ def planned_sampling(pipe, settings: GenerationSettings, accelerator) -> tuple[G
         batch = requested or fitting
     if accelerator.num_processes > 1:
         batch = int(accelerator.gather(torch.tensor([batch], device=accelerator.device)).min())
-    say(f"memory plan of sampling: {batch} image(s) per batch, predicted peak {gib(peak(batch))}"
-        + (f" of a {gib(limit)} budget" if limit else " (no budget on the CPU: --max-memory sets one)"))
+    say(plan_line("sampling", f"{batch} image(s) per batch", peak(batch), limit))
     return dataclasses.replace(settings, batch_size=batch), peak(batch)
 
 

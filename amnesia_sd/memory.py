@@ -192,6 +192,17 @@ def budget(max_memory: str | None, device) -> int | None:
     return None
 
 
+def weight_bytes(*modules) -> int:
+    """What the modules' parameters take, in their own dtypes."""
+    return sum(p.numel() * p.element_size() for module in modules for p in module.parameters())
+
+
+def plan_line(what: str, detail: str, peak: int, limit: int | None) -> str:
+    """'memory plan of WHAT: DETAIL, predicted peak X of a Y budget' (or: no budget on the CPU)."""
+    return (f"memory plan of {what}: {detail + ', ' if detail else ''}predicted peak {gib(peak)}"
+            + (f" of a {gib(limit)} budget" if limit else " (no budget on the CPU: --max-memory sets one)"))
+
+
 def gib(n: int) -> str:
     """A size as people read it: GiB from one GiB up, MiB below."""
     return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
@@ -214,21 +225,21 @@ def fisher_chunk(family, unet, latent: tuple[int, int], num_timesteps: int, mixe
         return largest, peak(largest)
     if requested:
         if peak(requested) > limit:
-            fitting = _largest_fitting(peak, largest, limit)
+            fitting = largest_fitting(peak, largest, limit)
             raise UserError(
                 f"--timestep-batch-size {requested} needs about {gib(peak(requested))} on the device, the budget is "
                 f"{gib(limit)}: " + (f"use --timestep-batch-size {fitting} ({gib(peak(fitting))}) or leave it out"
                                      if fitting else "even 1 does not fit: " + _fisher_options(peak, limit,
                                                                                                gradient_checkpointing)))
         return requested, peak(requested)
-    fitting = _largest_fitting(peak, largest, limit)
+    fitting = largest_fitting(peak, largest, limit)
     if not fitting:
         raise UserError(f"the Fisher needs about {gib(peak(1))} on the device with one timestep at a time, the budget "
                         f"is {gib(limit)}: " + _fisher_options(peak, limit, gradient_checkpointing))
     return fitting, peak(fitting)
 
 
-def _largest_fitting(peak, largest: int, limit: int) -> int:
+def largest_fitting(peak, largest: int, limit: int) -> int:
     """The largest chunk in 1..largest whose peak fits (peaks grow with the chunk), or 0."""
     low, high = 0, largest
     while low < high:
@@ -252,7 +263,7 @@ def check_batch(what: str, flag: str, batch: int, peak, limit: int | None, more:
     predicted = peak(batch)
     if limit is None or predicted <= limit:
         return predicted
-    fitting = _largest_fitting(peak, batch, limit)
+    fitting = largest_fitting(peak, batch, limit)
     raise UserError(f"{what} needs about {gib(predicted)} on the device at {flag} {batch}, the budget is {gib(limit)}: "
                     + (f"{flag} {fitting} fits ({gib(peak(fitting))})" if fitting else "even 1 does not fit")
                     + (f"; {more}" if more else "") + "; or raise --max-memory")

@@ -165,6 +165,12 @@ def native_resolution(pipe) -> int:
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
+def latent_size(pipe, resolution: int | None) -> tuple[int, int]:
+    """The latents' height and width at image_size(pipe, resolution)."""
+    side = image_size(pipe, resolution) // pipe.vae_scale_factor
+    return side, side
+
+
 def image_size(pipe, resolution: int | None) -> int:
     """The size images are made at: --resolution, checked as the pipeline will check it (a multiple of
     8, as diffusers' SD and SDXL pipelines require) and against the VAE, or the native size."""
