@@ -17,7 +17,7 @@ try:  # typer >= 0.24 brings its own copy of click, whose exceptions are the one
 except ImportError:
     import click
 
-from .errors import Interrupted, UserError
+from amnesia_sd.core.errors import Interrupted, UserError
 
 
 class _Commands(typer.core.TyperGroup):
@@ -133,8 +133,8 @@ def _quiet_libraries() -> None:
 
 def _image_set(kind, model, output_dir, prompts, num_images, steps, guidance, resolution, seed, batch_size, precision,
                overwrite, prompts_file=None, unconditional_replay=None, max_memory=None):
-    from .config import SetConfig
-    from .imageset import make_image_set
+    from amnesia_sd.core.config import SetConfig
+    from amnesia_sd.commands.sets import make_image_set
 
     config = SetConfig(model=model, output_dir=str(output_dir), prompts=prompts, num_images=num_images, kind=kind,
                        prompts_file=str(prompts_file) if prompts_file else None, overwrite=overwrite,
@@ -159,7 +159,7 @@ def replay(
 
     Example: amnesia-sd replay --model CompVis/stable-diffusion-v1-4 --output-dir replay --num-images 5000
     """
-    from .prompts import replay_prompts
+    from amnesia_sd.data.prompts import replay_prompts
 
     _quiet_libraries()
     _image_set("replay", model, output_dir, replay_prompts(prompts), num_images, num_inference_steps, guidance_scale,
@@ -206,8 +206,8 @@ def fim(
 
     Example: amnesia-sd fim --model CompVis/stable-diffusion-v1-4 --replay-dir replay --output fim.safetensors
     """
-    from .config import FimConfig
-    from .fisher import compute_fim
+    from amnesia_sd.core.config import FimConfig
+    from amnesia_sd.commands.fim import compute_fim
 
     _quiet_libraries()
     cli = {"model": model, "output": str(output), "replay_dir": str(replay_dir) if replay_dir else None,
@@ -286,8 +286,8 @@ def forget(
     """
     given = dict(locals())  # first: every flag, before any other name exists here
     given.pop("config")
-    from .config import ForgetConfig, build_config
-    from .forget import forget as run_forget
+    from amnesia_sd.core.config import ForgetConfig, build_config
+    from amnesia_sd.commands.forget import forget as run_forget
 
     _quiet_libraries()
     renames = {"prompts": "prompts_file"}
@@ -309,7 +309,7 @@ def recipes():
 
     Example: amnesia-sd recipes
     """
-    from .recipes import recipes as bundled
+    from amnesia_sd.core.recipes import recipes as bundled
 
     for name, recipe in bundled().items():
         typer.echo(f"{name}: {recipe['description']}")
@@ -334,8 +334,8 @@ def sample(
     Example: amnesia-sd sample --model brad-pitt-forgotten --prompt 'a photo of Brad Pitt' --num-images 4
     --seed 0 --output-dir samples --compare CompVis/stable-diffusion-v1-4
     """
-    from .prompts import read_prompts
-    from .sample import SampleConfig, sample as run_sample
+    from amnesia_sd.data.prompts import read_prompts
+    from amnesia_sd.commands.sample import SampleConfig, sample as run_sample
 
     _quiet_libraries()
     chosen = [p.strip() for p in (prompt or []) if p.strip()] + (read_prompts(prompts) if prompts else [])
@@ -367,8 +367,8 @@ def eval_(
 
     Example: amnesia-sd eval --model brad-pitt-forgotten --output-dir brad-pitt-report --num-images 32
     """
-    from .evaluate import EvalConfig, run_eval
-    from .report import format_summary
+    from amnesia_sd.commands.evaluate import EvalConfig, evaluate as run_eval
+    from amnesia_sd.data.report import format_summary
 
     _quiet_libraries()
     cli = {"model": model, "output_dir": str(output_dir), "base": base, "concept": concept, "num_images": num_images,
@@ -405,7 +405,7 @@ def attack(
 
     Example: amnesia-sd attack --model brad-pitt-forgotten --output-dir brad-pitt-attack
     """
-    from .attack import AttackConfig, format_summary, run_attack
+    from amnesia_sd.commands.attack import AttackConfig, attack as run_attack, format_summary
 
     _quiet_libraries()
     cli = {"model": model, "output_dir": str(output_dir), "base": base, "concept": concept,
@@ -434,10 +434,10 @@ def export(
 
     Example: amnesia-sd export --model brad-pitt-forgotten --output brad-pitt-forgotten.safetensors
     """
-    from .export import ExportConfig, export_checkpoint
+    from amnesia_sd.commands.export import ExportConfig, export as run_export
 
     _quiet_libraries()
-    path = export_checkpoint(ExportConfig(model=model, output=str(output), dtype=dtype, lora_only=lora_only,
+    path = run_export(ExportConfig(model=model, output=str(output), dtype=dtype, lora_only=lora_only,
                                           overwrite=overwrite))
     typer.echo(f"{'LoRA' if lora_only else 'checkpoint'} written to {path}")
 
@@ -453,7 +453,7 @@ def cache_list():
 
     Example: amnesia-sd cache list
     """
-    from .cache import cache_dir, entries
+    from amnesia_sd.core.cache import cache_dir, entries
 
     found = entries()
     typer.echo(f"amnesia-sd cache: {cache_dir()}")
@@ -472,8 +472,8 @@ def cache_clear(
 
     Example: amnesia-sd cache clear --model CompVis/stable-diffusion-v1-4
     """
-    from .cache import clear
-    from .models import resolve_model
+    from amnesia_sd.core.cache import clear
+    from amnesia_sd.model.loading import resolve_model
 
     removed = clear(resolve_model(model).identity if model else None)
     typer.echo(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}, "
@@ -495,9 +495,9 @@ def digits_build(
 
     Example: amnesia-sd digits build
     """
-    from . import digits
-    from .config import SEED_LIMIT
-    from .paths import Output, guard
+    from amnesia_sd.model import digits
+    from amnesia_sd.core.config import SEED_LIMIT
+    from amnesia_sd.core.paths import Output, guard
 
     _quiet_libraries()
     if not 0 <= seed < SEED_LIMIT:
@@ -538,7 +538,7 @@ def demo(
     (several: --digit 0 --digit 1, add --sequential to forget them one after another;
     --attack: can the digit be brought back, with and without --adversarial)
     """
-    from .demo import DemoConfig, format_table, run_demo
+    from amnesia_sd.studies.demo import DemoConfig, demo as run_demo, format_table
 
     _quiet_libraries()
     metrics = run_demo(DemoConfig(digit=digit or [0], sequential=sequential, sequential_fisher=sequential_fisher,

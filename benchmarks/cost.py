@@ -17,8 +17,9 @@ import time
 
 import torch
 
-from amnesia_sd.config import DEFAULT_FIM_FRACTION, DEFAULT_FIM_TIMESTEPS, DEFAULT_REPLAY_IMAGES, DEFAULT_SURROGATE_IMAGES
-from amnesia_sd.cost import generation_passes
+from amnesia_sd.core.config import (DEFAULT_FIM_FRACTION, DEFAULT_FIM_TIMESTEPS, DEFAULT_REPLAY_IMAGES,
+                                    DEFAULT_SURROGATE_IMAGES)
+from amnesia_sd.core.cost import generation_passes
 from unets import SD14_UNET, SDXL_UNET
 
 

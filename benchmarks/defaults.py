@@ -21,15 +21,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from amnesia_sd import digits
-from amnesia_sd.config import ForgetConfig, GenerationSettings
-from amnesia_sd.demo import (DemoConfig, evaluation_samples, noise_images, per_digit_prompts, sample_and_classify,
-                             summarize)
-from amnesia_sd.families import FAMILIES
-from amnesia_sd.fisher import fisher_diagonal, fisher_metadata, save_fisher, timestep_set
-from amnesia_sd.forget import forget
-from amnesia_sd.imageset import generate_image_set
-from amnesia_sd.models import load_on_device, make_accelerator
+from amnesia_sd.commands.forget import forget
+from amnesia_sd.core.config import ForgetConfig, GenerationSettings
+from amnesia_sd.data.digit_measures import evaluation_samples, per_digit_prompts, summarize
+from amnesia_sd.data.imageset import generate_image_set
+from amnesia_sd.method.fisher import fisher_diagonal, fisher_metadata, save_fisher, timestep_set
+from amnesia_sd.model import digits
+from amnesia_sd.model.families import FAMILIES
+from amnesia_sd.model.loading import load_on_device, make_accelerator
+from amnesia_sd.studies.demo import DemoConfig, noise_images, sample_and_classify
 
 FRACTIONS = (1, 4, 16)
 TIMESTEPS = (1000, 250, 50, 10)

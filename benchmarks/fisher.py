@@ -23,9 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def reference_fisher(family, unet, scheduler, cond, latents, timesteps, seed):
     """Batch-1 forward and backward for every timestep of every sample, as the reference code does."""
-    from amnesia_sd.diffusion import per_sample_loss
-    from amnesia_sd.families import take
-    from amnesia_sd.fisher import sample_noise
+    from amnesia_sd.model.diffusion import per_sample_loss
+    from amnesia_sd.model.families import take
+    from amnesia_sd.method.fisher import sample_noise
 
     params = [p for p in unet.parameters()]
     fisher = [torch.zeros_like(p) for p in params]
@@ -68,9 +68,9 @@ def main() -> None:
 
     from diffusers import DDPMScheduler
 
-    from amnesia_sd.families import family_of, take
-    from amnesia_sd.fisher import fisher_diagonal, timestep_set
-    from amnesia_sd.models import load_pipeline, resolve_model
+    from amnesia_sd.model.families import family_of, take
+    from amnesia_sd.method.fisher import fisher_diagonal, timestep_set
+    from amnesia_sd.model.loading import load_pipeline, resolve_model
 
     pipe = load_pipeline(resolve_model(args.model))
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)

@@ -57,7 +57,7 @@ def build(kind: str, path: Path, smoke: bool) -> Path:
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from amnesia_sd.tokenizer import write_word_tokenizer
+    from amnesia_sd.model.tokenizer import write_word_tokenizer
 
     torch.manual_seed(0)
     length = 16 if smoke else 77
@@ -90,7 +90,7 @@ def build(kind: str, path: Path, smoke: bool) -> Path:
 
 
 class Phases:
-    """Wraps the one-command path's phases (amnesia_sd.sources' set generation and Fisher) to read
+    """Wraps the one-command path's phases (amnesia_sd.method.sources' set generation and Fisher) to read
     seconds and the device's peak per phase; training is what follows the Fisher."""
 
     def __init__(self, device: torch.device):
@@ -134,10 +134,10 @@ def predicted(lines: str) -> dict[str, float]:
 
 
 def one_command(kind: str, root: Path, device: torch.device, smoke: bool) -> dict:
-    from amnesia_sd import sources
-    from amnesia_sd.config import ForgetConfig
-    from amnesia_sd.cost import generation_passes
-    from amnesia_sd.forget import forget
+    from amnesia_sd.method import sources
+    from amnesia_sd.core.config import ForgetConfig
+    from amnesia_sd.core.cost import generation_passes
+    from amnesia_sd.commands.forget import forget
 
     counts = COUNTS["smoke" if smoke else kind]
     model = build(kind, root / kind, smoke)
@@ -172,9 +172,9 @@ def one_command(kind: str, root: Path, device: torch.device, smoke: bool) -> dic
 def fisher_agreement(model: Path, device: torch.device, samples: int, timesteps: int) -> dict:
     """The Fisher of one UNet over the same samples and noise in fp32 and in fp16 autocast with loss
     scaling: how far apart, and how many entries fp16 zeroed."""
-    from amnesia_sd.families import family_of
-    from amnesia_sd.fisher import FP16_LOSS_SCALE, fisher_diagonal, timestep_set
-    from amnesia_sd.models import load_pipeline, resolve_model
+    from amnesia_sd.model.families import family_of
+    from amnesia_sd.method.fisher import FP16_LOSS_SCALE, fisher_diagonal, timestep_set
+    from amnesia_sd.model.loading import load_pipeline, resolve_model
 
     pipe = load_pipeline(resolve_model(str(model))).to(device)
     family = family_of(pipe)

@@ -13,7 +13,7 @@ With --lora-rank R it measures the LoRA SA step instead (the same batch, autocas
 checkpointing): rank-R adapters (alpha = R) on the library's default targets
 (to_q,to_k,to_v,to_out.0) in fp32 with their own fp32 AdamW, the frozen base UNet in bf16 (as
 `forget --lora-rank R` under bf16 mixed precision), the bf16 Fisher of the adapted weights, and the
-LoRA EWC penalty (amnesia_sd.ewc.LoraPenalty); training images per second and peak GPU memory, no
+LoRA EWC penalty (amnesia_sd.model.ewc.LoraPenalty); training images per second and peak GPU memory, no
 Fisher timing (the Fisher is the full model's, as above). No targets: reported as measured.
 
 Without CUDA it prints {"skipped": ...} and exits 0. `--smoke` runs the same code on a tiny UNet
@@ -61,10 +61,10 @@ def main() -> None:
 
     from diffusers import UNet2DConditionModel
 
-    from amnesia_sd.diffusion import per_sample_loss
-    from amnesia_sd.ewc import EWCPenalty
-    from amnesia_sd.families import FAMILIES, take, to_device
-    from amnesia_sd.fisher import fisher_diagonal, timestep_set
+    from amnesia_sd.model.diffusion import per_sample_loss
+    from amnesia_sd.model.ewc import EWCPenalty
+    from amnesia_sd.model.families import FAMILIES, take, to_device
+    from amnesia_sd.method.fisher import fisher_diagonal, timestep_set
 
     device = torch.device("cpu" if args.smoke else "cuda")
     config = {(False, False): SD14_UNET, (False, True): SDXL_UNET,
@@ -85,8 +85,8 @@ def main() -> None:
         # adapted weights (random, made on the device), the penalty on delta W = s B A.
         from types import SimpleNamespace
 
-        from amnesia_sd.config import ForgetConfig
-        from amnesia_sd.trainable import LoraAdapters
+        from amnesia_sd.core.config import ForgetConfig
+        from amnesia_sd.model.trainable import LoraAdapters
 
         lora_targets = [t for t in ForgetConfig.lora_targets.split(",") if t]
         lora_config = SimpleNamespace(train_method="full", lora_rank=args.lora_rank,

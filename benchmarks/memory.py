@@ -9,7 +9,6 @@ weights, no download, a second), so the README's table is the code's.
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 from unets import SD14_UNET, SDXL_UNET
 
@@ -25,8 +24,8 @@ def plan(config: dict, lora_rank: int = 8) -> dict:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from amnesia_sd.forget import fits, memory_parts
-    from amnesia_sd.trainable import lora_modules, trainable_names
+    from amnesia_sd.commands.forget import fits, memory_parts
+    from amnesia_sd.model.trainable import lora_modules, trainable_names
 
     with init_empty_weights():
         unet = UNet2DConditionModel(**config)

@@ -1,4 +1,4 @@
-"""Memory plan against measurement: the planner's predicted activation bytes (amnesia_sd.memory,
+"""Memory plan against measurement: the planner's predicted activation bytes (amnesia_sd.model.memory,
 counted on the meta device) against a real forward+backward of the full SD v1.4 UNet (random
 weights, no download) on the CPU at 64x64 latents, batch 1 and 2, fp32 and bf16 autocast, for a
 Fisher chunk (eval mode, every weight's gradient) and a training step (train mode).
@@ -27,8 +27,8 @@ import time
 import torch
 from diffusers import UNet2DConditionModel
 
-from amnesia_sd.families import FAMILIES
-from amnesia_sd.memory import activation_peak
+from amnesia_sd.model.families import FAMILIES
+from amnesia_sd.model.memory import activation_peak
 from unets import SD14_UNET, TINY_UNET
 
 SD = FAMILIES["sd"]

@@ -20,7 +20,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from amnesia_sd.demo import DemoConfig, run_demo
+from amnesia_sd.studies.demo import DemoConfig, demo
 
 CASES = [
     ("one digit", [0], False, "reuse"),
@@ -53,7 +53,7 @@ def main() -> None:
         for name, digit, sequential, fisher in CASES:
             if args.only and not any(text in name for text in args.only):
                 continue
-            m = run_demo(DemoConfig(digit=digit, sequential=sequential, sequential_fisher=fisher, seed=args.seed,
+            m = demo(DemoConfig(digit=digit, sequential=sequential, sequential_fisher=fisher, seed=args.seed,
                                     samples_per_digit=args.samples_per_digit, output_dir=f"{tmp}/{len(results)}"))
             results[name] = {
                 "digits": digit, "sequential": sequential, "sequential_fisher": fisher if sequential else None,

@@ -22,7 +22,7 @@ at a small latent size:
 
 LoRA (the digits and sd14_cpu rows, under their key "lora"; --skip-lora leaves it out): rank
 --lora-rank (8) adapters on the library's default targets (to_q,to_k,to_v,to_out.0), alpha = rank,
-fp32 base, adapters and Fisher, the row's optimizer; the penalty is amnesia_sd.ewc.LoraPenalty
+fp32 base, adapters and Fisher, the row's optimizer; the penalty is amnesia_sd.model.ewc.LoraPenalty
 (EWC on delta W = s B A, the frozen base weight being the anchor), built by the library's own
 LoraAdapters with a random Fisher. Two more worker processes:
 
@@ -68,13 +68,13 @@ def build_unet(model: str):
     """(family, unet, scheduler, tokens): an architecture with random weights, or a model's UNet."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from amnesia_sd.families import FAMILIES, family_of
+    from amnesia_sd.model.families import FAMILIES, family_of
 
     if model in ARCHITECTURES:
         family, config = ARCHITECTURES[model]
         torch.manual_seed(0)
         return FAMILIES[family], UNet2DConditionModel(**config), sd_scheduler(), 77
-    from amnesia_sd.models import load_pipeline, resolve_model
+    from amnesia_sd.model.loading import load_pipeline, resolve_model
 
     pipe = load_pipeline(resolve_model(model))
     return family_of(pipe), pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), pipe.tokenizer.model_max_length
@@ -88,8 +88,8 @@ def add_lora(unet, args, generator):
     UNet, with a random non-negative Fisher for the adapted weights."""
     from types import SimpleNamespace
 
-    from amnesia_sd.config import ForgetConfig
-    from amnesia_sd.trainable import LoraAdapters
+    from amnesia_sd.core.config import ForgetConfig
+    from amnesia_sd.model.trainable import LoraAdapters
 
     targets = [t for t in ForgetConfig.lora_targets.split(",") if t]
     config = SimpleNamespace(train_method=args.train_method, lora_rank=args.lora_rank,
@@ -102,11 +102,11 @@ def add_lora(unet, args, generator):
 
 def worker(args) -> dict:
     """Run warm-up + timed steps of one variant; report seconds per step and peak RSS."""
-    from amnesia_sd.diffusion import per_sample_loss
-    from amnesia_sd.ewc import EWCPenalty
-    from amnesia_sd.forget import LOG_EVERY
-    from amnesia_sd.models import DTYPES
-    from amnesia_sd.trainable import trainable_names
+    from amnesia_sd.model.diffusion import per_sample_loss
+    from amnesia_sd.model.ewc import EWCPenalty
+    from amnesia_sd.commands.forget import LOG_EVERY
+    from amnesia_sd.model.loading import DTYPES
+    from amnesia_sd.model.trainable import trainable_names
 
     torch.set_num_threads(args.threads)
     family, unet, scheduler, tokens = build_unet(args.model)

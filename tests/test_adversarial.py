@@ -10,13 +10,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from amnesia_sd.adversarial import TOKEN
-from amnesia_sd.attack import token_rows
-from amnesia_sd.config import ForgetConfig
-from amnesia_sd.errors import UserError
-from amnesia_sd.forget import draw_batch
-from amnesia_sd.imageset import load_image_set
-from amnesia_sd.prompts import bundled, read_prompts
+from amnesia_sd.commands.forget import draw_batch
+from amnesia_sd.core.config import ForgetConfig
+from amnesia_sd.core.errors import UserError
+from amnesia_sd.data.imageset import load_image_set
+from amnesia_sd.data.prompts import bundled, read_prompts
+from amnesia_sd.method.adversary import TOKEN
+from amnesia_sd.method.textual_inversion import token_rows
 from helpers import unet_weights
 from test_careless import refuses
 from test_forget import data, killed_after_first_checkpoint, run, skip_optimizer_steps  # noqa: F401 (data: a fixture)
@@ -144,7 +144,7 @@ def test_sdxl_adversarial_run_learns_a_row_in_each_text_encoder(tiny_sdxl_model,
 
 
 def test_a_non_finite_adversary_token_is_never_finished(tiny_model, data, tmp_path, monkeypatch):
-    from amnesia_sd import adversarial
+    from amnesia_sd.method import adversary as adversarial
 
     def inf_rows(family, text, *args, **kwargs):
         return [torch.full_like(row, float("inf")) for row in token_rows(text, family, args[2])], [1.0], {}

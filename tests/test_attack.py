@@ -13,11 +13,12 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from amnesia_sd import digits
-from amnesia_sd.attack import TOKEN, AttackConfig, add_token, learn_token, run_attack
-from amnesia_sd.families import family_of
-from amnesia_sd.imageset import ImageSet
-from amnesia_sd.prompts import bundled, read_prompts
+from amnesia_sd.commands.attack import TOKEN, AttackConfig, attack
+from amnesia_sd.data.imageset import ImageSet
+from amnesia_sd.data.prompts import bundled, read_prompts
+from amnesia_sd.method.textual_inversion import add_token, learn_token
+from amnesia_sd.model import digits
+from amnesia_sd.model.families import family_of
 
 from helpers import load_parts, random_latents
 from test_careless import refuses
@@ -111,7 +112,7 @@ def test_digits_attack_end_to_end(forgotten_digits, tmp_path):
     hashes = {role: folder_hashes(path) for role, path in models.items()}
     out = tmp_path / "attack"
     n, batch, steps = 3, 2, 2
-    result = run_attack(AttackConfig(model=str(forgotten_digits), output_dir=str(out), steps=4, num_images=n,
+    result = attack(AttackConfig(model=str(forgotten_digits), output_dir=str(out), steps=4, num_images=n,
                                      train_batch_size=2, num_inference_steps=steps, batch_size=batch,
                                      measure_steps=[2]))
     assert result == json.loads((out / "attack.json").read_text())
@@ -180,7 +181,7 @@ def test_sd_model_with_own_images_and_clip(tiny_model, tiny_clip, concept_images
     model = perturbed_copy(tiny_model, tmp_path / "forgotten", {
         "base_model": str(Path(tiny_model).resolve()), "concepts": ["Brad Pitt"], "surrogate": "a middle aged man",
         "settings": {}})
-    result = run_attack(AttackConfig(model=str(model), output_dir=str(tmp_path / "r"), initializer="man",
+    result = attack(AttackConfig(model=str(model), output_dir=str(tmp_path / "r"), initializer="man",
                                      concept_images=str(concept_images), steps=2, num_images=2, num_inference_steps=2,
                                      clip_model=str(tiny_clip)))
     assert result["detector"] == "clip" and result["rate"] == "p_concept" and result["digit"] is None
@@ -226,7 +227,7 @@ def test_sdxl_attack_trains_a_row_in_each_text_encoder_and_loads_in_plain_diffus
         "settings": {}})
     hashes = folder_hashes(model)
     out = tmp_path / "r"
-    result = run_attack(AttackConfig(model=str(model), output_dir=str(out), initializer="man",
+    result = attack(AttackConfig(model=str(model), output_dir=str(out), initializer="man",
                                      concept_images=str(concept_images), steps=2, num_images=2, num_inference_steps=2,
                                      clip_model=str(tiny_clip)))
     assert folder_hashes(model) == hashes

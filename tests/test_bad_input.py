@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from amnesia_sd.cli import app
-from amnesia_sd.errors import UserError
+from amnesia_sd.core.errors import UserError
 from helpers import load_parts
 
 runner = CliRunner()
@@ -126,8 +126,8 @@ def test_bad_settings(tiny_model, tmp_path, fim, overrides, message):
 
 
 def test_optional_extras_that_are_missing(tiny_model, monkeypatch):
-    from amnesia_sd.config import ForgetConfig
-    from amnesia_sd.forget import enable_xformers, make_optimizer
+    from amnesia_sd.core.config import ForgetConfig
+    from amnesia_sd.commands.forget import enable_xformers, make_optimizer
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "xformers", None)
@@ -154,7 +154,7 @@ def test_config_file_unknown_key_and_precedence(tiny_model, tmp_path, fim):
     bad.write_text("lambda_ewc: 10\nlamda_ewc: 5\n")
     fails(forget_args(tiny_model, tmp_path / "o", fim / "good.safetensors", **{"--config": str(bad)}),
           "unknown key(s) in")
-    from amnesia_sd.config import ForgetConfig, build_config
+    from amnesia_sd.core.config import ForgetConfig, build_config
 
     toml = tmp_path / "c.toml"
     toml.write_text('lambda-ewc = 10.0\ngamma = 0.5\nmax_train_steps = 7\nconcept = "from file"\n')

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from amnesia_sd import digits
 from amnesia_sd.cli import app
-from amnesia_sd.config import SetConfig
-from amnesia_sd.imageset import make_image_set
+from amnesia_sd.commands.sets import make_image_set
+from amnesia_sd.core.config import SetConfig
+from amnesia_sd.model import digits
 from helpers import load_parts
 
 QUICK = ["--num-inference-steps", "2", "--batch-size", "4"]
@@ -289,7 +289,7 @@ def test_config_file_that_is_binary_or_is_the_output(world, untouched, tmp_path)
 
 
 def test_yaml_numbers_written_as_strings_are_read(tmp_path):
-    from amnesia_sd.config import ForgetConfig, build_config
+    from amnesia_sd.core.config import ForgetConfig, build_config
 
     config = tmp_path / "c.yaml"
     config.write_text("learning_rate: 1e-4\nmax_train_steps: 20.0\n")  # YAML 1.1 reads 1e-4 as text
@@ -331,7 +331,8 @@ def test_usage_errors_read_like_every_other_error(args, message):
 
 
 def test_ctrl_c_says_what_a_rerun_does(world, untouched, tmp_path, monkeypatch):
-    from amnesia_sd import fisher, sample
+    from amnesia_sd.commands import sample
+    from amnesia_sd.method import fisher
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt

@@ -11,12 +11,13 @@ import yaml
 from typer.testing import CliRunner
 
 from amnesia_sd.cli import app
-from amnesia_sd.config import FimConfig, ForgetConfig, SetConfig, build_config, to_dict
-from amnesia_sd.errors import UserError
-from amnesia_sd.fisher import compute_fim
-from amnesia_sd.forget import ConstantDecayEMA, draw_batch, forget
-from amnesia_sd.imageset import load_image_set, make_image_set
-from amnesia_sd.recipes import recipes
+from amnesia_sd.commands.fim import compute_fim
+from amnesia_sd.commands.forget import ConstantDecayEMA, draw_batch, forget
+from amnesia_sd.commands.sets import make_image_set
+from amnesia_sd.core.config import FimConfig, ForgetConfig, SetConfig, build_config, to_dict
+from amnesia_sd.core.errors import UserError
+from amnesia_sd.core.recipes import recipes
+from amnesia_sd.data.imageset import load_image_set
 from helpers import unet_weights
 
 QUICK = {"num_inference_steps": 2, "batch_size": 4}
@@ -248,8 +249,8 @@ def test_ema_without_warmup_holds_its_decay_from_the_first_step():
 def test_a_stale_earlier_set_in_the_work_folder_is_replaced(tiny_model, sets, tmp_path):
     """An interrupted run on another --model left its earlier set in OUT.partial: the next run links
     the right one."""
-    from amnesia_sd.imageset import link_set
-    from amnesia_sd.paths import open_work
+    from amnesia_sd.data.imageset import link_set
+    from amnesia_sd.core.paths import open_work
 
     first = forget(ForgetConfig(**settings(tiny_model, sets, tmp_path / "first", concept="brad pitt",
                                            surrogate="a man")))

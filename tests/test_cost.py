@@ -6,7 +6,7 @@ from tqdm import tqdm
 from typer.testing import CliRunner
 
 from amnesia_sd.cli import app
-from amnesia_sd.cost import first_batch, generation_passes
+from amnesia_sd.core.cost import first_batch, generation_passes
 
 
 def test_generation_passes_count_guidance_twice():

@@ -11,11 +11,11 @@ from PIL import Image
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from amnesia_sd import digits
 from amnesia_sd.cli import app
-from amnesia_sd.demo import DemoConfig, format_table, run_demo
-from amnesia_sd.errors import UserError
-from amnesia_sd.generate import image_seed
+from amnesia_sd.core.errors import UserError
+from amnesia_sd.data.generate import image_seed
+from amnesia_sd.model import digits
+from amnesia_sd.studies.demo import DemoConfig, format_table, demo
 
 from helpers import unet_weights
 
@@ -76,7 +76,7 @@ def test_short_demo_writes_what_it_promises(tmp_path):
     config = DemoConfig(digit=3, output_dir=str(out), samples_per_digit=4, replay_per_digit=2, surrogate_images=4,
                         fim_per_digit=1, fim_timesteps=4, max_train_steps=2, train_batch_size=4,
                         num_inference_steps=3, batch_size=64)
-    returned = run_demo(config)
+    returned = demo(config)
     metrics = json.loads((out / "metrics.json").read_text())
     assert returned == metrics
     assert metrics["forgotten_digit"] == 3 and metrics["surrogate"] == "noise" and metrics["samples_per_digit"] == 4
@@ -142,14 +142,14 @@ def test_short_demo_writes_what_it_promises(tmp_path):
 
     before = (out / "metrics.json").read_bytes()
     with pytest.raises(UserError, match=re.escape(str(out)) + " already holds a finished demo; pass --overwrite"):
-        run_demo(DemoConfig(output_dir=str(out)))
+        demo(DemoConfig(output_dir=str(out)))
     assert (out / "metrics.json").read_bytes() == before
 
 
 def test_short_lora_demo(tmp_path):
     """--lora-rank: SA and naive train adapters; metrics.json says how large the adapter is."""
     out = tmp_path / "demo"
-    metrics = run_demo(DemoConfig(output_dir=str(out), samples_per_digit=2, replay_per_digit=2, surrogate_images=4,
+    metrics = demo(DemoConfig(output_dir=str(out), samples_per_digit=2, replay_per_digit=2, surrogate_images=4,
                                   fim_per_digit=1, fim_timesteps=4, max_train_steps=2, train_batch_size=4,
                                   num_inference_steps=3, batch_size=64, lora_rank=2))
     assert metrics["settings"]["learning_rate"] == 5e-3 and set(metrics["sa"]) == KEYS
@@ -248,7 +248,7 @@ def test_demo_of_several_digits(tmp_path, sequential):
                         **TINY_DEMO)
     assert config.max_train_steps == (400 if sequential else 800)  # 400 steps' worth per digit
     assert (config.gamma, config.lr_warmup_steps) == (1.0, 0)  # one run, or a sequence's first
-    metrics = run_demo(DemoConfig(**{**asdict(config), "max_train_steps": 2}))
+    metrics = demo(DemoConfig(**{**asdict(config), "max_train_steps": 2}))
     assert metrics["forgotten_digits"] == [3, 5] and "forgotten_digit" not in metrics
     assert metrics["mode"] == ("sequential" if sequential else "one run")
     for name in ("original", "sa", "naive"):
@@ -286,7 +286,7 @@ def test_demo_attack_study(tmp_path):
                         attack_initializers=["digit", "number"], attack_images=2, adversarial_every=1,
                         adversarial_steps=1, **TINY_DEMO)
     assert config.unconditional_replay == 0.0  # the study measures the paper's replay
-    metrics = run_demo(config)
+    metrics = demo(config)
     study = metrics["attack"]
     names = ("original", "sa", "sa-xattn", "sa-adversarial", "sa-xattn-adversarial")
     assert list(study["models"]) == list(names) and study["steps"] == [1, 2] and study["digit"] == 3
@@ -319,7 +319,7 @@ def test_demo_attack_meets_the_issue_targets(tmp_path):
     """`amnesia-sd demo --attack` at its defaults (digit 0; about an hour on 2 CPU cores): the attack
     brings the digit back on the original model, and wherever it lifts a plain SA model above 0.10,
     adversarial SA at most halves that, keeping acc_retained within 3 points."""
-    metrics = run_demo(DemoConfig(digit=[0], attack=True, output_dir=str(tmp_path / "demo")))
+    metrics = demo(DemoConfig(digit=[0], attack=True, output_dir=str(tmp_path / "demo")))
     study = metrics["attack"]
     assert study["models"]["original"]["worst"] >= 0.9
     assert all(study["targets"].values()), study["targets"]

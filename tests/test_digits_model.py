@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from amnesia_sd import digits
+from amnesia_sd.model import digits
 
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")  # the classifier trains once per module

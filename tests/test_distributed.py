@@ -56,10 +56,10 @@ def launch(launcher: str, processes: int, *args, cwd, check: bool = True):
 @pytest.fixture(scope="module")
 def work(tiny_model, tmp_path_factory):
     """A replay set, its Fisher and a surrogate set, made by one process (in this one)."""
-    from amnesia_sd.config import FimConfig, SetConfig
-    from amnesia_sd.fisher import compute_fim
-    from amnesia_sd.imageset import make_image_set
-    from amnesia_sd.prompts import replay_prompts
+    from amnesia_sd.core.config import FimConfig, SetConfig
+    from amnesia_sd.commands.fim import compute_fim
+    from amnesia_sd.commands.sets import make_image_set
+    from amnesia_sd.data.prompts import replay_prompts
 
     root = tmp_path_factory.mktemp("dist")
     quick = {"model": str(tiny_model), "num_inference_steps": 2, "batch_size": 2}

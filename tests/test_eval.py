@@ -14,19 +14,18 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
-from amnesia_sd import digits
-from amnesia_sd.config import GenerationSettings
-from amnesia_sd.demo import evaluation_samples, sample_and_classify, summarize
-from amnesia_sd.detectors import EXPOSED, NudeNetDetector, Sample, is_nudity
-from amnesia_sd.errors import UserError
-from amnesia_sd.evaluate import (
-    EvalConfig, choose_detector, digits_of, misspellings, read_prompts_csv, run_eval, spread,
-)
-from amnesia_sd.generate import generate
-from amnesia_sd.models import make_accelerator
-from amnesia_sd.prompts import bundled, concept_prompts, read_prompts
-from amnesia_sd.report import format_summary
-from amnesia_sd.tokenizer import write_word_tokenizer
+from amnesia_sd.commands.evaluate import EvalConfig, misspellings, read_prompts_csv, evaluate
+from amnesia_sd.core.config import GenerationSettings
+from amnesia_sd.core.errors import UserError
+from amnesia_sd.data.detectors import EXPOSED, NudeNetDetector, Sample, is_nudity, choose_detector, digits_of
+from amnesia_sd.data.digit_measures import evaluation_samples, summarize
+from amnesia_sd.data.generate import generate
+from amnesia_sd.data.prompts import spread, bundled, concept_prompts, read_prompts
+from amnesia_sd.data.report import format_summary
+from amnesia_sd.model import digits
+from amnesia_sd.model.loading import make_accelerator
+from amnesia_sd.model.tokenizer import write_word_tokenizer
+from amnesia_sd.studies.demo import sample_and_classify
 
 from helpers import ENV, EXE, load_parts
 
@@ -161,7 +160,7 @@ def test_report_on_tiny_model_with_clip_and_csv(forgotten_tiny, tiny_model, tiny
                                             ["a <b>dog</b> & a cat", "123", "3", "x"],
                                             ["a house in a tree", "77", "9.5", "y"]])
     out = tmp_path / "report"
-    report = run_eval(EvalConfig(model=str(forgotten_tiny), output_dir=str(out), num_images=2, num_inference_steps=2,
+    report = evaluate(EvalConfig(model=str(forgotten_tiny), output_dir=str(out), num_images=2, num_inference_steps=2,
                                  clip_model=str(tiny_clip), prompts_csv=str(rows)))
     assert report == json.loads((out / "report.json").read_text())
     assert report["detector"] == "clip" and report["concepts"] == ["Brad Pitt"]
@@ -214,13 +213,13 @@ def test_report_on_tiny_model_with_clip_and_csv(forgotten_tiny, tiny_model, tiny
     table = format_summary(report)
     assert len(table.splitlines()) < 40 and "clip p_concept" in table
     with pytest.raises(UserError, match="already holds a finished eval report"):
-        run_eval(EvalConfig(model=str(forgotten_tiny), output_dir=str(out)))
+        evaluate(EvalConfig(model=str(forgotten_tiny), output_dir=str(out)))
 
 
 def test_digits_eval_reproduces_the_demo(forgotten_digits, tmp_path):
     """Same seeds and samples per digit as the demo: the demo's own functions give the same numbers."""
     n, steps, batch = 2, 3, 64
-    report = run_eval(EvalConfig(model=str(forgotten_digits), output_dir=str(tmp_path / "r"), num_images=n,
+    report = evaluate(EvalConfig(model=str(forgotten_digits), output_dir=str(tmp_path / "r"), num_images=n,
                                  num_inference_steps=steps, batch_size=batch))
     assert report["detector"] == "digits" and report["digits"]["forgotten_digit"] == 3
     assert report["models"]["base"]["identity"] == str(digits.SHIPPED_MODEL)
@@ -281,7 +280,7 @@ def test_several_concepts_are_reported_one_by_one(tiny_model, tiny_clip, tmp_pat
     model = perturbed_copy(tiny_model, tmp_path / "two", {
         "base_model": str(Path(tiny_model).resolve()), "concepts": ["Brad Pitt", "nudity", "naked"], "pairs": pairs,
         "settings": {"surrogate": []}})
-    report = run_eval(EvalConfig(model=str(model), output_dir=str(tmp_path / "r"), num_images=1, num_inference_steps=2,
+    report = evaluate(EvalConfig(model=str(model), output_dir=str(tmp_path / "r"), num_images=1, num_inference_steps=2,
                                  clip_model=str(tiny_clip), detector="clip"))
     sets = report["sets"]
     assert list(sets) == ["concept-1", "paraphrase-1", "misspelling-1", "concept-2", "paraphrase-2", "misspelling-2",
@@ -300,7 +299,7 @@ def test_digits_eval_of_several_digits(tmp_path):
         "pairs": [{"concept": "3", "surrogate_images": "n", "maps_to": "n"},
                   {"concept": "five", "surrogate_images": "n", "maps_to": "n"}]})
     n = 2
-    report = run_eval(EvalConfig(model=str(model), output_dir=str(tmp_path / "r"), num_images=n, num_inference_steps=2,
+    report = evaluate(EvalConfig(model=str(model), output_dir=str(tmp_path / "r"), num_images=n, num_inference_steps=2,
                                  batch_size=64))
     d = report["digits"]
     assert d["forgotten_digits"] == [3, 5] and "forgotten_digit" not in d

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from amnesia_sd import ewc
-from amnesia_sd.ewc import EWCPenalty
-from amnesia_sd.trainable import trainable_names
+from amnesia_sd.model import ewc
+from amnesia_sd.model.ewc import EWCPenalty
+from amnesia_sd.model.trainable import trainable_names
 from helpers import load_parts
 
 
@@ -93,7 +93,7 @@ def merged_delta(a, b, s):
 
 
 def test_lora_penalty_value_and_gradient_match_autograd():
-    from amnesia_sd.ewc import LoraPenalty
+    from amnesia_sd.model.ewc import LoraPenalty
 
     layers = lora_case()
     reference = 50.0 * sum((f * merged_delta(a, b, s) ** 2).sum() for a, b, f, s in layers)
@@ -118,7 +118,7 @@ def test_lora_penalty_is_ewc_on_the_adapted_weights_of_a_unet(tiny_model):
     at the base weights, counting only the adapted ones."""
     from types import SimpleNamespace
 
-    from amnesia_sd.trainable import LoraAdapters
+    from amnesia_sd.model.trainable import LoraAdapters
 
     unet = load_parts(tiny_model)[0].unet
     base = {k: v.clone() for k, v in unet.state_dict().items()}

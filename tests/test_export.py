@@ -17,9 +17,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from typer.testing import CliRunner
 
 from amnesia_sd.cli import app
-from amnesia_sd.errors import UserError
-from amnesia_sd.export import ExportConfig, export_checkpoint, pipeline_to_original, unet_module_map, unet_to_original
-from amnesia_sd.paths import stamp
+from amnesia_sd.commands.export import (ExportConfig, export as export_command, pipeline_to_original, unet_module_map,
+                                        unet_to_original)
+from amnesia_sd.core.errors import UserError
+from amnesia_sd.core.paths import stamp
 from helpers import ENV, EXE
 
 PARTS = {StableDiffusionPipeline: ("unet", "vae", "text_encoder"),
@@ -48,7 +49,7 @@ def assert_same_weights(source, loaded, dtype):
 
 
 def export(model, out, *, dtype="fp32", **kwargs):
-    return export_checkpoint(ExportConfig(model=str(model), output=str(out), dtype=dtype, **kwargs))
+    return export_command(ExportConfig(model=str(model), output=str(out), dtype=dtype, **kwargs))
 
 
 def keys_and_metadata(path):

@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from amnesia_sd.diffusion import diffusion_target
-from amnesia_sd.errors import UserError
-from amnesia_sd.families import FAMILIES
-from amnesia_sd.fisher import fisher_diagonal, load_fisher, sample_noise, save_fisher, timestep_set
+from amnesia_sd.core.errors import UserError
+from amnesia_sd.method.fisher import fisher_diagonal, load_fisher, sample_noise, save_fisher, timestep_set
+from amnesia_sd.model.diffusion import diffusion_target
+from amnesia_sd.model.families import FAMILIES
 from helpers import load_parts, random_latents
 
 PROMPTS = ["a photo of a dog", "a painting of a house", "a cat in a tree"]
@@ -160,7 +160,7 @@ def fp16_gradients(unet, shrink: float):
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")
 def test_fp16_loss_scaling_keeps_the_small_entries_that_unscaled_fp16_loses(parts):
-    from amnesia_sd.fisher import FP16_LOSS_SCALE
+    from amnesia_sd.method.fisher import FP16_LOSS_SCALE
 
     pipe, scheduler = parts
     latents, timesteps = random_latents(2), timestep_set(1000, 4)

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from amnesia_sd import forget as forget_module
-from amnesia_sd.config import FimConfig, ForgetConfig, SetConfig
-from amnesia_sd.errors import Interrupted, UserError
-from amnesia_sd.fisher import compute_fim
-from amnesia_sd.forget import forget
-from amnesia_sd.imageset import load_image_set, make_image_set
-from amnesia_sd.trainable import trainable_names
+from amnesia_sd.commands import forget as forget_module
+from amnesia_sd.commands.fim import compute_fim
+from amnesia_sd.commands.forget import forget
+from amnesia_sd.commands.sets import make_image_set
+from amnesia_sd.core.config import FimConfig, ForgetConfig, SetConfig
+from amnesia_sd.core.errors import Interrupted, UserError
+from amnesia_sd.data.imageset import load_image_set
+from amnesia_sd.model.trainable import trainable_names
 from helpers import load_parts, unet_weights
 
 QUICK = {"num_inference_steps": 3, "batch_size": 4}
@@ -200,7 +201,7 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_model, data, tmp_path):
 def test_sets_made_by_forget_are_sampled_in_its_mixed_precision(tiny_model, data, tmp_path, monkeypatch):
     """forget holds the pipeline in float32 (master weights): its surrogate set is sampled under the
     run's autocast (bf16 here; on a GPU, the default), the VAE's decode in the VAE's own dtype."""
-    from amnesia_sd import generate as generate_module
+    from amnesia_sd.data import generate as generate_module
 
     seen, real = [], generate_module.decode
     monkeypatch.setattr(generate_module, "decode", lambda vae, latents: seen.append(
@@ -251,7 +252,7 @@ def test_fim_generates_its_replay_set_when_none_is_given(tiny_model, tmp_path):
 
 
 def test_text_encoder_runs_before_training_only(tiny_model, data, tmp_path, monkeypatch):
-    from amnesia_sd.families import StableDiffusion
+    from amnesia_sd.model.families import StableDiffusion
 
     calls = []
     real = StableDiffusion.encode_text
@@ -409,7 +410,7 @@ def test_one_command_makes_the_replay_set_and_fisher_once_per_base_model(tiny_mo
 def test_the_seed_changes_training_and_streams_never_share_noise(tiny_model, data, tmp_path):
     """torch's CPU generator keeps only the low 32 bits of a seed: the run's seed must still count,
     and the Fisher's noise must not be the noise an image was generated from."""
-    from amnesia_sd.generate import image_seed
+    from amnesia_sd.data.generate import image_seed
 
     a = unet_weights(run(tiny_model, data, tmp_path / "s0", max_train_steps=2, seed=0))
     b = unet_weights(run(tiny_model, data, tmp_path / "s1", max_train_steps=2, seed=1))
@@ -465,7 +466,7 @@ def test_lora_result_loads_in_plain_diffusers(tiny_model, data, tmp_path, method
     from diffusers import UNet2DConditionModel
     from helpers import ENV
 
-    from amnesia_sd.trainable import lora_modules
+    from amnesia_sd.model.trainable import lora_modules
 
     out = run(tiny_model, data, tmp_path / "lora", lora_rank=4, fuse=True, train_method=method, lora_targets=targets,
               max_train_steps=2)
@@ -492,7 +493,7 @@ def test_lora_results_of_earlier_versions_load_with_every_adapter(tiny_model, da
 
     from safetensors.torch import load_file, save_file
 
-    from amnesia_sd.models import load_pipeline, resolve_model
+    from amnesia_sd.model.loading import load_pipeline, resolve_model
 
     out = run(tiny_model, data, tmp_path / "new", lora_rank=2, lora_targets="to_q,to_k,to_v,to_out.0,conv_in",
               max_train_steps=1)

@@ -4,11 +4,12 @@ import pytest
 import torch
 from PIL import Image
 
-from amnesia_sd import imageset
-from amnesia_sd.config import SetConfig
-from amnesia_sd.errors import UserError
-from amnesia_sd.imageset import encode_image_folder, load_image_set, make_image_set
-from amnesia_sd.models import make_accelerator, resolve_model
+from amnesia_sd.commands.sets import make_image_set
+from amnesia_sd.core.config import SetConfig
+from amnesia_sd.core.errors import UserError
+from amnesia_sd.data import imageset
+from amnesia_sd.data.imageset import encode_image_folder, load_image_set
+from amnesia_sd.model.loading import make_accelerator, resolve_model
 from helpers import load_parts
 
 PROMPTS = ["a photo of a dog", "a cat", "a house in a tree", "a woman", "a man"]
@@ -84,7 +85,7 @@ def test_user_images_are_cropped_and_encoded(tiny_model, tmp_path):
 
 
 def test_processes_share_whole_batches():
-    from amnesia_sd.generate import process_share
+    from amnesia_sd.data.generate import process_share
 
     for count, batch, world in [(5, 2, 2), (17, 4, 3), (3, 8, 2), (10, 1, 4)]:
         shares = [process_share(count, batch, rank, world) for rank in range(world)]

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from amnesia_sd.io import atomic_path, write_json
+from amnesia_sd.core.io import atomic_path, write_json
 
 
 def test_written_files_get_ordinary_permissions(tmp_path):

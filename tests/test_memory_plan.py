@@ -2,14 +2,13 @@
 cannot fit is refused before any work, with the settings that would."""
 
 import json
-from pathlib import Path
+from amnesia_sd.model.families import FAMILIES
+from amnesia_sd.model.memory import activation_peak, meta_copy
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from amnesia_sd.families import FAMILIES
-from amnesia_sd.memory import activation_peak, meta_copy
 from helpers import load_parts, make_sets, run_command
 
 QUICK = ["--num-inference-steps", "2", "--batch-size", "2"]
@@ -68,8 +67,8 @@ def test_a_budget_too_small_for_one_timestep_names_checkpointing(tiny_model, wor
 
 
 def test_forget_over_the_budget_is_refused_before_any_work_listing_what_fits(tiny_model, work, tmp_path):
-    from amnesia_sd.config import ForgetConfig
-    from amnesia_sd.forget import training_peak
+    from amnesia_sd.core.config import ForgetConfig
+    from amnesia_sd.commands.forget import training_peak
 
     pipe, _ = load_parts(tiny_model)
     settings = {"model": str(tiny_model), "concept": "brad pitt", "surrogate_dir": str(work / "surrogate"),
@@ -105,8 +104,8 @@ def test_max_memory_must_be_a_size(tiny_model, work):
 
 
 def test_gpu_default_is_bf16_where_the_gpu_has_it_and_fp32_on_the_cpu(monkeypatch):
-    from amnesia_sd import config as config_module
-    from amnesia_sd.config import FimConfig
+    from amnesia_sd.core import config as config_module
+    from amnesia_sd.core.config import FimConfig
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     settings = {"model": "m", "output": "f.safetensors"}
@@ -123,8 +122,8 @@ def test_gpu_default_is_bf16_where_the_gpu_has_it_and_fp32_on_the_cpu(monkeypatc
 
 def sampling_peak_of(tiny_model, batch: int) -> int:
     """The plan's figure for sampling the tiny model at its native 16 px (8x8 latents) with guidance (fp32)."""
-    from amnesia_sd.generate import vae_dtype
-    from amnesia_sd.memory import sampling_peak
+    from amnesia_sd.data.generate import vae_dtype
+    from amnesia_sd.model.memory import sampling_peak
 
     pipe, _ = load_parts(tiny_model)
     resident = sum(p.numel() * 4 for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
@@ -174,8 +173,8 @@ def test_attack_refuses_a_token_batch_over_the_budget_before_any_image(tiny_mode
 
 
 def test_the_inner_attack_counts_in_forgets_plan(tiny_model):
-    from amnesia_sd.config import ForgetConfig
-    from amnesia_sd.forget import training_peak
+    from amnesia_sd.core.config import ForgetConfig
+    from amnesia_sd.commands.forget import training_peak
 
     pipe, _ = load_parts(tiny_model)
     settings = {"model": "m", "concept": "brad pitt", "surrogate": "a man", "output_dir": "o", "train_batch_size": 1}
@@ -191,7 +190,7 @@ def test_out_of_memory_in_training_is_one_line_and_a_rerun_picks_up_what_was_mad
     """A CUDA out-of-memory (raised here by hand: this machine has no GPU) mid-training: exit 2, the
     phase, the plan's prediction and what to change in one line; the sets made stay, and the rerun
     with --gradient-checkpointing resumes from the checkpoint instead of making them again."""
-    from amnesia_sd import forget as forget_module
+    from amnesia_sd.commands import forget as forget_module
 
     monkeypatch.setenv("AMNESIA_SD_CACHE", str(tmp_path / "cache"))
     args = ["forget", "--model", tiny_model, "--concept", "brad pitt", "--surrogate", "a man", "--output-dir", "out",
@@ -219,7 +218,7 @@ def test_out_of_memory_in_training_is_one_line_and_a_rerun_picks_up_what_was_mad
 
 
 def test_out_of_memory_in_the_fisher_names_its_chunk(tiny_model, tmp_path, monkeypatch):
-    from amnesia_sd import fisher as fisher_module
+    from amnesia_sd.method import fisher as fisher_module
 
     run_command("replay", "--model", tiny_model, "--output-dir", "replay", "--num-images", "2", *QUICK, cwd=tmp_path)
     monkeypatch.setattr(fisher_module, "per_sample_loss",
@@ -232,7 +231,7 @@ def test_out_of_memory_in_the_fisher_names_its_chunk(tiny_model, tmp_path, monke
 
 
 def test_out_of_memory_while_sampling_names_the_batch(tiny_model, tmp_path, monkeypatch):
-    from amnesia_sd import generate as generate_module
+    from amnesia_sd.data import generate as generate_module
 
     monkeypatch.setattr(generate_module, "decode",
                         lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from amnesia_sd import families
-from amnesia_sd.errors import UserError
-from amnesia_sd.families import FAMILIES, family_of_keys
+from amnesia_sd.core.errors import UserError
+from amnesia_sd.model import families
+from amnesia_sd.model.families import FAMILIES, family_of_keys
 from helpers import ENV, EXE, run_command
 
 QUICK = ["--num-inference-steps", "2", "--batch-size", "4"]
@@ -164,9 +164,9 @@ def test_sdxl_flow_replay_fim_surrogate_forget_sample_eval(tiny_sdxl_model, sdxl
 def test_training_conditions_like_the_pipeline(tiny_sdxl_model, sdxl_replay_fim, tmp_path, monkeypatch):
     """Every row the UNet sees in training: the pipeline's own embeddings of the concept prompt (on a
     surrogate image) or of the replay image's prompt, and the time ids the pipeline used to make it."""
-    from amnesia_sd.config import ForgetConfig
-    from amnesia_sd.forget import forget
-    from amnesia_sd.imageset import load_image_set
+    from amnesia_sd.core.config import ForgetConfig
+    from amnesia_sd.commands.forget import forget
+    from amnesia_sd.data.imageset import load_image_set
 
     model = str(tiny_sdxl_model)
     # The user's own surrogate images, not square: SDXL is told their original size and the crop.
@@ -243,18 +243,18 @@ def test_family_of_single_file_checkpoints_and_unsupported_pipelines(tmp_path):
 
 def test_exported_checkpoints_are_told_apart_by_their_tensor_names(tiny_model, tiny_sdxl_model, tmp_path):
     """What `--model file.safetensors` loads with: SDXL's pipeline for an SDXL checkpoint, SD's for SD's."""
-    from amnesia_sd.export import ExportConfig, export_checkpoint
-    from amnesia_sd.families import detect_family
+    from amnesia_sd.commands.export import ExportConfig, export
+    from amnesia_sd.model.families import detect_family
 
     for model, name in ((tiny_model, "sd"), (tiny_sdxl_model, "sdxl")):
-        path = export_checkpoint(ExportConfig(model=str(model), output=str(tmp_path / f"{name}.safetensors")))
+        path = export(ExportConfig(model=str(model), output=str(tmp_path / f"{name}.safetensors")))
         assert detect_family("file", str(path)).name == name
 
 
 def test_train_methods_on_the_sdxl_unet(tiny_sdxl_model):
     from diffusers import UNet2DConditionModel
 
-    from amnesia_sd.trainable import trainable_names
+    from amnesia_sd.model.trainable import trainable_names
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_model, subfolder="unet")
     names = [n for n, _ in unet.named_parameters()]
@@ -306,10 +306,9 @@ def test_readme_memory_table_is_what_the_preflight_computes():
 
 
 def test_lora_forgetting_on_sdxl_loads_in_plain_diffusers(tiny_sdxl_model, sdxl_replay_fim, tmp_path):
-    from diffusers import StableDiffusionXLPipeline
 
-    from amnesia_sd.config import ForgetConfig
-    from amnesia_sd.forget import forget
+    from amnesia_sd.core.config import ForgetConfig
+    from amnesia_sd.commands.forget import forget
 
     out = forget(ForgetConfig(model=str(tiny_sdxl_model), concept="Brad Pitt", surrogate="a middle aged man",
                               num_surrogate_images=2, replay_dir=str(sdxl_replay_fim / "replay"),

@@ -1,6 +1,6 @@
 """The offline tokenizer: every given word is one token, and the files are the same every time."""
 
-from amnesia_sd.tokenizer import write_word_tokenizer
+from amnesia_sd.model.tokenizer import write_word_tokenizer
 
 
 def test_words_are_single_tokens_and_files_are_deterministic(tmp_path):

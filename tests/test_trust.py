@@ -8,8 +8,8 @@ import pytest
 from safetensors.torch import save_file
 import torch
 
-from amnesia_sd.errors import UserError
-from amnesia_sd.paths import stamp
+from amnesia_sd.core.errors import UserError
+from amnesia_sd.core.paths import stamp
 from helpers import load_parts, make_sets, run_command
 
 
@@ -60,7 +60,7 @@ def test_cache_clear_removes_only_entries_that_are_ours_and_hold_only_what_we_wr
 
 
 def test_a_cache_path_that_is_a_file_is_one_line(tiny_model, tmp_path, monkeypatch):
-    from amnesia_sd.cache import model_entry
+    from amnesia_sd.core.cache import model_entry
 
     (tmp_path / "cache").write_text("not a folder")
     monkeypatch.setenv("AMNESIA_SD_CACHE", str(tmp_path / "cache"))
@@ -85,8 +85,8 @@ def test_overwrite_replaces_only_a_result_of_the_same_kind(tiny_model, tmp_path,
 
 
 def test_overwrite_still_replaces_its_own_kind(tmp_path):
-    from amnesia_sd.export import FORMAT, LORA_FORMAT
-    from amnesia_sd.paths import Output, check_output
+    from amnesia_sd.commands.export import FORMAT, LORA_FORMAT
+    from amnesia_sd.core.paths import Output, check_output
 
     own = stamped_file(tmp_path / "model.safetensors", FORMAT)
     assert check_output(Output("--output", own, None, "export", (FORMAT, LORA_FORMAT)), overwrite=True)
@@ -107,7 +107,7 @@ def forget_args(tiny_model, sets, out):
 
 def test_a_file_written_into_the_output_during_the_run_is_never_moved_or_deleted(tiny_model, sets, tmp_path,
                                                                                     monkeypatch):
-    from amnesia_sd import forget as forget_module
+    from amnesia_sd.commands import forget as forget_module
 
     (tmp_path / "o").mkdir()  # empty: accepted at the start
     real = forget_module.write_result
@@ -177,7 +177,7 @@ def test_two_runs_on_one_output_the_second_refuses_while_the_first_runs(tiny_mod
 def test_a_second_attack_never_deletes_the_first_ones_work_folder(tmp_path):
     import subprocess
 
-    from amnesia_sd.paths import open_work
+    from amnesia_sd.core.paths import open_work
 
     holder = subprocess.Popen(["sleep", "60"])
     try:
@@ -210,7 +210,7 @@ def test_a_crafted_pickle_in_a_checkpoint_never_runs_and_the_resume_is_refused(t
                                                                               monkeypatch):
     import pickle
 
-    from amnesia_sd import forget as forget_module
+    from amnesia_sd.commands import forget as forget_module
 
     real = forget_module.save_checkpoint
 
@@ -263,10 +263,10 @@ def test_a_non_finite_run_names_the_flag_that_is_out_of_range(tiny_model, sets, 
 
 
 def test_the_default_adversary_initializer_works_on_every_bundled_model(tiny_model):
-    from amnesia_sd.adversarial import check_adversarial
-    from amnesia_sd.config import ForgetConfig
-    from amnesia_sd.families import family_of
-    from amnesia_sd.models import load_pipeline, resolve_model
+    from amnesia_sd.method.adversary import check_adversarial
+    from amnesia_sd.core.config import ForgetConfig
+    from amnesia_sd.model.families import family_of
+    from amnesia_sd.model.loading import load_pipeline, resolve_model
 
     config = ForgetConfig(model="digits", concept="zero", surrogate="noise", output_dir="o", adversarial=True)
     digits = load_pipeline(resolve_model("digits"))
@@ -299,8 +299,8 @@ def test_a_result_identical_to_its_start_is_an_error_naming_the_cause(tiny_model
 
 
 def test_attack_token_must_be_new_to_the_tokenizer(tiny_model):
-    from amnesia_sd.attack import add_token
-    from amnesia_sd.families import family_of
+    from amnesia_sd.method.textual_inversion import add_token
+    from amnesia_sd.model.families import family_of
 
     pipe, _ = load_parts(tiny_model)
     before = len(pipe.tokenizer)
@@ -321,7 +321,7 @@ def test_a_concept_longer_than_the_text_window_says_what_is_dropped(tiny_model, 
 
 def test_a_cache_entry_that_cannot_be_removed_is_one_line(tmp_path, monkeypatch):
     """A read-only cache (simulated: this machine runs as root, which may write anywhere)."""
-    from amnesia_sd import cache as cache_module
+    from amnesia_sd.core import cache as cache_module
 
     monkeypatch.setenv("AMNESIA_SD_CACHE", str(tmp_path / "c"))
     entry = tmp_path / "c" / "models" / "ours"

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from amnesia_sd.config import ForgetConfig, SetConfig
-from amnesia_sd.errors import UserError
-from amnesia_sd.forget import forget
-from amnesia_sd.imageset import load_image_set, make_image_set
+from amnesia_sd.commands.forget import forget
+from amnesia_sd.commands.sets import make_image_set
+from amnesia_sd.core.config import ForgetConfig, SetConfig
+from amnesia_sd.core.errors import UserError
+from amnesia_sd.data.imageset import load_image_set
 from helpers import load_parts, run_command
 
 QUICK = {"num_inference_steps": 2, "batch_size": 4}
@@ -91,7 +92,7 @@ def test_a_sequence_reuses_the_replay_set_unless_another_share_is_asked_for(tiny
     capsys.readouterr()
     # Another share: a new set (of the bundled prompts, 100 instead of 1000 here), made on the model
     # being trained, as the run says.
-    monkeypatch.setattr("amnesia_sd.sources.DEFAULT_REPLAY_IMAGES", 100)
+    monkeypatch.setattr("amnesia_sd.method.sources.DEFAULT_REPLAY_IMAGES", 100)
     record = next_run("other", concept="a cat", unconditional_replay=0.01, batch_size=100)
     assert "does not hold --unconditional-replay 0.01: a new one is made on" in capsys.readouterr().out
     made = load_image_set(record["replay_set"])

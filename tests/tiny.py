@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from amnesia_sd.tokenizer import write_word_tokenizer
+from amnesia_sd.model.tokenizer import write_word_tokenizer
 
 WORDS = "a an the photo of portrait painting picture brad pitt middle aged man woman dog cat house tree in on".split()
 

@@ -1,0 +1,155 @@
+"""Where forget's replay set, surrogate set and Fisher come from (given, cached, or made now), and
+what that costs, said in one line before any of it starts."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from safetensors import safe_open
+
+from amnesia_sd.core.cache import digest, model_entry
+from amnesia_sd.core.config import (DEFAULT_FIM_FRACTION, DEFAULT_FIM_TIMESTEPS, DEFAULT_REPLAY_IMAGES,
+                                    DEFAULT_SURROGATE_IMAGES, SURROGATE_SOURCES, ForgetConfig, split_concepts)
+from amnesia_sd.core.cost import announce, generation_passes
+from amnesia_sd.core.paths import check_overlap
+from amnesia_sd.data.imageset import (MANIFEST, ImageSet, encode_image_folder, generate_image_set, is_cached,
+                                      is_finished, link_set, load_image_set, set_record)
+from amnesia_sd.data.prompts import concept_prompts, repeat_to, replay_prompts, with_unconditional
+from amnesia_sd.method.checkpoints import result_output
+from amnesia_sd.method.fisher import fisher_cost, replay_cost, timestep_set, write_fisher_of_set
+from amnesia_sd.model.loading import ModelRef, origin
+
+
+def same_set(copy: Path, source: Path) -> bool:
+    """`copy` is a finished set with `source`'s manifest (which records how the set was made)."""
+    return is_finished(copy) and (copy / MANIFEST).read_bytes() == (source / MANIFEST).read_bytes()
+
+
+def surrogate_folder(index: int, count: int) -> str:
+    """Where pair `index` of `count` keeps its surrogate set under OUT/data."""
+    return "surrogate" if count == 1 else f"surrogate-{index + 1}"
+
+
+class Plan:
+    """Where forget's sets and Fisher come from (given, cached, or made now) and what that costs,
+    said in one line before any of it starts. Replay sets and Fishers made here go to the
+    amnesia-sd cache of the base model, for every later `forget` on it; each (concept, surrogate)
+    pair's surrogate set goes to the work folder's data/ (published with the result as OUT/data).
+    `inherited` are the pairs an earlier forget run on this model trained, with their finished
+    sets: they are linked in, not made again."""
+
+    def __init__(self, config: ForgetConfig, ref: ModelRef, pipe, work: Path, num_processes: int,
+                 given: dict[str, ImageSet], inherited: list[dict]):
+        self.config, self.ref, self.pipe, self.work, self.given = config, ref, pipe, work, given
+        self.inherited = inherited
+        self.entry = None if config.replay_dir and config.fim else model_entry(origin(ref, pipe), pipe.unet)
+        if self.entry is not None:  # the result may not land in (or around) the cache it reads
+            check_overlap([result_output(Path(config.output_dir))], {"the amnesia-sd cache entry": self.entry})
+        self.replay_texts = None if config.replay_dir else with_unconditional(repeat_to(
+            replay_prompts(config.prompts_file), config.num_replay_images or DEFAULT_REPLAY_IMAGES),
+            config.unconditional_replay or 0.0)
+        # One set per distinct surrogate: pairs that share a surrogate share its set.
+        keys = [("set", str(pair["set"].path.resolve())) for pair in inherited] + [
+            next((k, v) for k, v in pair.items() if k in SURROGATE_SOURCES and v) for pair in config.pairs()]
+        distinct = list(dict.fromkeys(keys))
+        self.folders = [work / "data" / surrogate_folder(distinct.index(key), len(distinct)) for key in keys]
+        self.surrogate_texts = [[pair["surrogate"]] * (config.num_surrogate_images or DEFAULT_SURROGATE_IMAGES)
+                                if pair["surrogate"] is not None else None for pair in config.pairs()]
+        parts = []
+        if self.replay_texts is not None:
+            record = set_record(pipe, ref, self.replay_texts, config, "replay")
+            self.replay_dir = self.entry / f"replay-{digest(record)}"
+            parts.append(replay_cost(len(self.replay_texts), config, is_cached(self.replay_dir, record)))
+        counted = set()
+        for pair, texts, folder in zip(config.pairs(), self.surrogate_texts, self.folders[len(inherited):]):
+            if texts is not None and folder not in counted:
+                counted.add(folder)
+                cached = is_cached(folder, set_record(pipe, ref, texts, config, "surrogate"))
+                passes = generation_passes(len(texts), config.num_inference_steps, config.guidance_scale)
+                of = f" of {pair['concept']!r}" if len(keys) > 1 else ""
+                parts.append((f"surrogate set{of} ({len(texts)} images x {config.num_inference_steps} steps)",
+                              None if cached else passes))
+        self.concept_texts = None
+        self.fim_made = False  # whether fisher() computed the Fisher in this run
+        if config.adversarial:  # the inner attack's images of the concept, drawn by this model now
+            concept = config.pairs()[-1]["concept"]
+            self.concept_texts = repeat_to(concept_prompts(split_concepts(concept), config.templates),
+                                           config.adversarial_images)
+            cached = is_cached(work / "data" / "concept", set_record(pipe, ref, self.concept_texts, config, "concept"))
+            parts.append((f"concept set for --adversarial ({len(self.concept_texts)} images x "
+                          f"{config.num_inference_steps} steps)", None if cached else generation_passes(
+                              len(self.concept_texts), config.num_inference_steps, config.guidance_scale)))
+            rounds = -(-config.max_train_steps // config.adversarial_every)
+            parts.append((f"--adversarial inner attacks ({rounds} x {config.adversarial_steps} steps x "
+                          f"{config.adversarial_batch_size} images, forward+backward)",
+                          rounds * config.adversarial_steps * config.adversarial_batch_size))
+        if not config.fim:
+            replay_size = len(self.replay_texts) if self.replay_texts is not None else \
+                len(given["replay"].latents)
+            self.fim_count = min(config.fim_num_images or max(1, replay_size // DEFAULT_FIM_FRACTION), replay_size)
+            self.fim_steps = len(timestep_set(pipe.scheduler.config.num_train_timesteps,
+                                              config.fim_num_timesteps or DEFAULT_FIM_TIMESTEPS))
+            name, passes = fisher_cost(self.fim_count, self.fim_steps)
+            parts.append((name, passes))
+        steps = config.max_train_steps * config.gradient_accumulation_steps
+        parts.append((f"training ({config.max_train_steps} steps x {2 * config.train_batch_size * num_processes} "
+                      f"images x {config.gradient_accumulation_steps} accumulation, forward+backward)",
+                      steps * 2 * config.train_batch_size * num_processes))
+        announce("forget", parts)
+
+    def sets(self, accelerator) -> tuple[ImageSet, list[ImageSet]]:
+        """The replay set, and one surrogate set per pair (inherited pairs first)."""
+        config, pipe, ref = self.config, self.pipe, self.ref
+        if config.replay_dir:
+            replay = self.given["replay"]
+        else:
+            replay = generate_image_set(pipe, ref, self.replay_texts, config, self.replay_dir, "replay",
+                                        accelerator, reuse=True)
+        surrogates, made = [], {}
+        for pair, folder in zip(self.inherited, self.folders):
+            if folder not in made:
+                if accelerator.is_main_process and not same_set(folder, pair["set"].path):
+                    # A set left in our work folder by a run on another --model is replaced.
+                    shutil.rmtree(folder, ignore_errors=True)
+                    link_set(pair["set"].path, folder)
+                accelerator.wait_for_everyone()
+                made[folder] = load_image_set(folder)
+            surrogates.append(made[folder])
+        for i, (pair, texts, folder) in enumerate(zip(config.pairs(), self.surrogate_texts,
+                                                        self.folders[len(self.inherited):])):
+            if folder in made:  # a surrogate an earlier pair shares
+                surrogates.append(made[folder])
+                continue
+            if pair["surrogate_dir"]:
+                surrogates.append(self.given[f"surrogate {i + 1}"])
+            elif pair["surrogate_images"]:
+                surrogates.append(encode_image_folder(pipe, ref, pair["surrogate_images"], folder, config.resolution,
+                                                      accelerator, reuse=True))
+            else:
+                surrogates.append(generate_image_set(pipe, ref, texts, config, folder, "surrogate", accelerator,
+                                                     reuse=True))
+            made[folder] = surrogates[-1]
+        return replay, surrogates
+
+    def concept_set(self, accelerator) -> ImageSet:
+        """--adversarial: images of the concept (OUT/data/concept), drawn by the model before it forgets."""
+        return generate_image_set(self.pipe, self.ref, self.concept_texts, self.config, self.work / "data" / "concept",
+                                  "concept", accelerator, reuse=True)
+
+    def fisher(self, replay: ImageSet, accelerator) -> Path:
+        """The cached Fisher over `replay`: reused when its recorded settings match, else made now."""
+        config = self.config
+        wanted = {"num_samples": str(self.fim_count), "num_timesteps": str(self.fim_steps), "seed": str(config.seed),
+                  "replay_set": str(replay.path), "mixed_precision": accelerator.mixed_precision}
+        path = self.entry / f"fim-{digest(wanted)}.safetensors"
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                if all((f.metadata() or {}).get(k) == v for k, v in wanted.items()):
+                    return path
+        self.fim_made = True
+        write_fisher_of_set(self.pipe, self.ref, replay, self.fim_count, self.fim_steps, config.seed,
+                            None, config.gradient_checkpointing, accelerator, path, max_memory=config.max_memory)
+        return path
+
+

@@ -1,0 +1,199 @@
+"""Finding and loading the base model: a hub id, a diffusers folder or a single-file checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from amnesia_sd.core.errors import UserError
+from amnesia_sd.model.digits import ensure_digits_model
+from amnesia_sd.model.families import detect_family, family_of
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from; `identity` is what manifests and model cards record."""
+
+    spec: str
+    kind: str  # "folder", "file", "hub", or "lora" (a LoRA result of forget, on the base it records)
+    location: str
+
+    @property
+    def identity(self) -> str:
+        return self.location if self.kind != "hub" else f"hub:{self.location}"
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """Decide what `--model` names without loading anything, so bad paths fail fast."""
+    if spec == "digits":
+        return ModelRef(spec, "folder", str(ensure_digits_model()))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() and lora_base(path):
+            return ModelRef(spec, "lora", str(path.resolve()))
+        if not (path / "model_index.json").is_file():
+            raise UserError(
+                f"model folder {spec} is not a diffusers pipeline (no model_index.json); "
+                "pass a pipeline folder, a .safetensors/.ckpt checkpoint or a hub id"
+            )
+        return ModelRef(spec, "folder", str(path.resolve()))
+    if path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise UserError(f"model file {spec} must be a .safetensors or .ckpt checkpoint")
+        if not os.access(path, os.R_OK):
+            raise UserError(f"model file {spec} is not readable")
+        return ModelRef(spec, "file", str(path.resolve()))
+    looks_like_path = spec.startswith((".", "/", "~")) or path.suffix in SINGLE_FILE_SUFFIXES or spec.count("/") > 1
+    if looks_like_path:
+        raise UserError(f"model path {spec} does not exist")
+    return ModelRef(spec, "hub", spec)
+
+
+def lora_base(path: Path) -> str | None:
+    """The base model a LoRA result of `forget` was trained on (None if `path` is not one)."""
+    try:
+        record = json.loads((path / "amnesia.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or "lora" not in record or not (path / LORA_WEIGHTS).is_file():
+        return None
+    return record["base_model"].removeprefix("hub:")
+
+
+def model_path(spec: str | None) -> Path | None:
+    """The local file or folder `--model` names (None for a hub id): an input no output may touch."""
+    if not spec:
+        return None
+    ref = resolve_model(spec)
+    return Path(ref.location) if ref.kind != "hub" else None
+
+
+def origin(ref: ModelRef, pipe) -> dict:
+    """What Fishers and image sets record about the model they were made from."""
+    return {"base_model": ref.identity, "architecture": family_of(pipe).name,
+            "unet_config_hash": unet_config_hash(pipe.unet), "prediction_type": pipe.scheduler.config.prediction_type}
+
+
+def origin_mismatches(what: str, recorded: dict, expected: dict) -> list[str]:
+    """'what: key recorded X, this model Y' for each recorded origin key that differs."""
+    return [f"{what}: {key} {recorded[key]!r}, this model {value!r}"
+            for key, value in expected.items() if key in recorded and recorded[key] != value]
+
+
+def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, safety_checker: bool = False):
+    """Load the pipeline of the model's family (families.py); without `safety_checker` SD 1.x/2.x's
+    safety checker is left out (SDXL has none)."""
+    if ref.kind == "lora":
+        return _load_with_lora(ref, dtype, safety_checker)
+    try:
+        family = detect_family(ref.kind, ref.location)
+        extra = {} if safety_checker or family.name != "sd" else {"safety_checker": None,
+                                                                   "requires_safety_checker": False}
+        load = family.pipeline_class().from_single_file if ref.kind == "file" else \
+            family.pipeline_class().from_pretrained
+        pipe = load(ref.location, torch_dtype=dtype, **extra)
+    except UserError:
+        raise
+    except Exception as exc:  # diffusers raises many kinds here; the user needs one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if ref.kind == "hub" and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise UserError(
+                f"model {ref.spec!r} is not a local path and is not in the Hugging Face cache, and "
+                "HF_HUB_OFFLINE is set: download it first (huggingface-cli download "
+                f"{ref.spec}) or pass a local diffusers folder"
+            ) from None
+        if ref.kind == "file":
+            raise UserError(
+                f"could not load checkpoint {ref.spec!r}: {reason} (diffusers converts single-file checkpoints "
+                "with configs it looks up on the hub: run once online, or pass a diffusers folder)"
+            ) from None
+        raise UserError(f"could not load model {ref.spec!r}: {reason}") from None
+    pipe.set_progress_bar_config(disable=True)
+    family.check(pipe)
+    return pipe
+
+
+def _load_with_lora(ref: ModelRef, dtype: torch.dtype, safety_checker: bool):
+    """The base pipeline with a LoRA result's adapter merged into its UNet."""
+    base = lora_base(Path(ref.location))
+    try:
+        base_ref = resolve_model(base)
+    except UserError as exc:
+        raise UserError(f"the LoRA result {ref.spec} was trained on {base}, which cannot be found ({exc}); "
+                        "pass the base model's location as it is now") from None
+    return merge_lora(load_pipeline(base_ref, dtype, safety_checker), ref.location)
+
+
+def merge_lora(pipe, folder: str | Path):
+    """Merge the LoRA file of a result folder into the pipeline's UNet with diffusers' own loader."""
+    from safetensors.torch import load_file
+
+
+    # Results of earlier versions name attention adapters lora.down/up and conv adapters lora_A/B;
+    # diffusers drops the former from such a mixed file, so every key is read in peft's names.
+    state = {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v
+             for k, v in load_file(str(Path(folder) / LORA_WEIGHTS)).items()}
+    pipe.load_lora_weights(state)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # the merged weights stay; the adapter layers go
+    return pipe
+
+
+def unet_config_hash(unet) -> str:
+    """A short fingerprint of the UNet's architecture, to match Fisher files to models."""
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def native_resolution(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def latent_size(pipe, resolution: int | None) -> tuple[int, int]:
+    """The latents' height and width at image_size(pipe, resolution)."""
+    side = image_size(pipe, resolution) // pipe.vae_scale_factor
+    return side, side
+
+
+def image_size(pipe, resolution: int | None) -> int:
+    """The size images are made at: --resolution, checked as the pipeline will check it (a multiple of
+    8, as diffusers' SD and SDXL pipelines require) and against the VAE, or the native size."""
+    size = resolution or native_resolution(pipe)
+    factor = math.lcm(8, pipe.vae_scale_factor)
+    if size % factor:
+        raise UserError(f"--resolution {size} is not a multiple of {factor} (the pipeline takes multiples of 8, and "
+                        f"this model's VAE downsamples by {pipe.vae_scale_factor}): use e.g. "
+                        f"{max(factor, size // factor * factor)}")
+    return size
+
+
+def make_accelerator(mixed_precision: str = "no", **kwargs):
+    """One Accelerator per command: a single process here, DDP under `accelerate launch`."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # Library use runs several commands in one process (the demo does): each gets its own
+    # settings. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    # Launched as several processes on a machine without CUDA (CI, CPU clusters): accelerate only
+    # forms a (gloo) process group when told to use the CPU; otherwise each process runs alone.
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = several and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kwargs)
+
+
+def load_on_device(spec: str, accelerator, dtype: torch.dtype = torch.float32):
+    """Resolve and load the base pipeline onto the accelerator's device."""
+    ref = resolve_model(spec)
+    pipe = load_pipeline(ref, dtype=dtype)
+    return ref, pipe.to(accelerator.device)
