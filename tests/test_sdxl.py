@@ -287,15 +287,15 @@ def test_sd2_v_prediction_flow(tiny_vpred_model, tmp_path):
     assert (tmp_path / "samples" / "grid.png").is_file()
 
 
-def test_readme_memory_table_is_what_the_preflight_computes():
-    """The README's SDXL memory and parameter tables come from benchmarks/memory.py, which uses
+def test_docs_memory_table_is_what_the_preflight_computes():
+    """docs/families.md's SDXL memory and parameter tables come from benchmarks/memory.py, which uses
     forget's own memory_parts and trainable_names on the real SDXL base and SD v1.4 UNet configs."""
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "memory.py"], cwd=root / "benchmarks", env=ENV, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs" / "families.md").read_text()
     sd14, sdxl = plan["sd14"]["before_activations"], plan["sdxl"]["before_activations"]
     assert plan["sdxl"]["unet_parameters"] == 2_567_463_684
     for method in ("full", "noxattn", "xattn"):
