@@ -1,6 +1,6 @@
 """Memory plan: what `forget` holds on the GPU before activations, for the SD v1.4 and SDXL base
 UNets, per --train-method and LoRA, with the settings that shrink it. Computed by the same function
-as forget's preflight line (amnesia_sd.forget.memory_parts) on UNets built on the meta device (no
+as forget's preflight line (amnesia_sd.model.training_memory.memory_parts) on UNets built on the meta device (no
 weights, no download, a second), so the README's table is the code's.
 
     python benchmarks/memory.py
@@ -24,7 +24,7 @@ def plan(config: dict, lora_rank: int = 8) -> dict:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from amnesia_sd.commands.forget import fits, memory_parts
+    from amnesia_sd.model.training_memory import fits, memory_parts
     from amnesia_sd.model.trainable import lora_modules, trainable_names
 
     with init_empty_weights():

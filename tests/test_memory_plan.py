@@ -68,7 +68,7 @@ def test_a_budget_too_small_for_one_timestep_names_checkpointing(tiny_model, wor
 
 def test_forget_over_the_budget_is_refused_before_any_work_listing_what_fits(tiny_model, work, tmp_path):
     from amnesia_sd.core.config import ForgetConfig
-    from amnesia_sd.commands.forget import training_peak
+    from amnesia_sd.model.training_memory import training_peak
 
     pipe, _ = load_parts(tiny_model)
     settings = {"model": str(tiny_model), "concept": "brad pitt", "surrogate_dir": str(work / "surrogate"),
@@ -174,7 +174,7 @@ def test_attack_refuses_a_token_batch_over_the_budget_before_any_image(tiny_mode
 
 def test_the_inner_attack_counts_in_forgets_plan(tiny_model):
     from amnesia_sd.core.config import ForgetConfig
-    from amnesia_sd.commands.forget import training_peak
+    from amnesia_sd.model.training_memory import training_peak
 
     pipe, _ = load_parts(tiny_model)
     settings = {"model": "m", "concept": "brad pitt", "surrogate": "a man", "output_dir": "o", "train_batch_size": 1}

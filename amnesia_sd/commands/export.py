@@ -28,6 +28,7 @@ from amnesia_sd.core.config import _check, _check_choice
 from amnesia_sd.core.errors import UserError
 from amnesia_sd.core.io import write_safetensors
 from amnesia_sd.core.paths import Output, _stamped, guard, stamp
+from amnesia_sd.method.record import read_record
 from amnesia_sd.model.families import family_of
 from amnesia_sd.model.loading import LORA_WEIGHTS, load_pipeline, lora_base, model_path, resolve_model
 
@@ -294,11 +295,12 @@ def pipeline_to_original(pipe) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def _amnesia_record(location: Path) -> dict | None:
+    """A forget result's record; None for a plain pipeline, or a record that is malformed or not ours."""
     try:
-        record = json.loads((location / "amnesia.json").read_text())
-    except (OSError, ValueError):
+        record = read_record(str(location))
+    except UserError:
         return None
-    return record if _stamped(record) else None
+    return record if record and _stamped(record) else None
 
 
 def _result_metadata(record: dict | None) -> dict[str, str]:

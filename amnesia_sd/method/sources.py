@@ -1,8 +1,10 @@
 """Where forget's replay set, surrogate set and Fisher come from (given, cached, or made now), and
-what that costs, said in one line before any of it starts."""
+what that costs, said in one line before any of it starts; what an earlier forget run passes on to
+the next one in a sequence; and the check that every set and Fisher comes from the model trained."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -12,13 +14,14 @@ from amnesia_sd.core.cache import digest, model_entry
 from amnesia_sd.core.config import (DEFAULT_FIM_FRACTION, DEFAULT_FIM_TIMESTEPS, DEFAULT_REPLAY_IMAGES,
                                     DEFAULT_SURROGATE_IMAGES, SURROGATE_SOURCES, ForgetConfig, split_concepts)
 from amnesia_sd.core.cost import announce, generation_passes
+from amnesia_sd.core.errors import UserError
 from amnesia_sd.core.paths import check_overlap
 from amnesia_sd.data.imageset import (MANIFEST, ImageSet, encode_image_folder, generate_image_set, is_cached,
                                       is_finished, link_set, load_image_set, set_record)
 from amnesia_sd.data.prompts import concept_prompts, repeat_to, replay_prompts, with_unconditional
 from amnesia_sd.method.checkpoints import result_output
 from amnesia_sd.method.fisher import fisher_cost, replay_cost, timestep_set, write_fisher_of_set
-from amnesia_sd.model.loading import ModelRef, origin
+from amnesia_sd.model.loading import ModelRef, model_path, origin, origin_mismatches
 
 
 def same_set(copy: Path, source: Path) -> bool:
@@ -153,3 +156,74 @@ class Plan:
         return path
 
 
+def check_origins(config: ForgetConfig, ref: ModelRef, pipe, fisher_meta: dict, sets: dict[str, ImageSet],
+                  ancestors: list[str]) -> list[str]:
+    """The Fisher and the image sets must come from the model being trained or, when it is a forget
+    result, from a model it was made from (`ancestors`), unless the user says otherwise
+    (--allow-origin-mismatch), which is recorded."""
+    expected = origin(ref, pipe)
+    accepted = [expected] + [{**expected, "base_model": a} for a in ancestors]
+
+    def mismatches(what: str, recorded: dict) -> list[str]:
+        found = [origin_mismatches(what, recorded, e) for e in accepted]
+        return [] if not all(found) else found[0]
+
+    found = mismatches(f"--fim {config.fim}", fisher_meta)
+    for name, image_set in sets.items():
+        found += mismatches(f"{name} set {image_set.path}", image_set.manifest)
+    if found and not config.allow_origin_mismatch:
+        raise UserError("made from another model: " + "; ".join(found) + ". Make them with this model, or pass "
+                        "--allow-origin-mismatch to use them anyway (recorded in amnesia.json)")
+    return found
+
+
+def check_sequence(config: ForgetConfig, earlier: dict) -> None:
+    """What may follow an earlier forget run: only new concepts, and no second LoRA adapter on a LoRA result."""
+    if not earlier:
+        return
+    done = {c.lower() for c in earlier.get("concepts", [])}
+    again = [c for c in config.concept_list() if c.lower() in done]
+    if again:
+        raise UserError(f"{config.model} has already forgotten {', '.join(map(repr, again))}: give only new concepts "
+                        "(the earlier ones are kept forgotten by replaying their surrogate sets)")
+    if config.lora_rank and "lora" in earlier:
+        raise UserError(f"{config.model} is a LoRA result: a second adapter cannot be stacked on it. Forget every "
+                        "concept in one run (--concept A --surrogate a --concept B --surrogate b), or train the "
+                        "next concept without --lora-rank")
+
+
+def earlier_sets(config: ForgetConfig, record: dict) -> ForgetConfig:
+    """After an earlier forget run (its amnesia.json `record`), the Fisher and replay set it used, unless others are asked for:
+    on the digits model these kept three digits forgotten and the rest remembered, while a Fisher and
+    replay set made again on the forgotten model cost the other digits 12-14 points and let the
+    first digit come back (docs/digits.md, "Several digits"). Files that are gone are made again on this
+    model (said in one line)."""
+    if not record:  # --model is not a forget result
+        return config
+    folder = model_path(config.model)
+    changes = {}
+    fim = Path((record.get("fim") or {}).get("path", ""))
+    if not (config.fim or config.fim_num_images or config.fim_num_timesteps):
+        if fim.is_file():
+            changes["fim"] = str(fim)
+        else:
+            print(f"the earlier run's Fisher {fim} is gone: a new one is made on {config.model}", flush=True)
+    replay = Path(record.get("replay_set", ""))
+    replay = replay if replay.is_absolute() else folder / replay
+    if not (config.replay_dir or config.prompts_file or config.num_replay_images):
+        if not is_finished(replay):
+            print(f"the earlier run's replay set {replay} is gone: a new one is made on {config.model}", flush=True)
+        elif config.unconditional_replay is not None and not holds_unconditional(replay, config.unconditional_replay):
+            print(f"the earlier run's replay set {replay} does not hold --unconditional-replay "
+                  f"{config.unconditional_replay:g}: a new one is made on {config.model}", flush=True)
+        else:
+            changes["replay_dir"] = str(replay)
+            changes["unconditional_replay"] = None  # the reused set's, as it is
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def holds_unconditional(path: Path, share: float) -> bool:
+    """The finished set at `path` ends with the empty prompts with_unconditional(..., share) appends."""
+    prompts = load_image_set(path).prompts
+    empty = prompts.count("")
+    return with_unconditional(prompts[: len(prompts) - empty], share) == prompts
