@@ -17,6 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from html import escape
+from pathlib import Path
+
+import torch
+from accelerate.utils import broadcast
+from diffusers import DDPMScheduler
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
 from amnesia_sd.core.config import ForgottenModelSettings, GenerationSettings, _check, _check_positive
 from amnesia_sd.core.cost import say
 from amnesia_sd.core.errors import UserError
@@ -36,16 +48,6 @@ from amnesia_sd.model.families import family_of
 from amnesia_sd.model.loading import latent_size, load_on_device, make_accelerator, resolve_model
 from amnesia_sd.model.memory import (activation_peak, budget, check_batch, meta_copy, out_of_memory, plan_line,
                                      weight_bytes)
-import sys
-import time
-from dataclasses import asdict, dataclass, field
-from html import escape
-from pathlib import Path
-
-import torch
-from diffusers import DDPMScheduler
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 
 TOKEN = "<amnesia-concept>"
@@ -182,14 +184,70 @@ def plan_token_training(pipe, config: AttackConfig, accelerator) -> int:
     return peak
 
 
+def _work_folder(out: Path, accelerator) -> Path:
+    """OUT.partial, made fresh by the main process once every process has checked the paths."""
+    partial = partial_of(out)
+    accelerator.wait_for_everyone()  # every process has checked the paths before the work folder changes
+    if accelerator.is_main_process:
+        partial, _ = open_work(out, "attack", {}, keep=False)  # never resumed: a fresh folder
+    accelerator.wait_for_everyone()
+    return partial
+
+
+def _load_with_concept_set(config: AttackConfig, base: str, target: Target, settings: GenerationSettings,
+                           folder: Path, accelerator):
+    """The concept images in `folder` (the user's, encoded, or the base model's from the concept
+    prompts), the forgotten model's pipeline, and the token training's planned peak (checked before
+    any image is made)."""
+    if config.concept_images:
+        ref, pipe = load_on_device(config.model, accelerator)
+        predicted = plan_token_training(pipe, config, accelerator)
+        images = encode_image_folder(pipe, ref, config.concept_images, folder, config.resolution,
+                                     accelerator, kind="concept")
+    else:
+        ref, pipe = load_on_device(base, accelerator)
+        predicted = plan_token_training(pipe, config, accelerator)  # the same architecture as the forgotten one
+        images = generate_image_set(pipe, ref, spread(target.concept_prompts, config.num_images), settings,
+                                    folder, "concept", accelerator)
+        del pipe
+        _release()
+        _, pipe = load_on_device(config.model, accelerator)
+    return images, pipe, predicted
+
+
+def _learn_on_every_process(config: AttackConfig, target: Target, pipe, family, token_ids, images, predicted: int,
+                            accelerator):
+    """The token's embedding rows learned on the concept images (every other weight frozen), the
+    losses, and the rows after each --measure-steps; process 0's rows on every process."""
+    prompts = [t.format(config.token) for t in target.train_templates]
+    for module in (pipe.unet, pipe.vae):
+        module.requires_grad_(False)
+    with out_of_memory("learning the token", predicted, "pass a smaller --train-batch-size"):
+        rows, losses, kept = learn_token(family, pipe, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config),
+                                         token_ids, images, prompts, config.steps, config.learning_rate,
+                                         config.train_batch_size, config.seed, keep_at=tuple(config.measure_steps),
+                                         fp16=accelerator.mixed_precision == "fp16")
+    rows = [broadcast(row.contiguous()) for row in rows]
+    kept = {at: [broadcast(row.contiguous()) for row in kept[at]] for at in config.measure_steps}
+    return rows, losses, kept
+
+
+def _sample_base_with_token(base: str, family, token: str, samples: dict[str, list[Sample]],
+                            settings: GenerationSettings, folder: Path, accelerator) -> None:
+    """The base model's images, with the learned token loaded from folder's embedding file."""
+    _, pipe = load_on_device(base, accelerator)
+    load_token(pipe, family, folder / EMBEDDINGS, token)  # as a user would
+    _sample(pipe, "base", samples, settings, folder, accelerator)
+    del pipe
+    _release()
+
+
 def attack(config: AttackConfig) -> dict:
     """Learn the token on the forgotten model, sample both models with and without it, judge the
     images; write OUT/attack.json, OUT/report.html, OUT/learned_embeds.safetensors, OUT/images/ and
     OUT/concept-set/; return the attack record (an empty dict on processes other than the main one
     under `accelerate launch`: every process learns the same token, process 0's is kept, and the
     processes share the sampling)."""
-    from accelerate.utils import broadcast
-
     started = time.time()
     out = Path(config.output_dir)
     record, base, groups = forgotten_model(config, Output("--output-dir", out, ATTACK_JSON, "attack result"),
@@ -207,39 +265,15 @@ def attack(config: AttackConfig) -> dict:
     samples = held_out_samples(target, config.token, config.num_images, config.seed, config.guidance_scale)
     accelerator = make_accelerator()
     main = accelerator.is_main_process
-    partial = partial_of(out)
-    accelerator.wait_for_everyone()  # every process has checked the paths before the work folder changes
-    if main:
-        partial, _ = open_work(out, "attack", {}, keep=False)  # never resumed: a fresh folder
-    accelerator.wait_for_everyone()
+    partial = _work_folder(out, accelerator)
     with discard_on_failure(partial) if main else contextlib.nullcontext():
         detector, status = _detector(detector_kind, target, config, record) if main else (None, {})
-        concept_dir = partial / "concept-set"
-        if config.concept_images:
-            ref, pipe = load_on_device(config.model, accelerator)
-            predicted = plan_token_training(pipe, config, accelerator)
-            images = encode_image_folder(pipe, ref, config.concept_images, concept_dir, config.resolution,
-                                         accelerator, kind="concept")
-        else:
-            ref, pipe = load_on_device(base, accelerator)
-            predicted = plan_token_training(pipe, config, accelerator)  # the same architecture as the forgotten one
-            images = generate_image_set(pipe, ref, spread(target.concept_prompts, config.num_images), settings,
-                                        concept_dir, "concept", accelerator)
-            del pipe
-            _release()
-            _, pipe = load_on_device(config.model, accelerator)
+        images, pipe, predicted = _load_with_concept_set(config, base, target, settings, partial / "concept-set",
+                                                         accelerator)
         family = family_of(pipe)
         token_ids = add_token(pipe, family, config.token, initializer)
-        prompts = [t.format(config.token) for t in target.train_templates]
-        for module in (pipe.unet, pipe.vae):
-            module.requires_grad_(False)
-        with out_of_memory("learning the token", predicted, "pass a smaller --train-batch-size"):
-            rows, losses, kept = learn_token(family, pipe, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config),
-                                             token_ids, images, prompts, config.steps, config.learning_rate,
-                                             config.train_batch_size, config.seed, keep_at=tuple(config.measure_steps),
-                                             fp16=accelerator.mixed_precision == "fp16")
-        rows = [broadcast(row.contiguous()) for row in rows]
-        kept = {at: [broadcast(row.contiguous()) for row in kept[at]] for at in config.measure_steps}
+        rows, losses, kept = _learn_on_every_process(config, target, pipe, family, token_ids, images, predicted,
+                                                     accelerator)
         if main:
             save_file(embedding_file(family, config.token, rows), str(partial / EMBEDDINGS))
         for at in config.measure_steps:  # the shorter attacks: the token as it was then
@@ -250,11 +284,7 @@ def attack(config: AttackConfig) -> dict:
         del pipe
         _release()
         accelerator.wait_for_everyone()  # the embedding file is written
-        _, pipe = load_on_device(base, accelerator)
-        load_token(pipe, family, partial / EMBEDDINGS, config.token)  # as a user would
-        _sample(pipe, "base", samples, settings, partial, accelerator)
-        del pipe
-        _release()
+        _sample_base_with_token(base, family, config.token, samples, settings, partial, accelerator)
         accelerator.wait_for_everyone()  # every process's images are on disk
         if not main:
             return {}  # (no barrier through the judging: it could outlast the process group's timeout)

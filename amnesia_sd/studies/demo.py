@@ -174,6 +174,184 @@ def sequence_digest(config: DemoConfig, so_far: list[int]) -> str:
     return hashlib.sha256(json.dumps({**shaping, "digits": so_far}, sort_keys=True).encode()).hexdigest()[:12]
 
 
+@dataclass
+class DemoContext:
+    """What the steps of one demo share: its settings, the accelerator, the base model, and the
+    folder (in the amnesia-sd cache) of the base model's sets and of a sequence's earlier runs, whose
+    names start with `tag`."""
+
+    config: DemoConfig
+    settings: GenerationSettings
+    accelerator: object
+    base: Path
+    cache: Path
+    tag: str
+
+    def fisher_of(self, model: str, ref, pipe, path: Path) -> Path:
+        """The Fisher over all ten digits, as the model samples them."""
+        if not path.is_file():
+            fim_set = generate_image_set(pipe, ref, per_digit_prompts(digits.train_prompts, self.config.fim_per_digit,
+                                                                      range(10)),
+                                         self.settings, path.with_suffix(".replay"), "replay", self.accelerator,
+                                         reuse=True)
+            compute_fim(FimConfig(model=model, output=str(path), replay_dir=str(fim_set.path),
+                                  num_timesteps=self.config.fim_timesteps, seed=self.config.seed, overwrite=True))
+        return path
+
+    def replay_of(self, ref, pipe, folder: Path, without: list[int]) -> Path:
+        """Generative replay over the digits not (yet) forgotten (and the unconditional samples asked for)."""
+        config = self.config
+        kept = [d for d in range(10) if d not in without]
+        prompts = with_unconditional(per_digit_prompts(digits.train_prompts, config.replay_per_digit, kept),
+                                     config.unconditional_replay)
+        if config.unconditional_replay:
+            folder = folder.with_name(f"{folder.name}-unc{config.unconditional_replay:g}")
+        return generate_image_set(pipe, ref, prompts, self.settings, folder, "replay", self.accelerator,
+                                  reuse=True).path
+
+    def base_replay_folder(self, without: list[int]) -> Path:
+        """Where the base model's replay set without these digits is cached."""
+        return self.cache / f"{self.tag}-replay-without-{'-'.join(map(str, without))}-{self.config.replay_per_digit}"
+
+    def sequence_folder(self, so_far: list[int]) -> Path:
+        """Where the runs of a sequence that forgot these digits are cached."""
+        return self.cache / f"{self.tag}-sequence-{sequence_digest(self.config, so_far)}"
+
+
+@dataclass
+class BaseSets:
+    """What every run trains with, made by the base model."""
+
+    fim: Path
+    replay: Path  # without the forgotten digits
+    surrogate: dict  # forget's surrogate_images (noise) or surrogate_dir (another digit's images)
+
+    def surrogate_folder(self) -> Path:
+        """The surrogate's images, either kind."""
+        return Path(self.surrogate.get("surrogate_images") or self.surrogate["surrogate_dir"])
+
+
+def base_sets(context: DemoContext, ref, pipe) -> BaseSets:
+    """The base model's Fisher, replay set and surrogate images, once per base model (cached beside
+    it, like the paper's)."""
+    config, cache, tag = context.config, context.cache, context.tag
+    fim = context.fisher_of(str(context.base), ref, pipe,
+                            cache / f"{tag}-fim-{config.fim_per_digit}x{config.fim_timesteps}.safetensors")
+    replay = context.replay_of(ref, pipe, context.base_replay_folder(config.digit), config.digit)
+    surrogate: dict = {}
+    if config.surrogate == "noise":
+        surrogate["surrogate_images"] = str(noise_images(cache / f"noise-{config.surrogate_images}-s{config.seed}",
+                                                         config.surrogate_images, digits.IMAGE_SIZE, config.seed))
+    else:
+        prompts = per_digit_prompts(digits.train_prompts, config.surrogate_images, [int(config.surrogate)])
+        surrogate["surrogate_dir"] = str(generate_image_set(
+            pipe, ref, prompts, context.settings,
+            cache / f"{tag}-surrogate-{config.surrogate}-{config.surrogate_images}", "surrogate", context.accelerator,
+            reuse=True).path)
+    return BaseSets(fim, replay, surrogate)
+
+
+def forget_runs(context: DemoContext) -> dict[str, dict]:
+    """forget's weights for each model to train, by name: SA and the naive baseline (with --attack,
+    also SA with --train-method xattn, and both with --adversarial)."""
+    config = context.config
+    sa = dict(lambda_ewc=config.lambda_ewc, gamma=config.gamma)
+    runs = {"sa": sa, "naive": dict(lambda_ewc=0.0, gamma=0.0)}
+    if config.attack:  # the inner attack as `attack` runs on this model: the word "digit", the templates
+        templates = context.cache / "digit-templates.txt"
+        if not templates.is_file():
+            with atomic_path(templates) as tmp:
+                tmp.write_text("\n".join(digits.TRAIN_TEMPLATES) + "\n")
+        adversarial = dict(adversarial=True, adversarial_every=config.adversarial_every,
+                           adversarial_steps=config.adversarial_steps, adversarial_initializer="digit",
+                           adversarial_templates=str(templates))
+        runs.update({"sa-xattn": {**sa, "train_method": "xattn"}, "sa-adversarial": {**sa, **adversarial},
+                     "sa-xattn-adversarial": {**sa, "train_method": "xattn", **adversarial}})
+    return runs
+
+
+def train_models(context: DemoContext, runs: dict[str, dict], sets: BaseSets, ref, pipe, work: Path) -> dict:
+    """Train each run's model into work/NAME, in one run or one digit after another; the seconds each took."""
+    config = context.config
+    # Each forgotten digit is named by every training phrasing, as SA prompts a class by its
+    # label; every digit maps to the one surrogate.
+    common = dict(
+        templates=False, train_batch_size=config.train_batch_size,
+        max_train_steps=config.max_train_steps, learning_rate=config.learning_rate,
+        lr_warmup_steps=config.lr_warmup_steps, seed=config.seed,
+        checkpointing_steps=config.max_train_steps, lora_rank=config.lora_rank, lora_targets=config.lora_targets,
+        **sets.surrogate,
+    )
+    forget_seconds = {}
+    for name, weights in runs.items():
+        forget_started = time.time()
+        if not config.sequential:
+            concepts = [", ".join(digits.train_prompts(d)) for d in config.digit]
+            forget(ForgetConfig(model=str(context.base), output_dir=str(work / name), fim=str(sets.fim),
+                                replay_dir=str(sets.replay), concept=concepts, **weights, **common))
+        else:
+            forget_in_sequence(context, name, {**weights, **common}, sets.fim, ref, pipe, work)
+        forget_seconds[name] = round(time.time() - forget_started, 1)
+    return forget_seconds
+
+
+def forget_in_sequence(context: DemoContext, name: str, arguments: dict, fim: Path, ref, pipe, work: Path) -> None:
+    """One digit after another, each run on the one before; the last is the result, work/NAME. The
+    runs before it are caches of these settings, like the base model's sets, so that the paths every
+    amnesia.json records stay true. `ref` and `pipe`: the base model's."""
+    config, forgotten = context.config, context.config.digit
+    model = str(context.base)
+    for k, d in enumerate(forgotten):
+        so_far = forgotten[: k + 1]
+        stage = work / name if k == len(forgotten) - 1 else context.sequence_folder(so_far) / name
+        if stage != work / name and is_ours(stage, FINISHED):
+            model = str(stage)
+            continue
+        if k and name == "sa" and config.sequential_fisher == "recompute":
+            made = context.sequence_folder(forgotten[:k]) / f"{name}-sets"
+            made.mkdir(parents=True, exist_ok=True)  # by the model that forgot the digits before
+            stage_ref, stage_pipe = load_on_device(model, context.accelerator)
+            stage_fim = context.fisher_of(model, stage_ref, stage_pipe, made / "fim.safetensors")
+            stage_replay = context.replay_of(stage_ref, stage_pipe, made / "replay", so_far)
+            del stage_pipe
+        else:
+            stage_fim = fim
+            stage_replay = context.replay_of(ref, pipe, context.base_replay_folder(so_far), so_far)
+        # A run on an earlier result: more replay (SA's; naive has none) and a warm-up.
+        later = {} if not k else {"lr_warmup_steps": config.later_warmup_steps,
+                                  **({"gamma": config.later_gamma} if arguments["gamma"] else {})}
+        forget(ForgetConfig(model=model, output_dir=str(stage), fim=str(stage_fim), replay_dir=str(stage_replay),
+                            concept=[", ".join(digits.train_prompts(d))], **{**arguments, **later}))
+        model = str(stage)
+
+
+def measure_models(context: DemoContext, models: dict[str, str], classifier, work: Path) -> dict:
+    """Sample every model on the same prompts and seeds, judge the samples, and draw work/grid.png (the
+    first samples of each digit by each model); the metrics: what was run, and each model's numbers."""
+    config = context.config
+    forgotten = config.digit
+    n = config.samples_per_digit
+    prompts, seeds = evaluation_samples(config.digit, n, config.seed)
+    metrics: dict = {**stamp(), "forgotten_digits": forgotten, "surrogate": config.surrogate,
+                     "mode": "sequential" if config.sequential else "one run",
+                     "samples_per_digit": n, "base_model_path": str(context.base)}
+    if len(forgotten) == 1:
+        metrics["forgotten_digit"] = forgotten[0]
+    if config.lora_rank:  # what a user downloads: the adapter file alone
+        metrics["adapter_bytes"] = json.loads((work / "sa" / "amnesia.json").read_text())["lora"]["bytes"]
+    rows: list[list[Image.Image]] = [[] for _ in range(10)]
+    shown = min(GRID_SAMPLES, n)  # per digit and model, never another digit's samples
+    for name, spec in models.items():
+        images, probs = sample_and_classify(spec, prompts, seeds, context.settings, context.accelerator, classifier)
+        metrics[name] = summarize(probs[: 10 * n], probs[10 * n :], config.digit, n)
+        for d in range(10):
+            rows[d].extend(images[d * n : d * n + shown])
+    labels = [label for name in models for label in [{"sa": "SA"}.get(name, name)] + [""] * (shown - 1)]
+    with atomic_path(work / "grid.png") as tmp:
+        make_grid(rows, labels=labels).save(tmp, format="PNG")
+    return metrics
+
+
 def demo(config: DemoConfig) -> dict:
     """Everything is built in OUT.partial and put in place when complete; the image sets and the
     Fisher are caches of the base model (in the amnesia-sd cache), reused by later demos."""
@@ -185,130 +363,24 @@ def demo(config: DemoConfig) -> dict:
     ref, pipe = load_on_device(str(base), accelerator)
     settings = GenerationSettings(num_inference_steps=config.num_inference_steps,
                                   guidance_scale=config.guidance_scale, seed=config.seed, batch_size=config.batch_size)
-    forgotten = config.digit
     cache = digits.cache_dir() / "demo"
     cache.mkdir(parents=True, exist_ok=True)
     tag = f"{base.name}-s{config.seed}-{config.num_inference_steps}x{config.guidance_scale:g}"
-
-    def fisher_of(model: str, ref, pipe, path: Path) -> Path:
-        """The Fisher over all ten digits, as the model samples them."""
-        if not path.is_file():
-            fim_set = generate_image_set(pipe, ref, per_digit_prompts(digits.train_prompts, config.fim_per_digit,
-                                                                      range(10)),
-                                         settings, path.with_suffix(".replay"), "replay", accelerator, reuse=True)
-            compute_fim(FimConfig(model=model, output=str(path), replay_dir=str(fim_set.path),
-                                  num_timesteps=config.fim_timesteps, seed=config.seed, overwrite=True))
-        return path
-
-    def replay_of(ref, pipe, folder: Path, without: list[int]) -> Path:
-        """Generative replay over the digits not (yet) forgotten (and the unconditional samples asked for)."""
-        kept = [d for d in range(10) if d not in without]
-        prompts = with_unconditional(per_digit_prompts(digits.train_prompts, config.replay_per_digit, kept),
-                                     config.unconditional_replay)
-        if config.unconditional_replay:
-            folder = folder.with_name(f"{folder.name}-unc{config.unconditional_replay:g}")
-        return generate_image_set(pipe, ref, prompts, settings, folder, "replay", accelerator, reuse=True).path
-
-    # The base model's Fisher and replay set, once per base model (cached beside it, like the paper's).
-    fim = fisher_of(str(base), ref, pipe, cache / f"{tag}-fim-{config.fim_per_digit}x{config.fim_timesteps}.safetensors")
-    without = "-".join(map(str, forgotten))
-    replay = replay_of(ref, pipe, cache / f"{tag}-replay-without-{without}-{config.replay_per_digit}", forgotten)
-    surrogate: dict = {}
-    if config.surrogate == "noise":
-        surrogate["surrogate_images"] = str(noise_images(cache / f"noise-{config.surrogate_images}-s{config.seed}",
-                                                         config.surrogate_images, digits.IMAGE_SIZE, config.seed))
-    else:
-        prompts = per_digit_prompts(digits.train_prompts, config.surrogate_images, [int(config.surrogate)])
-        surrogate["surrogate_dir"] = str(generate_image_set(
-            pipe, ref, prompts, settings, cache / f"{tag}-surrogate-{config.surrogate}-{config.surrogate_images}",
-            "surrogate", accelerator, reuse=True).path)
+    context = DemoContext(config, settings, accelerator, base, cache, tag)
+    sets = base_sets(context, ref, pipe)
 
     work, _ = open_work(out, "demo", {}, keep=False)
     with discard_on_failure(work):
-        # Each forgotten digit is named by every training phrasing, as SA prompts a class by its
-        # label; every digit maps to the one surrogate.
-        common = dict(
-            templates=False, train_batch_size=config.train_batch_size,
-            max_train_steps=config.max_train_steps, learning_rate=config.learning_rate,
-            lr_warmup_steps=config.lr_warmup_steps, seed=config.seed,
-            checkpointing_steps=config.max_train_steps, lora_rank=config.lora_rank, lora_targets=config.lora_targets,
-            **surrogate,
-        )
-        sa = dict(lambda_ewc=config.lambda_ewc, gamma=config.gamma)
-        runs = {"sa": sa, "naive": dict(lambda_ewc=0.0, gamma=0.0)}
-        if config.attack:  # the inner attack as `attack` runs on this model: the word "digit", the templates
-            templates = cache / "digit-templates.txt"
-            if not templates.is_file():
-                with atomic_path(templates) as tmp:
-                    tmp.write_text("\n".join(digits.TRAIN_TEMPLATES) + "\n")
-            adversarial = dict(adversarial=True, adversarial_every=config.adversarial_every,
-                               adversarial_steps=config.adversarial_steps, adversarial_initializer="digit",
-                               adversarial_templates=str(templates))
-            runs.update({"sa-xattn": {**sa, "train_method": "xattn"}, "sa-adversarial": {**sa, **adversarial},
-                         "sa-xattn-adversarial": {**sa, "train_method": "xattn", **adversarial}})
-        forget_seconds = {}
-        for name, weights in runs.items():
-            forget_started = time.time()
-            if not config.sequential:
-                forget(ForgetConfig(model=str(base), output_dir=str(work / name), fim=str(fim), replay_dir=str(replay),
-                                    concept=[", ".join(digits.train_prompts(d)) for d in forgotten], **weights, **common))
-            else:
-                # One digit after another, each run on the one before; the last is the result. The
-                # runs before it are caches of these settings, like the base model's sets, so that
-                # the paths every amnesia.json records stay true.
-                model = str(base)
-                for k, d in enumerate(forgotten):
-                    so_far = forgotten[: k + 1]
-                    stages = cache / f"{tag}-sequence-{sequence_digest(config, so_far)}"
-                    stage = work / name if k == len(forgotten) - 1 else stages / name
-                    if stage != work / name and is_ours(stage, FINISHED):
-                        model = str(stage)
-                        continue
-                    if k and name == "sa" and config.sequential_fisher == "recompute":
-                        made = cache / f"{tag}-sequence-{sequence_digest(config, forgotten[:k])}" / f"{name}-sets"
-                        made.mkdir(parents=True, exist_ok=True)  # by the model that forgot the digits before
-                        stage_ref, stage_pipe = load_on_device(model, accelerator)
-                        stage_fim = fisher_of(model, stage_ref, stage_pipe, made / "fim.safetensors")
-                        stage_replay = replay_of(stage_ref, stage_pipe, made / "replay", so_far)
-                        del stage_pipe
-                    else:
-                        stage_fim = fim
-                        stage_replay = replay_of(ref, pipe, cache / f"{tag}-replay-without-{'-'.join(map(str, so_far))}-"
-                                                 f"{config.replay_per_digit}", so_far)
-                    # A run on an earlier result: more replay (SA's; naive has none) and a warm-up.
-                    later = {} if not k else {"lr_warmup_steps": config.later_warmup_steps,
-                                              **({"gamma": config.later_gamma} if weights["gamma"] else {})}
-                    forget(ForgetConfig(model=model, output_dir=str(stage), fim=str(stage_fim), replay_dir=str(stage_replay),
-                                        concept=[", ".join(digits.train_prompts(d))], **{**weights, **common, **later}))
-                    model = str(stage)
-            forget_seconds[name] = round(time.time() - forget_started, 1)
+        runs = forget_runs(context)
+        forget_seconds = train_models(context, runs, sets, ref, pipe, work)
         del pipe
 
         # Every model samples the same prompts with the same seeds.
-        n = config.samples_per_digit
-        prompts, seeds = evaluation_samples(config.digit, n, config.seed)
-        classifier = digits.load_digit_classifier()
-        metrics: dict = {**stamp(), "forgotten_digits": forgotten, "surrogate": config.surrogate,
-                         "mode": "sequential" if config.sequential else "one run",
-                         "samples_per_digit": n, "base_model_path": str(base)}
-        if len(forgotten) == 1:
-            metrics["forgotten_digit"] = forgotten[0]
-        if config.lora_rank:  # what a user downloads: the adapter file alone
-            metrics["adapter_bytes"] = json.loads((work / "sa" / "amnesia.json").read_text())["lora"]["bytes"]
-        rows: list[list[Image.Image]] = [[] for _ in range(10)]
-        shown = min(GRID_SAMPLES, n)  # per digit and model, never another digit's samples
         models = {"original": str(base), **{name: str(work / name) for name in runs}}
-        for name, spec in models.items():
-            images, probs = sample_and_classify(spec, prompts, seeds, settings, accelerator, classifier)
-            metrics[name] = summarize(probs[: 10 * n], probs[10 * n :], config.digit, n)
-            for d in range(10):
-                rows[d].extend(images[d * n : d * n + shown])
-        labels = [label for name in models for label in [{"sa": "SA"}.get(name, name)] + [""] * (shown - 1)]
-        with atomic_path(work / "grid.png") as tmp:
-            make_grid(rows, labels=labels).save(tmp, format="PNG")
+        classifier = digits.load_digit_classifier()
+        metrics = measure_models(context, models, classifier, work)
         if config.attack:
-            metrics["attack"] = attack_study(config, str(base), models, metrics,
-                                             Path(surrogate.get("surrogate_images") or surrogate["surrogate_dir"]),
+            metrics["attack"] = attack_study(config, str(base), models, metrics, sets.surrogate_folder(),
                                              work / "attacks", classifier)
         metrics["settings"] = asdict(config)
         metrics["forget_seconds"] = forget_seconds
