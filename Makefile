@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# Test files run in this many processes (pytest-xdist; each file stays in one, so a module's fixtures
+# and its two-process launches stay together); 0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := HF_HUB_OFFLINE=1 $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install test test-slow demo benchmark clean
 
@@ -19,10 +23,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+	$(PYTEST)
 
 test-slow: install
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q --run-slow
+	$(PYTEST) --run-slow
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/amnesia-sd demo --output-dir demo-output --overwrite

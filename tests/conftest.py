@@ -55,3 +55,35 @@ def tiny_sdxl_model(tmp_path_factory):
     from tiny import build_tiny_sdxl_pipeline
 
     return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-xl") / "sdxl")
+
+
+@pytest.fixture
+def early_python():
+    """`start(CODE, *args)` starts `python -c CODE ARGS` in a fresh interpreter now, before the test
+    makes what CODE checks, so that its start and imports (torch, diffusers: ~5 s) run on the second
+    core beside the test's own work. CODE reads a line from stdin after its imports and before it
+    reads anything the test makes; `start` returns `finish()`, which sends that line and returns the
+    finished process (returncode, stdout, stderr). A process not finished is killed after the test."""
+    import subprocess
+    import sys
+
+    from helpers import ENV
+
+    started = []
+
+    def start(code: str, *args):
+        process = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=ENV, stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started.append(process)
+
+        def finish(timeout: float = 300) -> subprocess.CompletedProcess:
+            stdout, stderr = process.communicate("go\n", timeout=timeout)
+            return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+        return finish
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()

@@ -1,8 +1,13 @@
-"""The whole flow through the real `amnesia-sd` command, and the result in plain diffusers."""
+"""The whole flow through the `amnesia-sd` commands, and the result in plain diffusers.
+
+The flows run each command in this process (helpers.run_command: the same app the installed
+entry point calls, which only sets TOKENIZERS_PARALLELISM, as conftest does), without starting
+Python and importing torch and diffusers again for each (~5 s a command). What only a process of
+its own shows stays in one: the installed command's exit code and stderr on bad input, and the
+result loaded by plain diffusers in a fresh interpreter without amnesia_sd."""
 
 import json
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -10,7 +15,7 @@ import numpy as np
 from PIL import Image
 from safetensors import safe_open
 
-from helpers import ENV, EXE
+from helpers import ENV, EXE, run_command
 
 QUICK = ["--num-inference-steps", "3", "--batch-size", "4"]
 # make_grid's layout (amnesia_sd/grid.py): 2-pixel gaps, a 14-pixel label strip on top when there are
@@ -41,6 +46,7 @@ def cli(*args, cwd):
 PLAIN_DIFFUSERS_CHECK = textwrap.dedent("""
     import sys, torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    sys.stdin.readline()  # started early (conftest's early_python): on once the test has made the result
     base = StableDiffusionPipeline.from_pretrained(sys.argv[1])
     out = StableDiffusionPipeline.from_pretrained(sys.argv[2])
     unet = UNet2DConditionModel.from_pretrained(sys.argv[2], subfolder="unet")
@@ -59,19 +65,20 @@ PLAIN_DIFFUSERS_CHECK = textwrap.dedent("""
 """)
 
 
-def test_flow_replay_fim_surrogate_forget_sample(tiny_model, tmp_path):
+def test_flow_replay_fim_surrogate_forget_sample(tiny_model, tmp_path, early_python):
     model = str(tiny_model)
-    cli("replay", "--model", model, "--output-dir", "replay", "--num-images", "6", *QUICK, cwd=tmp_path)
-    cli("fim", "--model", model, "--replay-dir", "replay", "--output", "fim.safetensors", "--num-timesteps", "10",
-        "--timestep-batch-size", "5", cwd=tmp_path)
-    cli("surrogate", "--model", model, "--prompt", "a middle aged man", "--output-dir", "surrogate",
-        "--num-images", "4", *QUICK, cwd=tmp_path)
-    cli("forget", "--model", model, "--concept", "Brad Pitt", "--surrogate-dir", "surrogate", "--replay-dir", "replay",
-        "--fim", "fim.safetensors", "--output-dir", "out", "--max-train-steps", "3", "--train-batch-size", "2",
-        "--learning-rate", "1e-3", *QUICK, cwd=tmp_path)
+    plain_diffusers_check = early_python(PLAIN_DIFFUSERS_CHECK, model, tmp_path / "out")
+    run_command("replay", "--model", model, "--output-dir", "replay", "--num-images", "6", *QUICK, cwd=tmp_path)
+    run_command("fim", "--model", model, "--replay-dir", "replay", "--output", "fim.safetensors",
+                "--num-timesteps", "10", "--timestep-batch-size", "5", cwd=tmp_path)
+    run_command("surrogate", "--model", model, "--prompt", "a middle aged man", "--output-dir", "surrogate",
+                "--num-images", "4", *QUICK, cwd=tmp_path)
+    run_command("forget", "--model", model, "--concept", "Brad Pitt", "--surrogate-dir", "surrogate",
+                "--replay-dir", "replay", "--fim", "fim.safetensors", "--output-dir", "out", "--max-train-steps", "3",
+                "--train-batch-size", "2", "--learning-rate", "1e-3", *QUICK, cwd=tmp_path)
     prompts = ["--prompt", "a photo of brad pitt", "--prompt", "a dog", "--num-images", "2", "--seed", "3", *QUICK]
-    cli("sample", "--model", "out", *prompts, "--output-dir", "samples", "--compare", model, cwd=tmp_path)
-    cli("sample", "--model", model, *prompts, "--output-dir", "base-alone", cwd=tmp_path)
+    run_command("sample", "--model", "out", *prompts, "--output-dir", "samples", "--compare", model, cwd=tmp_path)
+    run_command("sample", "--model", model, *prompts, "--output-dir", "base-alone", cwd=tmp_path)
 
     # The Fisher: one fp32 tensor per UNet parameter, same names and shapes, with metadata.
     from diffusers import UNet2DConditionModel
@@ -118,8 +125,7 @@ def test_flow_replay_fim_surrogate_forget_sample(tiny_model, tmp_path):
             assert same_image(grid_cell(compare, j, k, True), samples / "base" / f"p{j:03d}_s{k:03d}.png")
             assert same_image(grid_cell(compare, j, 2 + k, True), samples / "images" / f"p{j:03d}_s{k:03d}.png")
 
-    check = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS_CHECK, model, str(out)], env=ENV,
-                           capture_output=True, text=True, timeout=300)
+    check = plain_diffusers_check()  # a fresh interpreter, without amnesia_sd
     assert "PLAIN-DIFFUSERS-OK" in check.stdout, check.stderr
 
 
@@ -142,21 +148,21 @@ def test_help_shows_the_defaults(tmp_path):
 def test_lora_result_through_sample_and_eval(tiny_model, tmp_path):
     """A LoRA result is a --model like any other: the base comes from its amnesia.json."""
     model = str(tiny_model)
-    done = cli("forget", "--model", model, "--concept", "Brad Pitt", "--surrogate", "a middle aged man",
-               "--num-surrogate-images", "4", "--num-replay-images", "4", "--fim-num-timesteps", "2",
-               "--lora-rank", "4", "--lora-alpha", "8", "--max-train-steps", "2", "--train-batch-size", "2",
-               "--learning-rate", "1e-2", "--output-dir", "lora", *QUICK, cwd=tmp_path)
+    done = run_command("forget", "--model", model, "--concept", "Brad Pitt", "--surrogate", "a middle aged man",
+                       "--num-surrogate-images", "4", "--num-replay-images", "4", "--fim-num-timesteps", "2",
+                       "--lora-rank", "4", "--lora-alpha", "8", "--max-train-steps", "2", "--train-batch-size", "2",
+                       "--learning-rate", "1e-2", "--output-dir", "lora", *QUICK, cwd=tmp_path)
     assert "LoRA rank 4 adapters" in done.stdout and "load_lora_weights(OUT)" in done.stdout
     out = tmp_path / "lora"
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["README.md", "amnesia.json",
                                                                    "pytorch_lora_weights.safetensors"]
     prompts = ["--prompt", "a photo of brad pitt", "--num-images", "2", "--seed", "3", *QUICK]
-    cli("sample", "--model", "lora", *prompts, "--output-dir", "samples", "--compare", model, cwd=tmp_path)
+    run_command("sample", "--model", "lora", *prompts, "--output-dir", "samples", "--compare", model, cwd=tmp_path)
     samples = tmp_path / "samples"
     assert any((samples / "base" / n).read_bytes() != (samples / "images" / n).read_bytes()
                for n in ("p000_s000.png", "p000_s001.png"))  # the adapter changes the images
-    cli("eval", "--model", "lora", "--output-dir", "report", "--concept", "nudity, naked", "--num-images", "1",
-        "--num-inference-steps", "2", "--clip-model", "nonexistent-org/no-clip", cwd=tmp_path)
+    run_command("eval", "--model", "lora", "--output-dir", "report", "--concept", "nudity, naked", "--num-images",
+                "1", "--num-inference-steps", "2", "--clip-model", "nonexistent-org/no-clip", cwd=tmp_path)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["models"]["base"]["identity"] == str(Path(model).resolve())
     # --lora-alpha 8 on rank 4: the scale 2 is folded into B, recorded as alpha = rank

@@ -6,7 +6,6 @@ import copy
 import hashlib
 import json
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from amnesia_sd.commands.export import (ExportConfig, export as export_command, 
                                         unet_to_original)
 from amnesia_sd.core.errors import UserError
 from amnesia_sd.core.paths import stamp
-from helpers import ENV, EXE
+from helpers import run_command
 
 PARTS = {StableDiffusionPipeline: ("unet", "vae", "text_encoder"),
          StableDiffusionXLPipeline: ("unet", "vae", "text_encoder", "text_encoder_2")}
@@ -329,9 +328,8 @@ def test_lora_only_needs_a_lora_result(tiny_model, tmp_path):
 
 
 def test_cli(tiny_model, tmp_path):
-    done = subprocess.run([EXE, "export", "--model", str(tiny_model), "--output", "sd.safetensors"], cwd=tmp_path,
-                          env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    # In this process (helpers.run_command: the app the installed command calls), a relative --output.
+    done = run_command("export", "--model", tiny_model, "--output", "sd.safetensors", cwd=tmp_path)  # exit code 0
     assert "checkpoint written to sd.safetensors" in done.stdout
     keys, metadata = keys_and_metadata(tmp_path / "sd.safetensors")
     assert metadata["dtype"] == "fp16" and set(keys.values()) == {"F16"} and metadata["layout"] == "sd1"

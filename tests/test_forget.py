@@ -436,6 +436,7 @@ def test_overwrite_reuses_the_old_results_surrogate_set_without_touching_it(tiny
 PLAIN_LORA_CHECK = """
 import sys, torch
 from diffusers import StableDiffusionPipeline
+sys.stdin.readline()  # started early (conftest's early_python): on once the test has made the result
 base, out = sys.argv[1], sys.argv[2]
 assert "amnesia_sd" not in sys.modules
 pipe = StableDiffusionPipeline.from_pretrained(base)
@@ -459,15 +460,12 @@ print("CHANGED", ",".join(changed))
     # as those of SDXL's (attention-free) down_blocks.0 do
     ("full", "to_q,to_k,to_v,to_out.0,conv_in,conv1,conv2", 32 + 16 + 1),
 ])
-def test_lora_result_loads_in_plain_diffusers(tiny_model, data, tmp_path, method, targets, layers):
-    import subprocess
-    import sys
-
+def test_lora_result_loads_in_plain_diffusers(tiny_model, data, tmp_path, method, targets, layers, early_python):
     from diffusers import UNet2DConditionModel
-    from helpers import ENV
 
     from amnesia_sd.model.trainable import lora_modules
 
+    plain_lora_check = early_python(PLAIN_LORA_CHECK, tiny_model, tmp_path / "lora")
     out = run(tiny_model, data, tmp_path / "lora", lora_rank=4, fuse=True, train_method=method, lora_targets=targets,
               max_train_steps=2)
     record = json.loads((out / "amnesia.json").read_text())
@@ -476,8 +474,7 @@ def test_lora_result_loads_in_plain_diffusers(tiny_model, data, tmp_path, method
     unet_bytes = (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
     assert lora["bytes"] == (out / "pytorch_lora_weights.safetensors").stat().st_size < unet_bytes / 10
     assert "load_lora_weights" in (out / "README.md").read_text()
-    check = subprocess.run([sys.executable, "-c", PLAIN_LORA_CHECK, str(tiny_model), str(out)], env=ENV,
-                           capture_output=True, text=True, timeout=300)
+    check = plain_lora_check()  # a fresh interpreter, without amnesia_sd, loads tmp_path / "lora" = out
     assert "CHANGED" in check.stdout, check.stderr
     changed = check.stdout.split("CHANGED ")[1].strip().split(",")
     # Exactly the adapted layers' weights moved, every one of them (diffusers once dropped the

@@ -1,9 +1,8 @@
 """SDXL through every command, conditioned exactly as diffusers' own SDXL pipeline conditions it;
 and an SD 2.x v-prediction pipeline through the same flow.
 
-The commands run in this process (`run`), as the installed command would run them; test_cli.py runs
-each of them through the installed `amnesia-sd` in processes of their own. What only a fresh process
-shows stays in one here too (`cli`, and the plain-diffusers check)."""
+The commands run in this process (`run`), as the installed command would run them, as test_cli.py's
+flows do too. What only a fresh process shows stays in one here (`cli`, and the plain-diffusers check)."""
 
 import hashlib
 import json
@@ -79,6 +78,7 @@ def digest(path: Path) -> dict:
 PLAIN_DIFFUSERS_CHECK = textwrap.dedent("""
     import sys, torch
     from diffusers import AutoPipelineForText2Image, StableDiffusionXLPipeline
+    sys.stdin.readline()  # started early (conftest's early_python): on once the test has made the result
     base = StableDiffusionXLPipeline.from_pretrained(sys.argv[1])
     out = StableDiffusionXLPipeline.from_pretrained(sys.argv[2])
     auto = AutoPipelineForText2Image.from_pretrained(sys.argv[2])
@@ -116,8 +116,9 @@ def sdxl_replay_fim(tiny_sdxl_model, tmp_path_factory):
     return root
 
 
-def test_sdxl_flow_replay_fim_surrogate_forget_sample_eval(tiny_sdxl_model, sdxl_replay_fim, tmp_path):
+def test_sdxl_flow_replay_fim_surrogate_forget_sample_eval(tiny_sdxl_model, sdxl_replay_fim, tmp_path, early_python):
     model, sets = str(tiny_sdxl_model), sdxl_replay_fim  # replay and fim: the module's (4 images, 4 timesteps)
+    plain_diffusers_check = early_python(PLAIN_DIFFUSERS_CHECK, model, tmp_path / "out")
     run("surrogate", "--model", model, "--prompt", "a middle aged man", "--output-dir", "surrogate",
         "--num-images", "4", *QUICK, cwd=tmp_path)
     done = run("forget", "--model", model, "--concept", "Brad Pitt", "--surrogate-dir", "surrogate",
@@ -156,8 +157,7 @@ def test_sdxl_flow_replay_fim_surrogate_forget_sample_eval(tiny_sdxl_model, sdxl
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert all(e["images"] for e in report["sets"].values())
 
-    check = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS_CHECK, model, str(tmp_path / "out")], env=ENV,
-                           capture_output=True, text=True, timeout=300)
+    check = plain_diffusers_check()  # a fresh interpreter, without amnesia_sd
     assert "PLAIN-DIFFUSERS-OK" in check.stdout, check.stderr
 
 
@@ -287,14 +287,20 @@ def test_sd2_v_prediction_flow(tiny_vpred_model, tmp_path):
     assert (tmp_path / "samples" / "grid.png").is_file()
 
 
-def test_docs_memory_table_is_what_the_preflight_computes():
+def test_docs_memory_table_is_what_the_preflight_computes(monkeypatch, capsys):
     """docs/families.md's SDXL memory and parameter tables come from benchmarks/memory.py, which uses
     forget's own memory_parts and trainable_names on the real SDXL base and SD v1.4 UNet configs."""
+    import runpy
+
     root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "memory.py"], cwd=root / "benchmarks", env=ENV, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    plan = json.loads(done.stdout)
+    # `python memory.py` in benchmarks/, run in this process: the script only computes (UNets on the
+    # meta device) and prints, so a process of its own would only add Python's and torch's start.
+    monkeypatch.chdir(root / "benchmarks")
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", ["memory.py"])
+    capsys.readouterr()
+    runpy.run_path("memory.py", run_name="__main__")
+    plan = json.loads(capsys.readouterr().out)
     readme = (root / "docs" / "families.md").read_text()
     sd14, sdxl = plan["sd14"]["before_activations"], plan["sdxl"]["before_activations"]
     assert plan["sdxl"]["unet_parameters"] == 2_567_463_684
