@@ -496,17 +496,9 @@ def digits_build(
     Example: amnesia-sd digits build
     """
     from amnesia_sd.model import digits
-    from amnesia_sd.core.config import SEED_LIMIT
-    from amnesia_sd.core.paths import Output, guard
 
     _quiet_libraries()
-    if not 0 <= seed < SEED_LIMIT:
-        raise UserError(f"--seed must be in [0, 2**31), got {seed}")
-    target = output_dir or digits.default_model_path()
-    # The old build is replaced only once the new one is complete, and only if it is ours.
-    guard([Output("--output-dir", target, "digits.json", "digits model")],
-          {"the shipped digits model": digits.SHIPPED_MODEL}, overwrite)
-    path = digits.build_digits_model(target, seed=seed, replace=True)
+    path = digits.build(output_dir, seed, overwrite)
     record = json.loads((path / "digits.json").read_text())["evaluation"]
     typer.echo(f"digits model written to {path} (lowest per-digit accuracy: train prompts "
                f"{record['train_prompts']['min_accuracy']:.2f}, held-out prompts "

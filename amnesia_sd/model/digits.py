@@ -28,7 +28,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from amnesia_sd.core.cache import cache_dir
-from amnesia_sd.core.paths import publish, stamp
+from amnesia_sd.core.config import SEED_LIMIT
+from amnesia_sd.core.errors import UserError
+from amnesia_sd.core.paths import Output, guard, publish, stamp
 from amnesia_sd.model.tokenizer import write_word_tokenizer
 
 VERSION = 1
@@ -522,6 +524,18 @@ def _train_pipeline(seed: int, progress: bool):
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def build(output_dir: Path | None = None, seed: int = 0, overwrite: bool = False) -> Path:
+    """`amnesia-sd digits build`: the digits model trained from `seed` into `output_dir` (default:
+    the cache, where `--model digits` looks). An old build there is replaced only with `overwrite`,
+    only if it is ours, and only once the new one is complete; the shipped model is never touched."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"--seed must be in [0, 2**31), got {seed}")
+    target = Path(output_dir) if output_dir else default_model_path()
+    guard([Output("--output-dir", target, "digits.json", "digits model")], {"the shipped digits model": SHIPPED_MODEL},
+          overwrite)
+    return build_digits_model(target, seed=seed, replace=True)
 
 
 def build_digits_model(output_dir: Path, seed: int = 0, progress: bool = True, replace: bool = False) -> Path:
