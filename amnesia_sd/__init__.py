@@ -55,4 +55,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *API])
+    return sorted({*globals(), *API})

@@ -119,6 +119,7 @@ def test_the_api_names_what_the_cli_calls():
 
     for name in amnesia_sd.__all__:
         assert getattr(amnesia_sd, name) is not None, name
+    assert sorted(set(dir(amnesia_sd))) == dir(amnesia_sd)  # each name once, loaded or not
     for name in ("forget", "ForgetConfig", "evaluate", "EvalConfig", "attack", "AttackConfig", "export",
                  "ExportConfig", "sample", "SampleConfig", "compute_fim", "FimConfig", "make_image_set", "SetConfig",
                  "demo", "DemoConfig"):
