@@ -54,7 +54,7 @@ def graph(root: Path) -> dict[str, set[str]]:
     return {module_name(p, root): imports(p, root, modules) for p in files}
 
 
-def layer(module: str, root_name: str) -> int:
+def layer(module: str) -> int:
     parts = module.split(".")
     if len(parts) > 1 and parts[1] in LAYERS:
         return LAYERS.index(parts[1])
@@ -97,7 +97,7 @@ def problems(root: Path) -> list[str]:
     said = [f"import cycle: {' <-> '.join(part)}" for part in cycles(edges)]
     for source, targets in sorted(edges.items()):
         for target in sorted(targets):
-            a, b = layer(source, root.name), layer(target, root.name)
+            a, b = layer(source), layer(target)
             if b > a:
                 said.append(f"{source} imports {target}, a layer above it")
             elif a == b == LAYERS.index("commands"):
@@ -110,7 +110,7 @@ def test_the_package_imports_point_down_only():
 
 
 def test_every_module_is_in_a_layer_or_on_top():
-    on_top = {m for m in graph(PACKAGE) if layer(m, PACKAGE.name) == TOP}
+    on_top = {m for m in graph(PACKAGE) if layer(m) == TOP}
     assert on_top == {"amnesia_sd", "amnesia_sd.cli"}
 
 
