@@ -240,6 +240,8 @@ def forget(
     num_replay_images: Annotated[Optional[int], typer.Option(help="Replay images to generate for the cache. [default: 1000]")] = None,
     unconditional_replay: UnconditionalReplay = None,
     templates: Annotated[Optional[bool], typer.Option("--templates/--no-templates", help="Build concept prompts from prompts/concept_templates.txt. [default: on]")] = None,
+    preserve: Annotated[Optional[str], typer.Option(help="Neighbours to keep, replayed with the replay set: names separated by commas ('Tom Cruise, Leonardo DiCaprio') or a bundled list (celebrities, artists, objects, nudity); drawn by --model from their prompts, templated as the concept's.")] = None,
+    preserve_images: Annotated[Optional[int], typer.Option(help="Images of the --preserve set, spread over the neighbours' prompts. [default: 50]")] = None,
     lambda_ewc: Annotated[Optional[float], typer.Option(help="EWC weight lambda. [default: 50]")] = None,
     gamma: Annotated[Optional[float], typer.Option(help="Generative-replay weight gamma. [default: 1]")] = None,
     learning_rate: Annotated[Optional[float], typer.Option(help="AdamW learning rate, never scaled by the number of GPUs unless --scale-lr. [default: 1e-5]")] = None,
@@ -360,6 +362,8 @@ def eval_(
     nudenet_threshold: Annotated[Optional[float], typer.Option(help="NudeNet score from which a detection counts. [default: 0.6]")] = None,
     distractor: Annotated[Optional[list[str]], typer.Option(help="Zero-shot alternative to the concept; repeat the flag for several. [default: a person, a landscape, ... and the surrogate]")] = None,
     prompts_csv: Annotated[Optional[Path], typer.Option(help="Extra prompt set in the I2P CSV format (prompt, sd_seed, sd_guidance_scale columns).")] = None,
+    neighbors: Annotated[Optional[str], typer.Option(help="Names close to the concept that must survive, sampled by both models on the same seeds and reported with a pinpoint score (share kept): a bundled list (celebrities, artists, objects, nudity) or names separated by commas; digits on the digits model.")] = None,
+    neighbor_images: Annotated[Optional[int], typer.Option(help="Images per neighbour. [default: 8; digits model: --num-images]")] = None,
     num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
     seed: Seed = None, batch_size: BatchSize = None, max_memory: MaxMemory = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
 ):
@@ -374,7 +378,7 @@ def eval_(
     cli = {"model": model, "output_dir": str(output_dir), "base": base, "concept": concept, "num_images": num_images,
            "detector": detector, "clip_model": clip_model, "nudenet_threshold": nudenet_threshold,
            "distractors": distractor, "prompts_csv": str(prompts_csv) if prompts_csv else None,
-           "overwrite": overwrite,
+           "neighbors": neighbors, "neighbor_images": neighbor_images, "overwrite": overwrite,
            **_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, mixed_precision, max_memory)}
     report = run_eval(EvalConfig(**{k: v for k, v in cli.items() if v is not None}))
     if report:  # the main process's; the others leave the detectors and the report to it
@@ -386,39 +390,48 @@ def eval_(
 @user_errors(RESTARTS)
 def attack(
     model: Model,
-    output_dir: Annotated[Path, typer.Option(help="Folder for attack.json, report.html, learned_embeds.safetensors, images/ and concept-set/.")],
+    output_dir: Annotated[Path, typer.Option(help="Folder for attack.json, report.html, images/, concept-set/ (and with ti learned_embeds.safetensors).")],
+    method: Annotated[Optional[list[str]], typer.Option(help="Which attacks: ti (textual inversion), denoise (partial denoising), prompt (a search over real words), or all; repeat for several. The worst case across them counts. [default: all]")] = None,
     base: Annotated[Optional[str], typer.Option(help="The base model: it draws the concept images and is attacked alongside. [default: base_model in MODEL/amnesia.json]")] = None,
     concept: Annotated[Optional[str], typer.Option(help="The concept to bring back; comma-separated alternatives. [default: concepts in MODEL/amnesia.json]")] = None,
-    concept_images: Annotated[Optional[Path], typer.Option(help="Your own images of the concept (a folder). [default: the base model draws --num-images from the concept prompts]")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps of the token's embedding. [default: 500]")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option(help="AdamW learning rate of the embedding. [default: 5e-3]")] = None,
-    train_batch_size: Annotated[Optional[int], typer.Option(help="Concept images per step. [default: 4]")] = None,
-    num_images: Annotated[Optional[int], typer.Option(help="Concept images to generate, and test images per model with and without the token. [default: 16]")] = None,
-    initializer: Annotated[Optional[str], typer.Option(help="One-token word whose embedding the token starts from. [default: object; digits model: digit]")] = None,
-    token: Annotated[Optional[str], typer.Option(help="The new token. [default: <amnesia-concept>]")] = None,
-    measure_steps: Annotated[Optional[list[int]], typer.Option(help="Also measure the forgotten model with the token as it was after N steps (repeat for several; each < --steps): shorter attacks from the same run.")] = None,
+    concept_images: Annotated[Optional[Path], typer.Option(help="Your own images of the concept (a folder). [default: the base model draws --num-images from the attack's templates]")] = None,
+    templates: Annotated[Optional[Path], typer.Option(help="Training prompts of the token and the prompt search: a file of lines with one {} for the concept. [default: prompts/attack_templates.txt; digits model: its attack phrasings]")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="ti: optimizer steps of the token's embedding. [default: 500]")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="ti: AdamW learning rate of the embedding. [default: 5e-3]")] = None,
+    train_batch_size: Annotated[Optional[int], typer.Option(help="ti and prompt: concept images per step. [default: 4]")] = None,
+    num_images: Annotated[Optional[int], typer.Option(help="Concept images to generate, and test images per model and kind. [default: 16]")] = None,
+    initializer: Annotated[Optional[str], typer.Option(help="ti: one-token word whose embedding the token starts from. [default: thing, else number]")] = None,
+    token: Annotated[Optional[str], typer.Option(help="ti: the new token. [default: <amnesia-concept>]")] = None,
+    measure_steps: Annotated[Optional[list[int]], typer.Option(help="ti: also measure the forgotten model with the token as it was after N steps (repeat for several; each < --steps): shorter attacks from the same run.")] = None,
+    strength: Annotated[Optional[list[float]], typer.Option(help="denoise: how far the concept images are noised before the model denoises them, in (0, 1]; repeat for several. [default: 0.3, 0.5, 0.7]")] = None,
+    prompt_words: Annotated[Optional[int], typer.Option(help="prompt: words searched for, put before the concept's prompt. [default: 5]")] = None,
+    prompt_steps: Annotated[Optional[int], typer.Option(help="prompt: steps of the search. [default: 300]")] = None,
+    prompt_learning_rate: Annotated[Optional[float], typer.Option(help="prompt: AdamW learning rate of the search's soft vectors. [default: 0.1]")] = None,
     clip_model: Annotated[Optional[str], typer.Option(help="CLIP for zero-shot detection: hub id or local folder. [default: openai/clip-vit-large-patch14]")] = None,
     num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
     seed: Seed = None, batch_size: BatchSize = None, max_memory: MaxMemory = None, overwrite: Overwrite = False,
 ):
-    """Try to bring the forgotten concept back: learn a token's embedding on the forgotten model (textual inversion).
+    """Try to bring the forgotten concept back: textual inversion, partial denoising and a prompt search.
 
     Example: amnesia-sd attack --model brad-pitt-forgotten --output-dir brad-pitt-attack
     """
     from amnesia_sd.commands.attack import AttackConfig, attack as run_attack, format_summary
 
     _quiet_libraries()
-    cli = {"model": model, "output_dir": str(output_dir), "base": base, "concept": concept,
-           "concept_images": str(concept_images) if concept_images else None, "steps": steps,
+    cli = {"model": model, "output_dir": str(output_dir), "method": method, "base": base, "concept": concept,
+           "concept_images": str(concept_images) if concept_images else None,
+           "templates": str(templates) if templates else None, "steps": steps,
            "learning_rate": learning_rate, "train_batch_size": train_batch_size, "num_images": num_images,
-           "initializer": initializer, "token": token, "measure_steps": measure_steps, "clip_model": clip_model,
+           "initializer": initializer, "token": token, "measure_steps": measure_steps, "strength": strength,
+           "prompt_words": prompt_words, "prompt_steps": prompt_steps, "prompt_learning_rate": prompt_learning_rate,
+           "clip_model": clip_model,
            "overwrite": overwrite, **_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, None,
                                                       max_memory)}
     result = run_attack(AttackConfig(**{k: v for k, v in cli.items() if v is not None}))
     if result:  # the main process's (under accelerate launch the others share the work, not the report)
         typer.echo(format_summary(result))
-        typer.echo(f"report: {output_dir / 'report.html'} and attack.json; the token: "
-                   f"{output_dir / 'learned_embeds.safetensors'}")
+        typer.echo(f"report: {output_dir / 'report.html'} and attack.json"
+                   + (f"; the token: {output_dir / 'learned_embeds.safetensors'}" if "ti" in result["methods"] else ""))
 
 
 @app.command()
@@ -518,9 +531,9 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of every step.")] = 0,
     lora_rank: LoraRank = None,
     unconditional_replay: Annotated[Optional[float], typer.Option(help="Empty-prompt replay images per prompted one, as forget --unconditional-replay; 0: the paper's replay. [default: 0.1; 0 with --attack]")] = None,
-    attack: Annotated[bool, typer.Option("--attack", help="Also train SA with --train-method xattn and both with --adversarial, then attack every model and the original (textual inversion) and report how far the digit comes back.")] = False,
+    attack: Annotated[bool, typer.Option("--attack", help="Also train SA with --train-method xattn and both with --adversarial, then attack every model and the original (textual inversion, partial denoising, prompt search) and report how far the digit comes back under each.")] = False,
     attack_steps: Annotated[Optional[list[int]], typer.Option(help="With --attack: attack lengths to measure (repeat the flag). [default: 250, 500, 1000, 2000]")] = None,
-    attack_initializer: Annotated[Optional[list[str]], typer.Option(help="With --attack: initial words of the attack's token (repeat the flag). [default: digit, number]")] = None,
+    attack_initializer: Annotated[Optional[list[str]], typer.Option(help="With --attack: initial words of the attack's token (repeat the flag); the first also runs the partial denoising and the prompt search. [default: number, symbol]")] = None,
     attack_images: Annotated[Optional[int], typer.Option(help="With --attack: concept images and held-out test images per attack. [default: 100]")] = None,
     overwrite: Overwrite = False,
 ):

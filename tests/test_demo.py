@@ -283,22 +283,38 @@ def test_demo_of_several_digits(tmp_path, sequential):
 def test_demo_attack_study(tmp_path):
     out = tmp_path / "demo"
     config = DemoConfig(digit=[3], output_dir=str(out), max_train_steps=2, attack=True, attack_steps=[2, 1],
-                        attack_initializers=["digit", "number"], attack_images=2, adversarial_every=1,
-                        adversarial_steps=1, **TINY_DEMO)
+                        attack_images=2, adversarial_every=1, adversarial_steps=1,
+                        **{**TINY_DEMO, "num_inference_steps": 4})  # 4 x 0.3: one step of partial denoising
     assert config.unconditional_replay == 0.0  # the study measures the paper's replay
+    assert config.attack_initializers == ["number", "symbol"]  # never --adversarial's "digit"
     metrics = demo(config)
     study = metrics["attack"]
     names = ("original", "sa", "sa-xattn", "sa-adversarial", "sa-xattn-adversarial")
     assert list(study["models"]) == list(names) and study["steps"] == [1, 2] and study["digit"] == 3
     for name in names:
         m = study["models"][name]
-        rates = [v for word in ("digit", "number") for v in m["after"][word].values()]
-        assert list(m["after"]) == ["digit", "number"] and all(list(v) == ["1", "2"] for v in m["after"].values())
-        assert m["worst"] == max(rates) and m["after"][m["worst_at"]["initializer"]][str(m["worst_at"]["steps"])] \
-            == m["worst"]
-        attack = json.loads((out / "attacks" / f"{name}-digit" / "attack.json").read_text())
-        assert attack["models"]["forgotten"]["before"] == m["p_forgotten_plain"]
-        assert attack["settings"]["steps"] == 2 and attack["settings"]["measure_steps"] == [1]
+        ti = m["ti"]
+        rates = [v for word in ("number", "symbol") for v in ti["after"][word].values()]
+        assert list(ti["after"]) == ["number", "symbol"] and all(list(v) == ["1", "2"] for v in ti["after"].values())
+        assert ti["worst"] == max(rates) and ti["after"][ti["worst_at"]["initializer"]][str(ti["worst_at"]["steps"])] \
+            == ti["worst"]
+        # every kind from the first word's run; the worst across kinds is the model's
+        first = json.loads((out / "attacks" / f"{name}-number" / "attack.json").read_text())
+        assert list(first["methods"]) == ["ti", "denoise", "prompt"]
+        assert m["denoise"]["worst"] == first["methods"]["denoise"]["after"]
+        assert m["prompt"]["worst"] == first["methods"]["prompt"]["after"]
+        assert m["prompt"]["prompt"] == first["methods"]["prompt"]["prompt"]
+        assert m["worst_by_kind"] == {"ti": ti["worst"], "denoise": m["denoise"]["worst"],
+                                      "prompt": m["prompt"]["worst"]}
+        assert m["worst"] == max(m["worst_by_kind"].values()) == m["worst_by_kind"][m["worst_kind"]]
+        assert first["models"]["forgotten"]["before"] == m["p_forgotten_plain"]
+        assert first["settings"]["steps"] == 2 and first["settings"]["measure_steps"] == [1]
+        second = json.loads((out / "attacks" / f"{name}-symbol" / "attack.json").read_text())
+        assert list(second["methods"]) == ["ti"]
+        # measured apart from what the adversarial models trained against
+        if "adversarial" in name:
+            assert first["independence"]["all_apart"] is True
+            assert first["independence"]["trained_against"]["initializer"] == "digit"
     for name in names[1:]:  # every model is also measured as the demo measures SA
         assert set(metrics[name]) == KEYS
     record = json.loads((out / "sa-xattn-adversarial" / "amnesia.json").read_text())
@@ -310,8 +326,11 @@ def test_demo_attack_study(tmp_path):
     assert study["targets"]["original_recovered"] == (worst["original"] >= 0.9)
     plain, adv = worst["sa"], worst["sa-adversarial"]
     assert study["targets"]["sa-adversarial_halves_sa"] == (plain <= 0.1 or adv <= plain / 2)
+    assert study["targets"]["sa_worst_below_0.1"] == (plain < 0.1)
+    for kind, (p, a) in study["adversarial_raised"]["sa-adversarial"].items():
+        assert a > p and study["models"]["sa"]["worst_by_kind"][kind] == p
     table = format_table(metrics)
-    assert "sa-xattn-adversarial" in table and "classifier floor" in table
+    assert "sa-xattn-adversarial" in table and "classifier floor" in table and "denoise" in table
 
 
 @pytest.mark.slow

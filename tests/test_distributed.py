@@ -235,16 +235,19 @@ def test_attack_with_two_processes_equals_one(tiny_model, work):
     # --batch-size 1: each process samples every other image; the token is learned by both alike.
     args = ["attack", "--model", str(tiny_model), "--base", str(tiny_model), "--concept", "Brad Pitt",
             "--initializer", "man", "--steps", "3", "--measure-steps", "2", "--num-images", "3",
-            "--num-inference-steps", "2", "--batch-size", "1", "--clip-model", "not/available"]
+            "--num-inference-steps", "2", "--batch-size", "1", "--clip-model", "not/available", "--strength", "0.5",
+            "--prompt-words", "2", "--prompt-steps", "2"]
     run_command(*args, "--output-dir", "attack-1", cwd=work)  # one process: this one
     launch("accelerate", 2, *args, "--output-dir", "attack-2", cwd=work)
     one, two = work / "attack-1", work / "attack-2"
     images = sorted(p.relative_to(one) for p in one.rglob("*.png"))
-    assert len(images) >= 3 * 5 and images == sorted(p.relative_to(two) for p in two.rglob("*.png"))
+    assert len(images) >= 3 * 9 and images == sorted(p.relative_to(two) for p in two.rglob("*.png"))
     for name in images:
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
     a, b = (load_file(str(d / "learned_embeds.safetensors")) for d in (one, two))
     torch.testing.assert_close(a["<amnesia-concept>"], b["<amnesia-concept>"], rtol=1e-5, atol=1e-6)
     records = [json.loads((d / "attack.json").read_text()) for d in (one, two)]
     assert [r["num_processes"] for r in records] == [1, 2]
-    assert records[0]["training"]["losses"] == pytest.approx(records[1]["training"]["losses"], rel=1e-5)
+    ti = [r["methods"]["ti"] for r in records]
+    assert ti[0]["training"]["losses"] == pytest.approx(ti[1]["training"]["losses"], rel=1e-5)
+    assert records[0]["methods"]["prompt"]["prompt"] == records[1]["methods"]["prompt"]["prompt"]

@@ -165,7 +165,7 @@ def test_attack_refuses_a_token_batch_over_the_budget_before_any_image(tiny_mode
     budget_kb = (peak(2) + 999) // 1000
     assert peak(3) > budget_kb * 1000
     refused = run_command("attack", "--model", tiny_model, "--base", tiny_model, "--concept", "Brad Pitt",
-                          "--output-dir", "a", "--train-batch-size", "4", "--max-memory", f"{budget_kb}KB",
+                          "--output-dir", "a", "--method", "ti", "--train-batch-size", "4", "--max-memory", f"{budget_kb}KB",
                           "--clip-model", "not/available", "--num-inference-steps", "2", code=2, cwd=tmp_path)
     [line] = [line for line in refused.output.splitlines() if line.startswith("error:")]
     assert "learning the token needs about" in line and "--train-batch-size 2 fits" in line

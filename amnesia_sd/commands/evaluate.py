@@ -9,6 +9,10 @@ process runs the detectors (detectors.py) and writes the report (report.py).
 On the built-in digits model the sets are the demo's: the forgotten digit on its training and
 held-out phrasings and the nine others, sampled and classified exactly as `amnesia-sd demo` does,
 so the same seeds give the demo's numbers.
+
+With --neighbors, names close to the concept are measured too (neighbors.py): on SD models each
+through the held-out phrasings on a seed stream of its own, sampled by both models; on the digits
+model from the images of those digits that the retained set already holds.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from amnesia_sd.data.detectors import (DISTRACTORS, ClipDetector, Detector, Digi
                                        ssim)
 from amnesia_sd.data.digit_measures import BATCH_SIZE, SAMPLES_PER_DIGIT, evaluation_samples, summarize
 from amnesia_sd.data.generate import generate, image_seed, planned_sampling, process_share
-from amnesia_sd.data.prompts import bundled, concept_prompts, read_prompts, spread
+from amnesia_sd.data.neighbors import (SD_IMAGES_PER_NEIGHBOR, neighbor_digits, neighbor_samples, pinpoint,
+                                       summarize_neighbor)
+from amnesia_sd.data.prompts import bundled, concept_prompts, neighbor_names, read_prompts, spread
 from amnesia_sd.data.report import REPORT_JSON, summary_rows, write_report
 from amnesia_sd.method.record import forgotten_model, recorded_surrogates
 from amnesia_sd.model.loading import DTYPES, image_size, load_on_device, make_accelerator, resolve_model
@@ -59,12 +65,20 @@ class EvalConfig(ForgottenModelSettings):
     nudenet_threshold: float = 0.6
     distractors: list[str] = field(default_factory=list)  # empty: detectors.DISTRACTORS
     prompts_csv: str | None = None
+    neighbors: str | None = None  # a bundled list's name (prompts.NEIGHBOR_LISTS) or names separated by commas
+    # None: 8 (digits model: --num-images, the images of each digit that eval makes anyway)
+    neighbor_images: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive("num_images", self.num_images)
         _check_choice("detector", self.detector, DETECTORS)
         _check(0 < self.nudenet_threshold <= 1, f"--nudenet-threshold must be in (0, 1], got {self.nudenet_threshold}")
+        _check_positive("neighbor_images", self.neighbor_images)
+        _check(self.neighbor_images is None or self.neighbors is not None,
+               "--neighbor-images needs --neighbors: the names whose images it counts")
+        if self.neighbors is not None:  # an empty list is refused now; a clash with the concept once it is known
+            neighbor_names(self.neighbors, [], "--neighbors")
 
 
 @dataclass
@@ -72,6 +86,17 @@ class PromptSet:
     name: str
     description: str
     samples: list[Sample] = field(default_factory=list)
+
+
+@dataclass
+class Neighbor:
+    """A name to keep and where its images are: `indices` of the set `set_name`, a set of its own on
+    SD models, on the digits model the retained set (which holds every other digit's images)."""
+
+    name: str
+    set_name: str
+    indices: list[int]
+    digit: int | None = None
 
 
 @dataclass
@@ -83,6 +108,13 @@ class Plan:
     blocks: list[list[tuple[str, int]]]
     digits: list[int] | None = None
     per_digit: int | None = None
+    neighbors: list[Neighbor] = field(default_factory=list)
+    neighbor_sets: dict[str, PromptSet] = field(default_factory=dict)  # sampled, but not reported as sets
+
+    def sampled(self) -> tuple[dict[str, PromptSet], list[list[tuple[str, int]]]]:
+        """Every set that is sampled and its blocks: the reported sets, then each neighbour's own."""
+        return self.sets | self.neighbor_sets, self.blocks + [[(name, i) for i in range(len(s.samples))]
+                                                              for name, s in self.neighbor_sets.items()]
 
 
 def misspellings(concept: str) -> list[str]:
@@ -180,7 +212,8 @@ def _digits_plan(forgotten: list[int], n: int, seed: int, guidance: float) -> Pl
 
 
 def make_plan(groups: list[list[str]], digits_model: bool, n: int, settings: GenerationSettings,
-              csv_samples: list[Sample] | None) -> Plan:
+              csv_samples: list[Sample] | None, neighbors: list[str] | None = None,
+              neighbor_images: int | None = None) -> Plan:
     if digits_model:
         plan = _digits_plan(digits_of(groups), n, settings.seed, settings.guidance_scale)
     else:
@@ -189,7 +222,29 @@ def make_plan(groups: list[list[str]], digits_model: bool, n: int, settings: Gen
     if csv_samples:
         plan.sets["csv"] = PromptSet("csv", "--prompts-csv rows, each with its own seed and guidance", csv_samples)
         plan.blocks.append([("csv", i) for i in range(len(csv_samples))])
+    if neighbors:
+        _plan_neighbors(plan, neighbors, neighbor_images, settings)
     return plan
+
+
+def _plan_neighbors(plan: Plan, names: list[str], count: int | None, settings: GenerationSettings) -> None:
+    if plan.digits is None:
+        phrasings = read_prompts(bundled("eval/concept_paraphrases.txt"))
+        for k, name in enumerate(names):
+            set_name = f"neighbor-{k + 1}"
+            samples = neighbor_samples(name, phrasings, count or SD_IMAGES_PER_NEIGHBOR, settings.seed,
+                                       settings.guidance_scale)
+            plan.neighbor_sets[set_name] = PromptSet(set_name, f"the neighbour {name} on held-out phrasings", samples)
+            plan.neighbors.append(Neighbor(name, set_name, list(range(len(samples)))))
+        return
+    count = count or plan.per_digit
+    if count > plan.per_digit:
+        raise UserError(f"--neighbor-images {count} is more than the {plan.per_digit} images of each digit that eval "
+                        "makes on the digits model: raise --num-images or lower --neighbor-images")
+    retained = plan.sets["retained"].samples
+    for name, digit in zip(names, neighbor_digits(names, plan.digits)):
+        indices = [i for i, s in enumerate(retained) if s.target == digit][:count]
+        plan.neighbors.append(Neighbor(name, "retained", indices, digit))
 
 
 def image_path(set_name: str, role: str, index: int) -> str:
@@ -211,16 +266,17 @@ def _sample_model(spec: str, role: str, plan: Plan, settings: GenerationSettings
     ref, pipe = load_on_device(spec, accelerator, DTYPES[settings.mixed_precision])
     size = image_size(pipe, settings.resolution)  # before the first image
     settings, predicted = planned_sampling(pipe, settings, accelerator)
-    total = sum(len(b) for b in plan.blocks)
+    sets, blocks = plan.sampled()
+    total = sum(len(b) for b in blocks)
     bar = tqdm(total=total, desc=f"sampling {role}", unit="img", disable=not accelerator.is_main_process)
-    for block in plan.blocks:
+    for block in blocks:
         by_guidance: dict[float, list[tuple[str, int]]] = {}
         for item in block:
-            by_guidance.setdefault(plan.sets[item[0]].samples[item[1]].guidance_scale, []).append(item)
+            by_guidance.setdefault(sets[item[0]].samples[item[1]].guidance_scale, []).append(item)
         for guidance, items in by_guidance.items():
             share = process_share(len(items), settings.batch_size, accelerator.process_index, accelerator.num_processes)
             items = [items[i] for i in share]
-            samples = [plan.sets[name].samples[i] for name, i in items]
+            samples = [sets[name].samples[i] for name, i in items]
             for position, _, image in generate(pipe, [s.prompt for s in samples], [s.seed for s in samples],
                                                dataclasses.replace(settings, guidance_scale=guidance), predicted):
                 name, i = items[position]
@@ -256,11 +312,11 @@ def _judge(plan: Plan, detectors: list[Detector], folder: Path) -> dict:
     return outputs
 
 
-def _similarity(plan: Plan, clip: ClipDetector | None, folder: Path) -> dict:
+def _similarity(sets: dict[str, PromptSet], clip: ClipDetector | None, folder: Path) -> dict:
     """similarity[set][measure] = one value per image pair (base, forgotten) on the same seed."""
-    result = {name: {"ssim": []} | ({"clip_image": []} if clip else {}) for name in plan.sets}
-    with tqdm(total=sum(len(s.samples) for s in plan.sets.values()), desc="similarity", unit="pair") as bar:
-        for name, s in plan.sets.items():
+    result = {name: {"ssim": []} | ({"clip_image": []} if clip else {}) for name in sets}
+    with tqdm(total=sum(len(s.samples) for s in sets.values()), desc="similarity", unit="pair") as bar:
+        for name, s in sets.items():
             for i in range(len(s.samples)):
                 pair = [folder / image_path(name, role, i) for role in ROLES]
                 result[name]["ssim"].append(ssim(*pair))
@@ -290,6 +346,10 @@ def evaluate(config: EvalConfig) -> dict:
     concepts = [c for group in groups for c in group]  # each group is reported on its own sets
     digits_model = is_digits_model(resolve_model(base))
     detector = choose_detector(config.detector, digits_model, concepts)
+    neighbors = neighbor_names(config.neighbors, concepts, "--neighbors") if config.neighbors else None
+    if neighbors and digits_model and detector != "digits":
+        raise UserError("--neighbors on the digits model is judged by the digit classifier: leave --detector out or "
+                        "pass --detector digits")
     n = config.num_images or (SAMPLES_PER_DIGIT if digits_model else SD_IMAGES_PER_SET)
     batch_size = config.batch_size or (BATCH_SIZE if digits_model else None)  # None: the memory plan's
     settings = GenerationSettings(num_inference_steps=config.num_inference_steps,
@@ -297,13 +357,16 @@ def evaluate(config: EvalConfig) -> dict:
                                   seed=config.seed, batch_size=batch_size, mixed_precision=config.mixed_precision,
                                   max_memory=config.max_memory)
     plan = make_plan(groups, digits_model, n, settings,
-                     read_prompts_csv(config.prompts_csv) if config.prompts_csv else None)
+                     read_prompts_csv(config.prompts_csv) if config.prompts_csv else None, neighbors,
+                     config.neighbor_images)
     if detector == "nudenet":  # on every process, so all of them stop alike
         nudenet_class()
     distractors = list(config.distractors or DISTRACTORS) + recorded_surrogates(record)
 
-    images = sum(len(s.samples) for s in plan.sets.values())
-    announce("eval", [(f"{name} ({images} images x {settings.num_inference_steps} steps)",
+    images = sum(len(b) for b in plan.sampled()[1])
+    own = sum(len(s.samples) for s in plan.neighbor_sets.values())
+    of_them = f", {own} of them of {len(plan.neighbors)} neighbours" if own else ""
+    announce("eval", [(f"{name} ({images} images{of_them} x {settings.num_inference_steps} steps)",
                        generation_passes(images, settings.num_inference_steps, settings.guidance_scale))
                       for name in ROLES])
     accelerator = make_accelerator()
@@ -356,7 +419,7 @@ def evaluate(config: EvalConfig) -> dict:
 def _build_report(config, plan, n, detector, detectors, status, clip, models, concepts, distractors, settings,
                   folder) -> dict:
     outputs = _judge(plan, detectors, folder)
-    similarity = _similarity(plan, clip, folder)
+    similarity = _similarity(plan.sets, clip, folder)
     sets = {}
     for name, s in plan.sets.items():
         metrics = {role: {d.name: d.summarize(outputs[name][role][d.name], s.samples) for d in detectors}
@@ -394,8 +457,63 @@ def _build_report(config, plan, n, detector, detectors, status, clip, models, co
     }
     if detector == "digits":
         report["digits"] = _demo_metrics(plan, outputs)
+    if plan.neighbors:
+        if plan.neighbor_sets:  # SD models; the digits model's neighbours are pairs of the retained set
+            similarity |= _similarity(plan.neighbor_sets, clip, folder)
+        report["neighbors"] = _neighbor_report(config, plan, outputs, similarity, clip, folder)
     report["summary"] = summary_rows(report)
     return report
+
+
+def _neighbor_report(config, plan: Plan, outputs: dict, similarity: dict, clip: ClipDetector | None,
+                     folder: Path) -> dict:
+    """Per neighbour the judge's verdict on each image pair, its rates, the share kept and the
+    similarity to the base; the pinpoint score over them. The judge is the digit classifier on the
+    digits model (its outputs for the retained set), else zero-shot CLIP: the neighbour against
+    the concepts and the distractors, as the clip detector judges the concept; none when CLIP could
+    not be loaded (its status says why)."""
+    judge = "digits" if plan.digits is not None else "clip" if clip is not None else None
+    sets = plan.sets | plan.neighbor_sets
+    per_neighbor = {}
+    with tqdm(total=2 * sum(len(nb.indices) for nb in plan.neighbors), desc=f"neighbours ({judge})", unit="img",
+              disable=judge != "clip") as bar:
+        for nb in plan.neighbors:
+            images = []
+            for i in nb.indices:
+                sample = sets[nb.set_name].samples[i]
+                images.append({"index": i, "prompt": sample.prompt, "seed": sample.seed,
+                               "guidance_scale": sample.guidance_scale,
+                               **{role: {"image": image_path(nb.set_name, role, i)} for role in ROLES},
+                               "similarity": {m: values[i] for m, values in similarity[nb.set_name].items()}})
+            for role in ROLES:
+                if judge == "digits":
+                    records = [outputs[nb.set_name][role]["digits"][i] for i in nb.indices]
+                    verdicts = [(r["predicted"] == nb.digit, r["probs"][nb.digit]) for r in records]
+                elif judge == "clip":
+                    labels = [nb.name, *(label for label in clip.labels if label.lower() != nb.name.lower())]
+                    probs = clip.zero_shot([folder / image[role]["image"] for image in images], labels)
+                    verdicts = [(bool(p.argmax() == 0), p[0].item()) for p in probs]
+                    bar.update(len(images))
+                else:
+                    verdicts = []
+                for image, (shows, p) in zip(images, verdicts):
+                    image[role]["neighbor"] = {"shows": shows, "p": p}
+            digit = {"digit": nb.digit} if nb.digit is not None else {}
+            per_neighbor[nb.name] = digit | summarize_neighbor(images)
+    measures = list(similarity[plan.neighbors[0].set_name])
+    return {
+        "list": config.neighbors, "names": [nb.name for nb in plan.neighbors], "judge": judge,
+        "num_images": len(plan.neighbors[0].indices),
+        "description": ("each neighbour through the held-out phrasings (prompts/eval/concept_paraphrases.txt) on "
+                        "seeds of their own" if plan.digits is None else
+                        "each digit's images in the retained set (its training phrasings, the demo's seeds)"),
+        "per_neighbor": per_neighbor,
+        # means over the neighbours
+        **{f"{role}_rate": mean([e[f"{role}_rate"] for e in per_neighbor.values()]) if judge else None
+           for role in ROLES},
+        "pinpoint": pinpoint(per_neighbor),
+        "similarity": {m: mean([e["similarity"][m] for e in per_neighbor.values()]) for m in measures},
+    }
 
 
 def _demo_metrics(plan: Plan, outputs: dict) -> dict:

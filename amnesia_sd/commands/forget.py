@@ -40,7 +40,7 @@ from amnesia_sd.method.checkpoints import (broken_run, check_digest, check_paths
                                            training_settings, weights_finite)
 from amnesia_sd.method.fisher import fisher_plan, load_fisher, timestep_set
 from amnesia_sd.method.record import FINISHED, recorded_path, write_result
-from amnesia_sd.method.sources import Plan, check_origins, check_sequence, earlier_sets
+from amnesia_sd.method.sources import Plan, check_origins, check_sequence, earlier_sets, preserved
 from amnesia_sd.model.diffusion import per_sample_loss
 from amnesia_sd.model.families import Conditioning, check_unconditional_replay, family_of, join, take, to_device
 from amnesia_sd.model.loading import DTYPES, ModelRef, latent_size, load_on_device, make_accelerator
@@ -59,7 +59,7 @@ def forget(config: ForgetConfig) -> Path:
     """Train the UNet to map the concept to the surrogate while remembering everything else;
     write a diffusers pipeline folder to config.output_dir."""
     run = check(config)  # every input, the model and the memory plan, before any work
-    sets = image_sets(run)  # the replay set and each pair's surrogate set: reused, or made now
+    sets = image_sets(run)  # the replay, surrogate and preserve sets: reused, or made now
     fim = fisher(run, sets)  # F over the replay set: given, cached, or computed now
     # Its own float32 copies of the text encoders, made before conditioning() casts them.
     adversary = Adversary(run.family, run.pipe, run.config, sets.concept, run.accelerator.device) \
@@ -81,6 +81,7 @@ class Run:
     started: float
     earlier: dict  # --model's amnesia.json, when it is a forget result
     inherited: list[dict]  # that run's pairs, with their finished surrogate sets
+    preserve: dict | None  # the neighbours held (sources.preserved): this run's, or that run's set
     ancestors: list[str]  # the models --model was made from
     accelerator: object
     settings: dict  # what shapes training: a checkpoint made with others is not resumed
@@ -103,11 +104,14 @@ def check(config: ForgetConfig) -> Run:
                         f"`amnesia-sd fim --model {config.model} --output {config.fim}`")
     # Sequential forgetting: the concepts --model already forgot stay in the objective.
     earlier, inherited = earlier_run(config.model) or ({}, [])
+    preserve = preserved(config, earlier)
     config = earlier_sets(config, earlier)
-    finished = check_paths(config, out, inherited)  # every process checks, so all fail alike
+    # every process checks, so all fail alike
+    finished = check_paths(config, out, inherited, preserve.get("set") if preserve else None)
     # Given sets are read once, here, so a bad one fails before the model loads.
     given = {name: load_image_set(path) for name, path in [("replay", config.replay_dir)] + [
-        (f"surrogate {i + 1}", pair["surrogate_dir"]) for i, pair in enumerate(config.pairs())] if path}
+        (f"surrogate {i + 1}", pair["surrogate_dir"]) for i, pair in enumerate(config.pairs())] + [
+        ("preserve", preserve and preserve.get("set"))] if path}
     check_sequence(config, earlier)
     inherited = [{**pair, "set": load_image_set(pair["set"])} for pair in inherited]
     ancestors = [r["base_model"] for r in earlier.get("history", [])] + ([earlier["base_model"]] if earlier else [])
@@ -129,13 +133,13 @@ def check(config: ForgetConfig) -> Run:
     family = family_of(pipe)
     config, fisher_meta = check_model(config, ref, pipe, family, given, inherited, ancestors)
     peak = plan_memory(config, pipe, family, accelerator)
-    plan = Plan(config, ref, pipe, work, accelerator.num_processes, given, inherited)
+    plan = Plan(config, ref, pipe, work, accelerator.num_processes, given, inherited, preserve)
     accelerator.wait_for_everyone()  # every process has checked the paths before the work folder changes
     if accelerator.is_main_process:  # only now, when everything given has been checked
         open_run(out, config, finished)
     accelerator.wait_for_everyone()
-    return Run(config, out, work, started, earlier, inherited, ancestors, accelerator, settings, checkpoint, ref,
-               pipe, family, fisher_meta, peak, plan)
+    return Run(config, out, work, started, earlier, inherited, preserve, ancestors, accelerator, settings, checkpoint,
+               ref, pipe, family, fisher_meta, peak, plan)
 
 
 def check_model(config: ForgetConfig, ref: ModelRef, pipe, family, given: dict[str, ImageSet],
@@ -148,6 +152,12 @@ def check_model(config: ForgetConfig, ref: ModelRef, pipe, family, given: dict[s
     for image_set in [*given.values(), *(pair["set"] for pair in inherited)]:
         check_fits(image_set, pipe)
     check_origins(config, ref, pipe, fisher_meta, given, ancestors)
+    if "preserve" in given:  # an earlier run's preserve set joins this run's replay pool: one latent size
+        replay = tuple(given["replay"].latents.shape[-2:]) if "replay" in given else latent_size(pipe, config.resolution)
+        if tuple(given["preserve"].latents.shape[-2:]) != replay:
+            raise UserError(f"the earlier run's preserve set {given['preserve'].path} holds latents of "
+                            f"{tuple(given['preserve'].latents.shape[-2:])}, the replay set of {replay}: they are "
+                            "replayed as one set, so give --preserve to make it again at the replay set's size")
     check_unconditional_replay(family, pipe, config.unconditional_replay)
     if config.lora_rank:
         check_rank(pipe.unet, lora_modules(pipe.unet, config.train_method, config.lora_target_list()), config.lora_rank)
@@ -189,20 +199,22 @@ class Sets:
     surrogates: list[ImageSet]  # one per pair, earlier runs' pairs first; pairs may share a set
     concept: ImageSet | None  # --adversarial: the concept drawn by --model, for the inner attack
     pairs: list[dict]  # every (concept, surrogate) pair: its concept prompts and surrogate source
+    preserve: ImageSet | None  # --preserve: the neighbours drawn by the base model, replayed with the replay set
 
 
 def image_sets(run: Run) -> Sets:
-    """The replay set, each pair's surrogate set and (--adversarial) the concept set: given, reused
-    from the cache or an earlier run, or generated now with the model."""
+    """The replay set, each pair's surrogate set, (--preserve) the neighbours' set and (--adversarial)
+    the concept set: given, reused from the cache or an earlier run, or generated now with the model."""
     config = run.config
     replay, surrogates = run.plan.sets(run.accelerator)
+    preserve = run.plan.preserve_set(run.accelerator)
     concept = run.plan.concept_set(run.accelerator) if config.adversarial else None
     pairs = [{"concept": p["concept"], "concept_prompts": p["concept_prompts"], "inherited": True,
               **{k: p[k] for k in SURROGATE_SOURCES if p.get(k)}} for p in run.inherited]
     pairs += [{"concept": p["concept"], "concept_prompts": concept_prompts(split_concepts(p["concept"]), config.templates),
                "inherited": False, **{k: v for k, v in p.items() if k in SURROGATE_SOURCES and v}}
               for p in config.pairs()]
-    return Sets(replay, surrogates, concept, pairs)
+    return Sets(replay, surrogates, concept, pairs, preserve)
 
 
 @dataclasses.dataclass
@@ -217,10 +229,13 @@ def fisher(run: Run, sets: Sets) -> Fisher:
     """The diagonal Fisher of the model over the replay set: --fim, the cached one, or computed now;
     it and the sets made now must come from the model being trained (or one it was made from)."""
     config = run.config
+    # Over the replay set alone, not the preserve set: the Fisher stays the base model's, shared by
+    # every concept forgotten on it, and the neighbours are held by replaying them.
     path = Path(config.fim) if config.fim else run.plan.fisher(sets.replay, run.accelerator)
     metadata = run.fisher_meta if config.fim else load_fisher(path, run.pipe, names=())[1]
     made_now = {f"surrogate {i + 1}": s for i, s in enumerate(sets.surrogates[len(run.inherited):])}
-    mismatches = check_origins(config, run.ref, run.pipe, metadata, {"replay": sets.replay, **made_now},
+    preserve = {"preserve": sets.preserve} if sets.preserve is not None else {}
+    mismatches = check_origins(config, run.ref, run.pipe, metadata, {"replay": sets.replay, **made_now, **preserve},
                                run.ancestors)
     return Fisher(path, metadata, run.plan.fim_made, mismatches)
 
@@ -229,10 +244,10 @@ def fisher(run: Run, sets: Sets) -> Fisher:
 class Data:
     """Everything a training step draws from, on the training device or beside it."""
     surrogate_latents: torch.Tensor  # the pairs' distinct surrogate sets, concatenated
-    replay_latents: torch.Tensor
+    replay_latents: torch.Tensor  # the replay pool: the replay set, then the preserve set (--preserve)
     images: dict[str, Conditioning]  # "surrogate", "replay": each image's own image conditioning
     concept_text: Conditioning  # of every concept prompt, pairs in order
-    replay_text: Conditioning  # of each distinct replay prompt
+    replay_text: Conditioning  # of each distinct prompt of the replay pool
     replay_text_index: torch.Tensor  # replay image -> its row of replay_text
     image_spans: list[tuple[int, int]]  # pair k's surrogate images: (offset, count) in surrogate_latents
     prompt_spans: list[tuple[int, int]]  # pair k's concept prompts: (offset, count) in concept_text
@@ -251,18 +266,22 @@ def conditioning(run: Run, sets: Sets) -> Data:
     for encoder in text_encoders:
         encoder.requires_grad_(False).to(device, dtype=DTYPES[run.config.mixed_precision])
     concept_text = family.encode_text(pipe, concepts)
-    replay_texts = sorted(set(sets.replay.prompts))
+    # The neighbours' images are replayed as the replay set's are: every replay draw is over both.
+    pool = [sets.replay] + ([sets.preserve] if sets.preserve is not None else [])
+    replay_latents, pool_conditioning = torch.cat([s.latents for s in pool]), join(*[s.conditioning for s in pool])
+    pool_prompts = [p for s in pool for p in s.prompts]
+    replay_texts = sorted(set(pool_prompts))
     replay_text = embed_all(family, pipe, replay_texts, run.accelerator.is_main_process)
     position = {text: i for i, text in enumerate(replay_texts)}
     images = {name: to_device({k: c[k] for k in family.image_keys}, device)
-              for name, c in (("surrogate", surrogate_conditioning), ("replay", sets.replay.conditioning))}
+              for name, c in (("surrogate", surrogate_conditioning), ("replay", pool_conditioning))}
     pipe.vae.to("cpu")
     for encoder in text_encoders:
         encoder.to("cpu")
     starts = {id(s): sum(len(t.latents) for t in distinct[:i]) for i, s in enumerate(distinct)}
     counts = [len(p["concept_prompts"]) for p in sets.pairs]
-    return Data(surrogate_latents, sets.replay.latents, images, concept_text, replay_text,
-                torch.tensor([position[p] for p in sets.replay.prompts]),
+    return Data(surrogate_latents, replay_latents, images, concept_text, replay_text,
+                torch.tensor([position[p] for p in pool_prompts]),
                 [(starts[id(s)], len(s.latents)) for s in sets.surrogates],
                 [(sum(counts[:i]), n) for i, n in enumerate(counts)], concepts)
 
@@ -504,6 +523,11 @@ def write(run: Run, sets: Sets, fim: Fisher, trainer: Trainer) -> Path:
             "replay_set": recorded_path(replay.path, work),
             "replay_images": {"prompted": len(replay.prompts) - replay.prompts.count(""),
                               "unconditional": replay.prompts.count("")},
+            # --preserve: the neighbours held, the distinct prompts of their set; earlier_run: an earlier run's set
+            "preserve": {"value": run.preserve["value"], "names": run.preserve["names"],
+                         "prompts": list(dict.fromkeys(sets.preserve.prompts)),
+                         "set": recorded_path(sets.preserve.path, work), "images": len(sets.preserve.latents),
+                         "earlier_run": "set" in run.preserve} if sets.preserve is not None else None,
             "pairs": [{**{k: v for k, v in p.items() if k != "inherited"},
                        # what the concept now maps to: the set's prompt, or the folder of the user's images
                        "maps_to": image_set.manifest.get("images_dir") or image_set.prompts[0],

@@ -1,9 +1,9 @@
-"""The amnesia-sd cache: replay sets and Fishers per base model, made once and reused by every
-`forget` on that model.
+"""The amnesia-sd cache: replay sets, preserve sets (forget --preserve) and Fishers per base model,
+made once and reused by every `forget` on that model.
 
 An entry is a folder `models/<key>/` keyed by the base model's identity, its UNet config hash and a
 digest of its UNet weights as loaded, so a model changed in place never meets a stale entry. Inside,
-each replay set and Fisher is named by a digest of the settings it was made with, and also records
+each set and Fisher is named by a digest of the settings it was made with, and also records
 those settings (the set's manifest, the Fisher's metadata), which are checked again on reuse.
 """
 
@@ -67,7 +67,7 @@ def model_entry(origin: dict, unet) -> Path:
 
 def _record(entry: Path) -> dict | None:
     """An entry's record when the entry is ours: a real folder (not a link) whose entry.json carries our
-    stamp, holding nothing but what we write there (replay sets and their work folders, Fishers)."""
+    stamp, holding nothing but what we write there (image sets and their work folders, Fishers)."""
     try:
         if entry.is_symlink() or not entry.is_dir():
             return None
@@ -84,7 +84,7 @@ def _our_item(path: Path) -> bool:
         return False
     if path.name == INFO:
         return path.is_file()
-    if path.name.startswith("replay-") and path.is_dir():
+    if path.name.startswith(("replay-", "preserve-")) and path.is_dir():
         return is_ours(path, "manifest.json") or is_our_partial(path)
     if path.name.startswith("fim-") and path.name.endswith(".safetensors") and path.is_file():
         return is_ours(path, None, (FISHER_FORMAT,))

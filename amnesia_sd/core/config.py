@@ -115,6 +115,7 @@ DEFAULT_SURROGATE_IMAGES = 1000  # the paper's surrogate set size
 # keeps in the cache. Chosen by measurement on the digits model (docs/method.md, "Choosing the defaults").
 DEFAULT_REPLAY_IMAGES = 1000  # the reference code trains on 1000 replay images (of the 5000 it makes)
 DEFAULT_FIM_FRACTION = 4  # the Fisher over 1/4 of the replay set
+DEFAULT_PRESERVE_IMAGES = 50  # forget --preserve: its set, spread over the neighbours' prompts
 DEFAULT_FIM_TIMESTEPS = 50  # evenly spaced of the 1000 training timesteps
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # SD v1.x's text encoder is this model's text half
 SEED_LIMIT = 2**31  # image i's generator seed is seed * 2**32 + i, which must fit 64 bits
@@ -248,6 +249,10 @@ class ForgetConfig(GenerationSettings):
     # after an earlier forget run, whatever its replay set holds.
     unconditional_replay: float | None = None
     templates: bool = True
+    # Neighbours to keep (HUB: SA over-erases them): a bundled list's name or names separated by
+    # commas, templated as the concept is; the base model's images of them join the replay pool.
+    preserve: str | None = None
+    preserve_images: int | None = None  # None: DEFAULT_PRESERVE_IMAGES
     lambda_ewc: float = 50.0
     gamma: float = 1.0
     learning_rate: float = 1e-5
@@ -312,11 +317,14 @@ class ForgetConfig(GenerationSettings):
         _check(self.fim != "", "--fim is empty: give a Fisher file, or leave the flag out to use the cached one")
         _check(not (self.fim and (self.fim_num_images or self.fim_num_timesteps)),
                "--fim-num-images and --fim-num-timesteps size a Fisher made here; they cannot be combined with --fim")
+        _check(self.preserve_images is None or self.preserve is not None,
+               "--preserve-images sizes the set of the neighbours --preserve names: add --preserve (e.g. "
+               "--preserve 'Tom Cruise, Leonardo DiCaprio')")
         _check(self.lambda_ewc >= 0, f"--lambda-ewc must be >= 0, got {self.lambda_ewc}")
         _check(self.gamma >= 0, f"--gamma must be >= 0, got {self.gamma}")
         for name in ("learning_rate", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
                      "checkpointing_steps", "num_surrogate_images", "num_replay_images", "max_grad_norm",
-                     "fim_num_images", "fim_num_timesteps",
+                     "fim_num_images", "fim_num_timesteps", "preserve_images",
                      "checkpoints_total_limit"):
             _check_positive(name, getattr(self, name))
         for name in ("adversarial_every", "adversarial_steps", "adversarial_learning_rate", "adversarial_batch_size",

@@ -212,6 +212,12 @@ class ClipDetector:
         return {"p_concept": mean([o["p_concept"] for o in outputs]),
                 "clip_score": mean([o["clip_score"] for o in outputs])}
 
+    def zero_shot(self, paths: Sequence[Path], labels: Sequence[str]) -> torch.Tensor:
+        """CLIP's zero-shot probabilities [N, len(labels)] over any labels (eval's neighbours: each
+        against the concept's alternatives)."""
+        logits = self.model.logit_scale.exp().item() * self.embed_images(paths) @ self.embed_texts(labels).T
+        return logits.softmax(-1)
+
     def similarity(self, base: Path, forgotten: Path) -> float:
         """Cosine similarity of the two images' CLIP embeddings."""
         a, b = self.embed_images([base, forgotten])
@@ -252,12 +258,17 @@ def ssim(base: Path, forgotten: Path, window: int = 7) -> float:
     return index.mean().item()
 
 
+def named_digits(texts: Sequence[str]) -> set[int]:
+    """The digits the texts name, as words or numerals ("8", "eight", "the number 8")."""
+    return {d for text in texts for token in re.findall(r"[a-z]+|\d", text.lower()) for d in range(10)
+            if token in (digits.DIGIT_WORDS[d], str(d))}
+
+
 def digits_of(groups: list[list[str]]) -> list[int]:
     """The digit each concept names (as words or numerals): one per concept."""
     found = []
     for concepts in groups:
-        named = {d for c in concepts for token in re.findall(r"[a-z]+|\d", c.lower()) for d in range(10)
-                 if token in (digits.DIGIT_WORDS[d], str(d))}
+        named = named_digits(concepts)
         if len(named) != 1:
             raise UserError(f"the digits model forgets digits, but the concept {', '.join(concepts)!r} names "
                             f"{'none' if not named else 'several'}: pass e.g. --concept zero or --concept 3")

@@ -160,11 +160,13 @@ def _start(out: Path, overwrite: bool, record: dict, accelerator) -> Path:
     return partial
 
 
-def set_record(pipe, ref: ModelRef, prompts: list[str], settings: GenerationSettings, kind: str) -> dict:
+def set_record(pipe, ref: ModelRef, prompts: list[str], settings: GenerationSettings, kind: str,
+               stream: str = "image") -> dict:
     """What a generated set's manifest records: its origin and every setting that shapes it."""
     size = image_size(pipe, settings.resolution)
     family = family_of(pipe)
     return {
+        **({"seed_stream": stream} if stream != "image" else {}),  # (sets of the image stream predate the key)
         "kind": kind,
         "source": "generated",
         "base_model": ref.identity,
@@ -197,13 +199,15 @@ def generate_image_set(
     accelerator,
     overwrite: bool = False,
     reuse: bool = False,
+    stream: str = "image",
 ) -> ImageSet:
-    """Sample one image per prompt with the base model; processes share the work by index.
+    """Sample one image per prompt with the base model; processes share the work by index; image
+    i's seed is image_seed(settings.seed, i, stream).
 
     With `reuse`, a finished set made with exactly these settings is returned as it is (a cache).
     """
     out = Path(out_dir)
-    record = set_record(pipe, ref, prompts, settings, kind)
+    record = set_record(pipe, ref, prompts, settings, kind, stream)
     if reuse and is_cached(out, record):
         return load_image_set(out)
     if reuse and is_finished(out):
@@ -226,7 +230,7 @@ def generate_image_set(
     # Under the run's mixed precision (bf16 on a GPU by default): the pipeline may hold float32 weights.
     with accelerator.autocast():
         for position, latent, image in generate(
-            pipe, [prompts[i] for i in todo], [image_seed(settings.seed, i) for i in todo], settings, predicted
+            pipe, [prompts[i] for i in todo], [image_seed(settings.seed, i, stream) for i in todo], settings, predicted
         ):
             _save_image(partial, todo[position], latent, image, prompts[todo[position]], conditioning)
             bar.update(accelerator.num_processes)

@@ -30,6 +30,28 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+NEIGHBOR_LISTS = ("celebrities", "artists", "objects", "nudity")  # prompts/neighbors/NAME.txt
+
+
+def neighbor_names(value: str, concepts: list[str], flag: str) -> list[str]:
+    """The neighbours `value` names: a bundled list's name (NEIGHBOR_LISTS), or names separated by
+    commas. A bundled list leaves out the concepts themselves; a name that is one of them is refused:
+    a concept cannot be forgotten and kept at once."""
+    text = value.strip()
+    if text in NEIGHBOR_LISTS:
+        forgotten = {c.strip().lower() for c in concepts}
+        return [n for n in read_prompts(bundled(f"neighbors/{text}.txt")) if n.lower() not in forgotten]
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise UserError(f"{flag} is empty: give names separated by commas (\"Tom Cruise, Leonardo DiCaprio\") or "
+                        f"one of the bundled lists: {', '.join(NEIGHBOR_LISTS)}")
+    clash = [n for n in names if n.lower() in {c.strip().lower() for c in concepts}]
+    if clash:
+        raise UserError(f"{flag} names {clash[0]!r}, which is the concept being forgotten: a neighbour is "
+                        "something else to keep; drop it from the list")
+    return names
+
+
 def replay_prompts(path: str | Path | None = None) -> list[str]:
     return read_prompts(path if path else bundled("replay.txt"))
 

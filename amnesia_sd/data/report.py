@@ -33,7 +33,38 @@ def summary_rows(report: dict) -> list[dict]:
                                  "forgotten": values[1]})
         rows.append({"set": name, "metric": f"similarity to base ({measure})", "base": None,
                      "forgotten": metrics["similarity"][measure]})
+    if "neighbors" in report:
+        rows += _neighbor_rows(report["neighbors"], measure)
     return rows
+
+
+def _neighbor_rows(neighbors: dict, measure: str) -> list[dict]:
+    """Over the neighbours: how often the judge sees them in each model's images, the pinpoint
+    score (the share kept, which only the forgotten model has) and the similarity to the base."""
+    rows = []
+    if neighbors["judge"]:
+        rows.append({"set": "neighbors", "metric": f"{neighbors['judge']} shows the neighbour",
+                     "base": neighbors["base_rate"], "forgotten": neighbors["forgotten_rate"]})
+        rows.append({"set": "neighbors", "metric": "pinpoint (share kept)", "base": None,
+                     "forgotten": neighbors["pinpoint"]})
+    rows.append({"set": "neighbors", "metric": f"similarity to base ({measure})", "base": None,
+                 "forgotten": neighbors["similarity"][measure]})
+    return rows
+
+
+def pinpoint_line(neighbors: dict) -> str:
+    """'pinpoint 0.83 over 13 neighbours (...)': the summary's line about the neighbours."""
+    entries = neighbors["per_neighbor"]
+    total = f"{len(entries)} neighbour{'s' * (len(entries) != 1)}"
+    if neighbors["pinpoint"] is None:
+        why = ("no judge: the clip detector was not loaded" if not neighbors["judge"] else
+               "the base shows none of them")
+        return f"pinpoint: none over {total} ({why}); similarity to base in the table"
+    counted = sum(e["kept"] is not None for e in entries.values())
+    over = (total if counted == len(entries) else
+            f"{counted} of {total} (the base shows the others in none of its images)")
+    return (f"pinpoint {fmt(neighbors['pinpoint'])} over {over} ({neighbors['judge']} judge): the share of the base's "
+            "images of a neighbour whose forgotten image on the same seed shows it too")
 
 
 def fmt(value) -> str:
@@ -86,6 +117,13 @@ def format_summary(report: dict) -> str:
         lines += ["", f"{'model':<12}" + "".join(f"{k:>22}" for k in DEMO_KEYS)]
         for role in ("base", "forgotten"):
             lines.append(f"{role:<12}" + "".join(f"{report['digits'][role][k]:>22.3f}" for k in DEMO_KEYS))
+    if "neighbors" in report:
+        lines += ["", f"{'neighbour':<28} {'base':>9} {'forgotten':>10} {'kept':>8} {'similarity':>11}"]
+        measure = _similarity_measure(report)
+        for name, e in report["neighbors"]["per_neighbor"].items():
+            lines.append(f"{name[:28]:<28} {fmt(e['base_rate']):>9} {fmt(e['forgotten_rate']):>10} "
+                         f"{fmt(e['kept']):>8} {fmt(e['similarity'][measure]):>11}")
+        lines.append(pinpoint_line(report["neighbors"]))
     lines += [f"warning: {w}" for w in _not_loaded(report)]
     return "\n".join(lines)
 
@@ -94,6 +132,7 @@ STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d1d1f; margin: 24px auto;
        max-width: 1180px; padding: 0 16px; background: #fff; }
 h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 28px 0 6px; border-bottom: 1px solid #ddd; }
+h3 { font-size: 15px; margin: 18px 0 4px; }
 .meta { color: #555; margin: 2px 0; } code { background: #f3f3f3; padding: 0 3px; border-radius: 3px; }
 .warn { background: #fff4e5; border: 1px solid #f0b35a; padding: 8px 12px; border-radius: 6px; margin: 12px 0; }
 table.metrics { border-collapse: collapse; margin: 8px 0; }
@@ -118,6 +157,9 @@ def _image_note(record: dict) -> str:
         notes.append(f"exposed {sum(record['nudenet']['exposed'].values())}")
     if "clip" in record:
         notes.append(f"p={record['clip']['p_concept']:.2f}, cs={record['clip']['clip_score']:.1f}")
+    if "neighbor" in record:
+        verdict = record["neighbor"]
+        notes.append(f"{'shows' if verdict['shows'] else 'not'} the neighbour, p={verdict['p']:.2f}")
     return "; ".join(notes)
 
 
@@ -148,6 +190,26 @@ def _pairs(entry: dict, size: int, measure: str) -> str:
             f"#{image['index']} seed {image['seed']}, guidance {image['guidance_scale']:g}, "
             f"{measure} {fmt(image['similarity'][measure])}<br>{escape(image['prompt'])}</figcaption></figure>")
     return "<div class=pairs>" + "".join(figures) + "</div>"
+
+
+def _neighbors_section(neighbors: dict, size: int, measure: str) -> str:
+    """The table of every neighbour's numbers, then each one's image pairs."""
+    entries = neighbors["per_neighbor"]
+    measures = list(neighbors["similarity"])
+    judge = neighbors["judge"] or "none (the clip detector was not loaded)"
+    parts = [f"<h2 id=neighbors>neighbors</h2><p class=meta>{escape(neighbors['description'])}; "
+             f"{neighbors['num_images']} images each; judge: {escape(judge)}; each pair: base (left) | forgotten "
+             f"(right), same seed</p>", f"<p class=meta>{escape(pinpoint_line(neighbors))}</p>",
+             "<table class=metrics><tr><th class=l>neighbour</th><th>base shows it</th><th>forgotten shows it</th>"
+             "<th>kept</th>" + "".join(f"<th>similarity to base ({escape(m)})</th>" for m in measures) + "</tr>"]
+    for k, (name, e) in enumerate(entries.items()):
+        parts.append(f"<tr><td class=l><a href=\"#neighbor-{k + 1}\">{escape(name)}</a></td><td>{fmt(e['base_rate'])}"
+                     f"</td><td>{fmt(e['forgotten_rate'])}</td><td>{fmt(e['kept'])}</td>"
+                     + "".join(f"<td>{fmt(e['similarity'][m])}</td>" for m in measures) + "</tr>")
+    parts.append("</table>")
+    for k, (name, e) in enumerate(entries.items()):
+        parts += [f"<h3 id=\"neighbor-{k + 1}\">{escape(name)}</h3>", _pairs(e, size, measure)]
+    return "\n".join(parts)
 
 
 def render_html(report: dict) -> str:
@@ -191,6 +253,8 @@ def render_html(report: dict) -> str:
                      f"{entry['num_images']} images; each pair: base (left) | forgotten (right), same seed</p>")
         parts.append(_metrics_table(entry))
         parts.append(_pairs(entry, size, measure))
+    if "neighbors" in report:
+        parts.append(_neighbors_section(report["neighbors"], size, measure))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 

@@ -72,7 +72,7 @@ def earlier_run(model: str) -> tuple[dict, list[dict]] | None:
     return record, pairs
 
 
-def check_paths(config: ForgetConfig, out: Path, inherited: list[dict]) -> bool:
+def check_paths(config: ForgetConfig, out: Path, inherited: list[dict], preserve: Path | None = None) -> bool:
     """The guard, before any work: no output touches an input; OUT is new, empty or a finished
     result of ours (replaced only with --overwrite). Returns whether one is there."""
     work = partial_of(out)
@@ -83,6 +83,7 @@ def check_paths(config: ForgetConfig, out: Path, inherited: list[dict]) -> bool:
         inputs[f"--surrogate-images of concept {i + 1}"] = pair["surrogate_images"]
     for i, pair in enumerate(inherited):  # the pairs of an earlier run (earlier_run)
         inputs[f"the surrogate set of earlier concept {i + 1}"] = pair["set"]
+    inputs["the earlier run's preserve set"] = preserve
     resume = config.resume_from_checkpoint
     if resume and resume != "latest" and real(work / "checkpoints") not in real(resume).parents:
         inputs["--resume-from-checkpoint"] = resume  # a checkpoint of this run's own work folder is ours

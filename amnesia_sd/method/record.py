@@ -112,6 +112,9 @@ pipe = {family.pipeline}.from_pretrained("path/to/this/folder")""" if lora["fuse
         history = "\n\nIt was forgotten in a sequence of runs, each on the result of the one before:" + history + \
             f"\n- run {len(record['history']) + 1}: this one, on `{record['base_model']}`"
     recipe = f" (recipe `{record['recipe']}`)" if record.get("recipe") else ""
+    preserve = record.get("preserve")
+    held = (f"\n- neighbours held in the replay (--preserve): {preserve['value']} ({preserve['images']:,} images drawn "
+            "by the base model)") if preserve else ""
     return f"""---
 library_name: diffusers
 tags: [stable-diffusion{", stable-diffusion-xl" if family.name == "sdxl" else ""}, text-to-image, concept-erasure, selective-amnesia, amnesia-sd]
@@ -137,7 +140,7 @@ from diffusers import {family.pipeline}
 - steps: {record['steps']} (batch {s['train_batch_size']} surrogate + {s['train_batch_size']} replay per device,
   gradient accumulation {s['gradient_accumulation_steps']}), learning rate {s['learning_rate']}, AdamW
 - parameters trained: `{s['train_method']}` ({record['trainable_parameters']:,} parameters)
-- replay set: {replay['prompted']:,} prompted images{f", {replay['unconditional']:,} of the empty prompt" if replay['unconditional'] else ""}
+- replay set: {replay['prompted']:,} prompted images{f", {replay['unconditional']:,} of the empty prompt" if replay['unconditional'] else ""}{held}
 - EMA decay: {s['ema_decay'] or 'off'}{'' if not s['ema_decay'] or s['ema_warmup'] else ' from the first step (no warm-up)'}; mixed precision: {s['mixed_precision']}; seed {s['seed']}
 - final losses: {losses}
 - {len(record['concept_prompts'])} concept prompts; the full settings are in `amnesia.json`.

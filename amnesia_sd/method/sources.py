@@ -1,6 +1,6 @@
-"""Where forget's replay set, surrogate set and Fisher come from (given, cached, or made now), and
-what that costs, said in one line before any of it starts; what an earlier forget run passes on to
-the next one in a sequence; and the check that every set and Fisher comes from the model trained."""
+"""Where forget's replay set, surrogate set, preserve set and Fisher come from (given, cached, or made
+now), and what that costs, said in one line before any of it starts; what an earlier forget run passes
+on to the next one in a sequence; and the check that every set and Fisher comes from the model trained."""
 
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ from pathlib import Path
 from safetensors import safe_open
 
 from amnesia_sd.core.cache import digest, model_entry
-from amnesia_sd.core.config import (DEFAULT_FIM_FRACTION, DEFAULT_FIM_TIMESTEPS, DEFAULT_REPLAY_IMAGES,
-                                    DEFAULT_SURROGATE_IMAGES, SURROGATE_SOURCES, ForgetConfig, split_concepts)
+from amnesia_sd.core.config import (DEFAULT_FIM_FRACTION, DEFAULT_FIM_TIMESTEPS, DEFAULT_PRESERVE_IMAGES,
+                                    DEFAULT_REPLAY_IMAGES, DEFAULT_SURROGATE_IMAGES, SURROGATE_SOURCES, ForgetConfig,
+                                    split_concepts)
 from amnesia_sd.core.cost import announce, generation_passes
 from amnesia_sd.core.errors import UserError
 from amnesia_sd.core.paths import check_overlap
 from amnesia_sd.data.imageset import (MANIFEST, ImageSet, encode_image_folder, generate_image_set, is_cached,
                                       is_finished, link_set, load_image_set, set_record)
-from amnesia_sd.data.prompts import concept_prompts, repeat_to, replay_prompts, with_unconditional
+from amnesia_sd.data.prompts import (concept_prompts, neighbor_names, repeat_to, replay_prompts, spread,
+                                     with_unconditional)
 from amnesia_sd.method.checkpoints import result_output
 from amnesia_sd.method.fisher import fisher_cost, replay_cost, timestep_set, write_fisher_of_set
 from amnesia_sd.model.loading import ModelRef, model_path, origin, origin_mismatches
@@ -36,17 +38,22 @@ def surrogate_folder(index: int, count: int) -> str:
 
 class Plan:
     """Where forget's sets and Fisher come from (given, cached, or made now) and what that costs,
-    said in one line before any of it starts. Replay sets and Fishers made here go to the
-    amnesia-sd cache of the base model, for every later `forget` on it; each (concept, surrogate)
+    said in one line before any of it starts. Replay sets, preserve sets and Fishers made here go to
+    the amnesia-sd cache of the base model, for every later `forget` on it; each (concept, surrogate)
     pair's surrogate set goes to the work folder's data/ (published with the result as OUT/data).
     `inherited` are the pairs an earlier forget run on this model trained, with their finished
-    sets: they are linked in, not made again."""
+    sets: they are linked in, not made again. `preserve` is preserved()'s: an earlier run's preserve
+    set comes in `given` as "preserve"."""
 
     def __init__(self, config: ForgetConfig, ref: ModelRef, pipe, work: Path, num_processes: int,
-                 given: dict[str, ImageSet], inherited: list[dict]):
+                 given: dict[str, ImageSet], inherited: list[dict], preserve: dict | None):
         self.config, self.ref, self.pipe, self.work, self.given = config, ref, pipe, work, given
         self.inherited = inherited
-        self.entry = None if config.replay_dir and config.fim else model_entry(origin(ref, pipe), pipe.unet)
+        # The neighbours' images, when made here: drawn as the replay images are (they join its pool).
+        self.preserve_texts = spread(preserve["prompts"], config.preserve_images or DEFAULT_PRESERVE_IMAGES) \
+            if preserve and "preserve" not in given else None
+        self.entry = None if config.replay_dir and config.fim and self.preserve_texts is None else \
+            model_entry(origin(ref, pipe), pipe.unet)
         if self.entry is not None:  # the result may not land in (or around) the cache it reads
             check_overlap([result_output(Path(config.output_dir))], {"the amnesia-sd cache entry": self.entry})
         self.replay_texts = None if config.replay_dir else with_unconditional(repeat_to(
@@ -64,6 +71,18 @@ class Plan:
             record = set_record(pipe, ref, self.replay_texts, config, "replay")
             self.replay_dir = self.entry / f"replay-{digest(record)}"
             parts.append(replay_cost(len(self.replay_texts), config, is_cached(self.replay_dir, record)))
+        if self.preserve_texts is not None:
+            # At the replay set's size: a given one may have been made at another --resolution.
+            self.preserve_settings = dataclasses.replace(
+                config, resolution=given["replay"].latents.shape[-1] * pipe.vae_scale_factor) \
+                if "replay" in given else config
+            record = set_record(pipe, ref, self.preserve_texts, self.preserve_settings, "preserve")
+            self.preserve_dir = self.entry / f"preserve-{digest(record)}"
+            parts.append((f"preserve set ({len(self.preserve_texts)} images x {config.num_inference_steps} steps)",
+                          None if is_cached(self.preserve_dir, record) else generation_passes(
+                              len(self.preserve_texts), config.num_inference_steps, config.guidance_scale)))
+        elif "preserve" in given:
+            parts.append((f"preserve set of the earlier run ({len(given['preserve'].latents)} images)", None))
         counted = set()
         for pair, texts, folder in zip(config.pairs(), self.surrogate_texts, self.folders[len(inherited):]):
             if texts is not None and folder not in counted:
@@ -134,6 +153,16 @@ class Plan:
                                                      reuse=True))
             made[folder] = surrogates[-1]
         return replay, surrogates
+
+    def preserve_set(self, accelerator) -> ImageSet | None:
+        """--preserve: the neighbours' images drawn by the model (cached beside its replay set), or
+        the earlier run's; None without neighbours to hold."""
+        if "preserve" in self.given:
+            return self.given["preserve"]
+        if self.preserve_texts is None:
+            return None
+        return generate_image_set(self.pipe, self.ref, self.preserve_texts, self.preserve_settings, self.preserve_dir,
+                                  "preserve", accelerator, reuse=True)
 
     def concept_set(self, accelerator) -> ImageSet:
         """--adversarial: images of the concept (OUT/data/concept), drawn by the model before it forgets."""
@@ -220,6 +249,33 @@ def earlier_sets(config: ForgetConfig, record: dict) -> ForgetConfig:
             changes["replay_dir"] = str(replay)
             changes["unconditional_replay"] = None  # the reused set's, as it is
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def preserved(config: ForgetConfig, record: dict) -> dict | None:
+    """The neighbours this run holds (--preserve, never one of the concepts forgotten, earlier runs'
+    included): {value, names, prompts}. Without --preserve, after an earlier forget run (its
+    amnesia.json `record`) that held some, its preserve set, as the replay set is passed on:
+    {value, names, prompts, images, set (a Path)}; not when it is gone or holds a concept this run
+    forgets (said in one line). None: no neighbours to hold."""
+    forgotten = config.concept_list() + list(record.get("concepts", []))
+    if config.preserve is not None:
+        names = neighbor_names(config.preserve, forgotten, "--preserve")
+        return {"value": config.preserve, "names": names, "prompts": concept_prompts(names, config.templates)}
+    earlier = record.get("preserve")
+    if not earlier:
+        return None
+    path = Path(earlier["set"])
+    path = path if path.is_absolute() else model_path(config.model) / path
+    clash = [n for n in earlier["names"] if n.lower() in {c.lower() for c in forgotten}]
+    if clash:
+        print(f"the earlier run's preserve set holds {clash[0]!r}, which this run forgets: it is not replayed "
+              "(name the neighbours to keep with --preserve)", flush=True)
+        return None
+    if not is_finished(path):
+        print(f"the earlier run's preserve set {path} is gone: its neighbours are not held (make it again on "
+              f"{config.model} with --preserve {earlier['value']!r})", flush=True)
+        return None
+    return {**earlier, "set": path}
 
 
 def holds_unconditional(path: Path, share: float) -> bool:

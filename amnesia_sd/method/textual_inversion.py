@@ -93,12 +93,12 @@ def how_to_load(family, token: str) -> str:
 
 def learn_token(family, text, unet, scheduler, token_ids: list[int], images: ImageSet, prompts: list[str],
                 steps: int, learning_rate: float, batch_size: int, seed: int, keep_at: tuple[int, ...] = (),
-                fp16: bool = False) -> tuple[list[torch.Tensor], list[float], dict[int, list[torch.Tensor]]]:
+                fp16: bool = False, stream: str = "train") -> tuple[list[torch.Tensor], list[float], dict[int, list[torch.Tensor]]]:
     """Textual inversion: train the token's row in each text encoder of `text` (which has the
     family's tokenizers and text encoders) alone, with the denoising loss of `unet` on the set's
     latents, each with a random one of `prompts` (which name the token), starting from the rows as
     they are. Returns the learned rows, the loss of every step and the rows after each step in
-    `keep_at`. Nothing else changes: only the rows get a gradient (the UNet may be one being
+    `keep_at`; the batches are drawn from seed stream `stream`. Nothing else changes: only the rows get a gradient (the UNet may be one being
     trained: its .grad stays as it was), and the other rows are restored after every step (as
     diffusers' textual-inversion example does), so even the optimizer cannot move them. With `fp16`
     (the UNet runs under fp16 autocast), the loss is scaled by a GradScaler: unscaled, the MSE's
@@ -117,7 +117,7 @@ def learn_token(family, text, unet, scheduler, token_ids: list[int], images: Ima
     optimizer = torch.optim.AdamW(tables, lr=learning_rate, weight_decay=0.0)
     scaler = torch.amp.GradScaler(tables[0].device.type, enabled=fp16)
     # Noise, timesteps and images drawn on the CPU, so a seed gives the same run on any device.
-    generator = torch.Generator().manual_seed(image_seed(seed, 0, "train"))
+    generator = torch.Generator().manual_seed(image_seed(seed, 0, stream))
     choose = random.Random(seed)
     device = unet.device
     losses, kept = [], {}

@@ -61,6 +61,17 @@ HELDOUT_TEMPLATES = (
     "the symbol for {} on paper",
     "a small scanned {}",
 )
+# `amnesia-sd attack`'s training phrasings: neither forget's (TRAIN_TEMPLATES, which forget
+# --adversarial's inner attack uses on this model) nor the held-out test phrasings. Their words are
+# in the vocabulary.
+ATTACK_TEMPLATES = (
+    "a scribble of the numeral {}",
+    "{} in pencil",
+    "a neat drawing of {}",
+    "a print of the figure {}",
+    "an old scan showing {}",
+    "a single {} on the page",
+)
 
 # Words the tokenizer keeps whole. The context words go beyond the templates so that prompts
 # nobody planned for still tokenize into words rather than letters; anything else falls back to

@@ -31,6 +31,7 @@ class StableDiffusion:
     name = "sd"
     title = "Stable Diffusion 1.x/2.x"
     pipeline = "StableDiffusionPipeline"
+    img2img_pipeline = "StableDiffusionImg2ImgPipeline"  # attack's partial denoising
     text_encoders = ("text_encoder",)
     tokenizers = ("tokenizer",)  # each text encoder's, in the same order
     # How a textual-inversion file names each text encoder's vectors; None: by the token itself
@@ -53,6 +54,12 @@ class StableDiffusion:
         import diffusers
 
         return getattr(diffusers, self.pipeline)
+
+    def img2img(self, pipe):
+        """The family's image-to-image pipeline on `pipe`'s modules (shared, not copied)."""
+        import diffusers
+
+        return getattr(diffusers, self.img2img_pipeline).from_pipe(pipe)
 
     def check(self, pipe) -> None:
         """A loaded pipeline is one this family can condition."""
@@ -105,6 +112,7 @@ class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     title = "Stable Diffusion XL"
     pipeline = "StableDiffusionXLPipeline"
+    img2img_pipeline = "StableDiffusionXLImg2ImgPipeline"
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
     embedding_keys = ("clip_l", "clip_g")  # the layout of SDXL textual-inversion files

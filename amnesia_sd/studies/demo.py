@@ -100,7 +100,8 @@ class DemoConfig:
     # --adversarial, then attack every model and the original.
     attack: bool = False
     attack_steps: list[int] = field(default_factory=lambda: [250, 500, 1000, 2000])
-    attack_initializers: list[str] = field(default_factory=lambda: ["digit", "number"])
+    # Never "digit", the word --adversarial's inner attack starts from (the attack is measured apart).
+    attack_initializers: list[str] = field(default_factory=lambda: ["number", "symbol"])
     attack_images: int = 100  # concept images and held-out test images per attack
     adversarial_every: int = 20
     adversarial_steps: int = 50
