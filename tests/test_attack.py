@@ -172,6 +172,7 @@ def test_digits_attack_end_to_end(forgotten_digits, tmp_path):
     words = p["prompt"].split()
     assert len(words) == 2 and all(w in digits.CONTEXT_WORDS or w in digits.DIGIT_WORDS or w.isalpha() for w in words)
     assert p["example"].startswith(p["prompt"] + " ") and len(p["checks"]) >= 1 and len(p["losses"]) == 3
+    assert p["held_back_loss"] == min(loss for _, loss in p["checks"])  # the best words found are kept
 
     assert result["concept_set"] == {"path": "concept-set", "source": "generated", "num_images": n}
     assert len(list((out / "concept-set" / "images").iterdir())) == n
@@ -239,6 +240,10 @@ def test_one_kind_and_the_independence_record(forgotten_digits, tmp_path):
     ind = apart["independence"]
     assert ind["all_apart"] is True and ind["trained_against"]["initializer"] == "digit"
     assert ind["attack"]["initializer"] == "number" and "warning" not in format_summary(apart)
+    assert "attack settings: initial word 'number', 6 templates ('a scribble of the numeral {}', ...), seed streams " \
+           "attack, attack-concept, attack-prompt" in format_summary(apart)
+    assert "apart from what forget --adversarial trained against (initial word 'digit', 8 templates)" in \
+           (tmp_path / "a" / "report.html").read_text().replace("&#x27;", "'")
     templates = tmp_path / "templates.txt"
     templates.write_text("\n".join(digits.TRAIN_TEMPLATES[:2]) + "\n")
     shared = attack(AttackConfig(model=str(trained), output_dir=str(tmp_path / "b"), method=["ti"],
@@ -273,7 +278,9 @@ def concept_images(tmp_path):
     return folder
 
 
-def test_sd_model_with_own_images_and_clip(tiny_model, tiny_clip, concept_images, tmp_path):
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])  # SD 1.x, 2.x
+def test_sd_model_with_own_images_and_clip(kind, tiny_model, tiny_vpred_model, tiny_clip, concept_images, tmp_path):
+    tiny_model = tiny_model if kind == "epsilon" else tiny_vpred_model
     model = perturbed_copy(tiny_model, tmp_path / "forgotten", {
         "base_model": str(Path(tiny_model).resolve()), "concepts": ["Brad Pitt"], "surrogate": "a middle aged man",
         "settings": {}})

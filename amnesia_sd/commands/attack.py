@@ -551,6 +551,22 @@ def detail(kind: str, m: dict) -> str:
     return f"prompt {m['prompt']!r} + the concept's phrasing"
 
 
+def settings_used(result: dict) -> str:
+    """What the attack trained with, in a line: the report says so, so a reader can tell it apart
+    from what forget --adversarial trained against."""
+    used = result["independence"]["attack"]
+    parts = [f"{len(used['templates'])} templates ({used['templates'][0]!r}, ...)",
+             f"seed streams {', '.join(used['seed_streams'])}", f"concept images: {used['concept_images']}"]
+    if used["initializer"]:
+        parts.insert(0, f"initial word {used['initializer']!r}")
+    against = result["independence"]["trained_against"]
+    tail = "; the model was not trained with --adversarial" if against is None else (
+        "; apart from what forget --adversarial trained against (initial word "
+        f"{against['initializer']!r}, {len(against['templates'])} templates)" if result["independence"]["all_apart"]
+        else "")
+    return "attack settings: " + ", ".join(parts) + tail
+
+
 def format_summary(result: dict) -> str:
     """A few lines for the terminal."""
     lines = [f"attack on {concept_title(result)!r} (detector {result['detector']}, {result['rate']}: before = the "
@@ -560,6 +576,7 @@ def format_summary(result: dict) -> str:
                      f"[base {fmt(m['base']['before'])} -> {fmt(m['base']['after'])}]   {detail(kind, m)}")
     w = result["worst"]
     lines.append(f"worst case: {fmt(w['after'])} ({w['method']})")
+    lines.append(settings_used(result))
     if "ti" in result["methods"]:
         shorter_runs = {k: v for k, v in result["methods"]["ti"]["after_by_steps"].items()
                         if int(k) != result["methods"]["ti"]["training"]["steps"]}
@@ -585,6 +602,7 @@ def render_html(result: dict) -> str:
     if not status.get("loaded"):
         parts.append(f"<div class=warn>{escape(result['detector'])} detector not loaded ({escape(status['reason'])}); "
                      f"{escape(status['fix'])}</div>")
+    parts.append(f"<p class=meta>{escape(settings_used(result))}</p>")
     if result["independence"].get("all_apart") is False:
         parts.append("<div class=warn>this attack shares settings with what forget --adversarial trained against "
                      "(attack.json independence): its rates flatter the model</div>")
