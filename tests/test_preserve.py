@@ -83,6 +83,7 @@ def test_preserve_set_is_drawn_by_the_base_cached_replayed_and_recorded(tiny_mod
     assert Path(preserve["set"]).name.startswith("preserve-") and isolated_cache in Path(preserve["set"]).parents
     assert made.prompts == EXPECTED and len(list((made.path / "images").glob("*.png"))) == 4
     assert made.manifest["kind"] == "preserve" and made.manifest["base_model"] == record["base_model"]
+    assert made.manifest["seed_stream"] == "preserve"  # not the replay images' noise
     # The trainer's replay pool is the replay set, then the preserve set, each image with its own prompt.
     data, replay = seen[0]["data"], load_image_set(sets["replay_dir"])
     assert seen[0]["pool"] == len(data.replay_latents) == 4 + 4

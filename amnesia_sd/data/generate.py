@@ -21,8 +21,8 @@ from amnesia_sd.model.memory import (budget, gib, largest_fitting, meta_copy, ou
 
 # "attack*": `attack`'s own streams, apart from every stream training used (issue 26: an attack
 # measured with the noise it trained against looks better than it is).
-STREAMS = ("image", "fisher", "train", "adversary", "adversarial", "neighbor", "attack", "attack-concept",
-           "attack-prompt")
+STREAMS = ("image", "fisher", "train", "adversary", "adversarial", "neighbor", "preserve", "attack",
+           "attack-concept", "attack-prompt")
 
 
 def image_seed(seed: int, index: int, stream: str = "image") -> int:

@@ -76,7 +76,8 @@ class Plan:
             self.preserve_settings = dataclasses.replace(
                 config, resolution=given["replay"].latents.shape[-1] * pipe.vae_scale_factor) \
                 if "replay" in given else config
-            record = set_record(pipe, ref, self.preserve_texts, self.preserve_settings, "preserve")
+            # A seed stream of its own: preserve image i does not start from replay image i's noise.
+            record = set_record(pipe, ref, self.preserve_texts, self.preserve_settings, "preserve", "preserve")
             self.preserve_dir = self.entry / f"preserve-{digest(record)}"
             parts.append((f"preserve set ({len(self.preserve_texts)} images x {config.num_inference_steps} steps)",
                           None if is_cached(self.preserve_dir, record) else generation_passes(
@@ -162,7 +163,7 @@ class Plan:
         if self.preserve_texts is None:
             return None
         return generate_image_set(self.pipe, self.ref, self.preserve_texts, self.preserve_settings, self.preserve_dir,
-                                  "preserve", accelerator, reuse=True)
+                                  "preserve", accelerator, reuse=True, stream="preserve")
 
     def concept_set(self, accelerator) -> ImageSet:
         """--adversarial: images of the concept (OUT/data/concept), drawn by the model before it forgets."""
