@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-from amnesia_sd.core.config import GenerationSettings
 from amnesia_sd.core.io import write_json
 from amnesia_sd.data.digit_measures import evaluation_samples, summarize
 from amnesia_sd.model import digits
 from amnesia_sd.model.loading import load_on_device, make_accelerator
-from amnesia_sd.studies.demo import (DemoConfig, DemoContext, base_sets, forget_runs, sample_and_classify,
+from amnesia_sd.studies.demo import (DemoConfig, base_sets, demo_context, forget_runs, sample_and_classify,
                                      train_models)
 
 LOST_POINTS = 0.03  # the target: no other digit loses more
@@ -57,15 +56,8 @@ def forget_and_measure(digit: int, preserve: int | None, out: Path, original: li
     config = DemoConfig(digit=[digit], samples_per_digit=n, output_dir=str(out), overwrite=True)
     if out.exists():  # this study's own folder, left by an interrupted run
         shutil.rmtree(out)
-    accelerator = make_accelerator()
-    base = digits.ensure_digits_model()
-    settings = GenerationSettings(num_inference_steps=config.num_inference_steps,
-                                  guidance_scale=config.guidance_scale, seed=config.seed, batch_size=config.batch_size)
-    cache = digits.cache_dir() / "demo"
-    cache.mkdir(parents=True, exist_ok=True)
-    tag = f"{base.name}-s{config.seed}-{config.num_inference_steps}x{config.guidance_scale:g}"
-    context = DemoContext(config, settings, accelerator, base, cache, tag)
-    ref, pipe = load_on_device(str(base), accelerator)
+    context = demo_context(config, make_accelerator())
+    ref, pipe = load_on_device(str(context.base), context.accelerator)
     sets = base_sets(context, ref, pipe)
     sa = forget_runs(context)["sa"]
     if preserve is not None:
@@ -75,7 +67,7 @@ def forget_and_measure(digit: int, preserve: int | None, out: Path, original: li
     seconds = round(time.time() - started, 1)
     del pipe
     prompts, seeds = evaluation_samples(digit, n, config.seed)
-    _, probs = sample_and_classify(str(out / "sa"), prompts, seeds, settings, accelerator, classifier)
+    _, probs = sample_and_classify(str(out / "sa"), prompts, seeds, context.settings, context.accelerator, classifier)
     accuracy = per_digit_accuracy(probs, n)
     lost = {str(d): round(original[d] - accuracy[d], 4) for d in range(10) if d != digit}
     worst = max(lost, key=lost.get)
@@ -100,13 +92,10 @@ def main() -> None:
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
     classifier = digits.load_digit_classifier()
     if "original" not in result:
-        config = DemoConfig(samples_per_digit=n)
-        prompts, seeds = evaluation_samples(0, n, config.seed)
-        settings = GenerationSettings(num_inference_steps=config.num_inference_steps,
-                                      guidance_scale=config.guidance_scale, seed=config.seed,
-                                      batch_size=config.batch_size)
-        _, probs = sample_and_classify(str(digits.ensure_digits_model()), prompts, seeds, settings,
-                                       make_accelerator(), classifier)
+        context = demo_context(DemoConfig(samples_per_digit=n), make_accelerator())
+        prompts, seeds = evaluation_samples(0, n, context.config.seed)
+        _, probs = sample_and_classify(str(context.base), prompts, seeds, context.settings, context.accelerator,
+                                       classifier)
         matrix = confusion(probs, n)
         result = {"samples_per_digit": n, "settings": "amnesia-sd demo defaults (SA only), seed 0",
                   "rule": {"lost_points_at_most": LOST_POINTS},

@@ -353,21 +353,27 @@ def measure_models(context: DemoContext, models: dict[str, str], classifier, wor
     return metrics
 
 
-def demo(config: DemoConfig) -> dict:
-    """Everything is built in OUT.partial and put in place when complete; the image sets and the
-    Fisher are caches of the base model (in the amnesia-sd cache), reused by later demos."""
-    started = time.time()
-    out = Path(config.output_dir)
+def demo_context(config: DemoConfig, accelerator) -> DemoContext:
+    """The demo's sampling settings and where its cached sets live, for the digits model."""
     base = digits.ensure_digits_model()
-    guard([Output("--output-dir", out, "metrics.json", "demo")], {"the digits model": base}, config.overwrite)
-    accelerator = make_accelerator()
-    ref, pipe = load_on_device(str(base), accelerator)
     settings = GenerationSettings(num_inference_steps=config.num_inference_steps,
                                   guidance_scale=config.guidance_scale, seed=config.seed, batch_size=config.batch_size)
     cache = digits.cache_dir() / "demo"
     cache.mkdir(parents=True, exist_ok=True)
     tag = f"{base.name}-s{config.seed}-{config.num_inference_steps}x{config.guidance_scale:g}"
-    context = DemoContext(config, settings, accelerator, base, cache, tag)
+    return DemoContext(config, settings, accelerator, base, cache, tag)
+
+
+def demo(config: DemoConfig) -> dict:
+    """Everything is built in OUT.partial and put in place when complete; the image sets and the
+    Fisher are caches of the base model (in the amnesia-sd cache), reused by later demos."""
+    started = time.time()
+    out = Path(config.output_dir)
+    guard([Output("--output-dir", out, "metrics.json", "demo")], {"the digits model": digits.ensure_digits_model()},
+          config.overwrite)
+    context = demo_context(config, make_accelerator())
+    base, accelerator = context.base, context.accelerator
+    ref, pipe = load_on_device(str(base), accelerator)
     sets = base_sets(context, ref, pipe)
 
     work, _ = open_work(out, "demo", {}, keep=False)
