@@ -324,9 +324,9 @@ def test_demo_attack_study(tmp_path):
     assert 0 <= study["classifier_floor"] <= 1
     worst = {name: study["models"][name]["worst"] for name in names}
     assert study["targets"]["original_recovered"] == (worst["original"] >= 0.9)
-    plain, adv = worst["sa"], worst["sa-adversarial"]
-    assert study["targets"]["sa-adversarial_halves_sa"] == (plain <= 0.1 or adv <= plain / 2)
-    assert study["targets"]["sa_worst_below_0.1"] == (plain < 0.1)
+    plain, adv = (study["models"][name]["ti"]["worst"] for name in ("sa", "sa-adversarial"))
+    assert study["targets"]["sa-adversarial_halves_sa_ti"] == (plain <= 0.1 or adv <= plain / 2)
+    assert study["targets"]["sa_worst_below_0.1"] == (worst["sa"] < 0.1)
     for kind, (p, a) in study["adversarial_raised"]["sa-adversarial"].items():
         assert a > p and study["models"]["sa"]["worst_by_kind"][kind] == p
     table = format_table(metrics)
@@ -335,9 +335,10 @@ def test_demo_attack_study(tmp_path):
 
 @pytest.mark.slow
 def test_demo_attack_meets_the_issue_targets(tmp_path):
-    """`amnesia-sd demo --attack` at its defaults (digit 0; about an hour on 2 CPU cores): the attack
-    brings the digit back on the original model, and wherever it lifts a plain SA model above 0.10,
-    adversarial SA at most halves that, keeping acc_retained within 3 points."""
+    """`amnesia-sd demo --attack` at its defaults (digit 0; about 50 minutes on 2 CPU cores): every
+    attack kind brings the digit back on the original model, SA's worst case across kinds stays below
+    0.10, and wherever textual inversion lifts a plain SA model above 0.10, adversarial SA at most
+    halves that, keeping acc_retained within 3 points."""
     metrics = demo(DemoConfig(digit=[0], attack=True, output_dir=str(tmp_path / "demo")))
     study = metrics["attack"]
     assert study["models"]["original"]["worst"] >= 0.9

@@ -23,7 +23,7 @@ from amnesia_sd.model import digits
 PAIRS = {"sa": "sa-adversarial", "sa-xattn": "sa-xattn-adversarial"}
 ATTACKED = ("original", *PAIRS, *PAIRS.values())
 RECOVERED = 0.9  # the attack must bring the digit back on the original model at least this often
-LIFTED = 0.10  # where a plain SA model's worst case is above this, adversarial SA must at least halve it
+LIFTED = 0.10  # where a plain SA model's worst ti case is above this, adversarial SA must at least halve it
 RETAINED_POINTS = 0.03
 RECOMMENDED = "sa"  # the model the README recommends: its worst case across kinds must stay below BOUND
 BOUND = 0.10
@@ -72,9 +72,10 @@ def attack_study(config, base: str, models: dict[str, str], metrics: dict, surro
     original_acc = metrics["original"]["acc_retained"]
     targets = {"original_recovered": attacked["original"]["worst"] >= RECOVERED}
     for plain, adversarial in PAIRS.items():
-        lifted = attacked[plain]["worst"] > LIFTED
-        targets[f"{adversarial}_halves_{plain}"] = (not lifted) or attacked[adversarial]["worst"] <= \
-            attacked[plain]["worst"] / 2
+        # What --adversarial trains against: textual inversion. Across kinds it may do worse
+        # (adversarial_raised), which the study reports rather than hides in a target.
+        ti = {name: attacked[name]["ti"]["worst"] for name in (plain, adversarial)}
+        targets[f"{adversarial}_halves_{plain}_ti"] = ti[plain] <= LIFTED or ti[adversarial] <= ti[plain] / 2
         targets[f"{adversarial}_acc_retained"] = metrics[adversarial]["acc_retained"] >= original_acc - RETAINED_POINTS
     targets[f"{RECOMMENDED}_worst_below_{BOUND:g}"] = attacked[RECOMMENDED]["worst"] < BOUND
     # Where adversarial training (against textual inversion) made another kind of attack stronger.
