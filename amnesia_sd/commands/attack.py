@@ -47,13 +47,13 @@ from amnesia_sd.data.detectors import (DISTRACTORS, ClipDetector, Detector, Digi
                                        choose_detector, digits_of, is_digits_model, load_clip, nudenet_class)
 from amnesia_sd.data.generate import generate, image_seed, planned_sampling, process_share
 from amnesia_sd.data.imageset import ImageSet, encode_image_folder, generate_image_set
-from amnesia_sd.data.prompts import bundled, read_prompts, spread
+from amnesia_sd.data.prompts import bundled, read_prompts, read_templates, spread
 from amnesia_sd.data.report import STYLE, fmt
 from amnesia_sd.method.adversary import TOKEN as ADVERSARY_TOKEN
-from amnesia_sd.method.partial_denoise import STRENGTHS, check_strengths, how_to_replay, partial_denoise
+from amnesia_sd.method.partial_denoise import STRENGTHS, how_to_replay, partial_denoise
 from amnesia_sd.method.prompt_search import search_prompt
 from amnesia_sd.method.record import forgotten_model, recorded_surrogates
-from amnesia_sd.method.textual_inversion import (EMBEDDINGS, add_token, embedding_file, how_to_load, initializer_id,
+from amnesia_sd.method.textual_inversion import (EMBEDDINGS, add_token, embedding_file, how_to_load, choose_initializer,
                                                  learn_token, load_token, set_token)
 from amnesia_sd.model import digits
 from amnesia_sd.model.families import family_of
@@ -116,8 +116,9 @@ class AttackConfig(ForgottenModelSettings):
         _check(not unknown and bool(self.method),
                f"--method must be one of {', '.join(METHODS)} or all, got {unknown[0] if unknown else 'nothing'}")
         self.method = [m for m in METHODS if m in self.method or "all" in self.method]
-        problem = check_strengths(self.strength)
-        _check(problem is None, problem or "")
+        _check(bool(self.strength), "--strength: give at least one, e.g. 0.5")
+        bad = [s for s in self.strength if not 0 < s <= 1]
+        _check(not bad, f"--strength must be in (0, 1], got {bad[0] if bad else None}")
         self.strength = sorted(set(self.strength))
         if "denoise" in self.method:  # diffusers runs int(steps x strength) of the steps
             _check(int(self.num_inference_steps * self.strength[0]) >= 1,
@@ -143,16 +144,6 @@ class Target:
     names: list[str]  # how the test prompts name the concept (cycled)
 
 
-def read_templates(path: str | None, default: list[str]) -> list[str]:
-    if path is None:
-        return default
-    templates = read_prompts(path)
-    wrong = [t for t in templates if t.count("{}") != 1]
-    if wrong:
-        raise UserError(f"--templates: every line needs exactly one {{}} where the concept goes, not {wrong[0]!r}")
-    return templates
-
-
 def target_of(concepts: list[list[str]], digits_model: bool, templates: str | None) -> Target:
     if len(concepts) != 1:
         raise UserError(f"the model forgot {len(concepts)} concepts; the attack recovers one at a time: pass "
@@ -161,26 +152,17 @@ def target_of(concepts: list[list[str]], digits_model: bool, templates: str | No
     if digits_model:
         [digit] = digits_of(concepts)
         names = [digits.DIGIT_WORDS[digit], str(digit)]
-        train = read_templates(templates, list(digits.ATTACK_TEMPLATES))
+        train = read_templates(templates, "--templates", "the concept") if templates else list(digits.ATTACK_TEMPLATES)
         # The digit's own phrasings draw it best; the attack's seeds make them other images than forget's.
         return Target(flat, digit, digits.train_prompts(digit), train, list(digits.HELDOUT_TEMPLATES), names)
-    train = read_templates(templates, read_prompts(bundled("attack_templates.txt")))
+    train = read_templates(templates or bundled("attack_templates.txt"), "--templates", "the concept")
     return Target(flat, None, [t.format(c) for c in flat for t in train], train,
                   read_prompts(bundled("eval/concept_paraphrases.txt")), flat)
 
 
 def initializer_of(config: AttackConfig, pipe, family) -> str:
     """--initializer, else the first of INITIALIZERS that every tokenizer keeps as one token."""
-    tokenizers = [getattr(pipe, tok) for tok, _ in family.text_parts()]
-    if config.initializer:
-        for tokenizer in tokenizers:
-            initializer_id(tokenizer, config.initializer)
-        return config.initializer
-    for word in INITIALIZERS:
-        if all(len(t.encode(word, add_special_tokens=False)) == 1 for t in tokenizers):
-            return word
-    raise UserError(f"none of {', '.join(INITIALIZERS)} is one token for this model's tokenizer: pass --initializer "
-                    "with a neutral one-token word")
+    return choose_initializer(pipe, family, config.initializer, INITIALIZERS, "--initializer")
 
 
 def independence(record: dict, initializer: str | None, target: Target, config: AttackConfig) -> dict:

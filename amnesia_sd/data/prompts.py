@@ -52,6 +52,18 @@ def neighbor_names(value: str, concepts: list[str], flag: str) -> list[str]:
     return names
 
 
+def read_templates(path: str | Path, flag: str, fills: str) -> list[str]:
+    """A file of templates, each line with exactly one {} where `fills` goes; errors name `flag`."""
+    try:
+        templates = read_prompts(path)
+    except UserError as exc:
+        raise UserError(f"{flag}: {exc}") from None
+    wrong = [t for t in templates if t.count("{}") != 1]
+    if wrong:
+        raise UserError(f"{flag}: every line needs exactly one {{}} where {fills} goes, not {wrong[0]!r}")
+    return templates
+
+
 def replay_prompts(path: str | Path | None = None) -> list[str]:
     return read_prompts(path if path else bundled("replay.txt"))
 

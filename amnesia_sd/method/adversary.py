@@ -13,18 +13,14 @@ row in each): the result's text encoders and tokenizers are the base model's.
 
 from __future__ import annotations
 
-import copy
-from types import SimpleNamespace
-
 import torch
 
 from amnesia_sd.core.config import ForgetConfig
-from amnesia_sd.core.errors import UserError
 from amnesia_sd.data.generate import image_seed
 from amnesia_sd.data.imageset import ImageSet
-from amnesia_sd.data.prompts import bundled, read_prompts
-from amnesia_sd.method.textual_inversion import (add_token, embedding_file, initializer_id, learn_token, set_token,
-                                                 token_rows)
+from amnesia_sd.data.prompts import bundled, read_templates
+from amnesia_sd.method.textual_inversion import (add_token, choose_initializer, embedding_file, learn_token, set_token,
+                                                 text_copies, token_rows)
 from amnesia_sd.model.families import Conditioning
 
 TOKEN = "<amnesia-adversary>"
@@ -32,14 +28,8 @@ TOKEN = "<amnesia-adversary>"
 
 def adversarial_prompts(config: ForgetConfig) -> list[str]:
     """The prompts that name the learned token: the templates (a file of '{}' lines) with the token."""
-    try:
-        templates = read_prompts(config.adversarial_templates or bundled("concept_templates.txt"))
-    except UserError as exc:
-        raise UserError(f"--adversarial-templates: {exc}") from None
-    wrong = [t for t in templates if t.count("{}") != 1]
-    if wrong:
-        raise UserError(f"--adversarial-templates: every line needs exactly one {{}} where the token goes, "
-                        f"not {wrong[0]!r}")
+    templates = read_templates(config.adversarial_templates or bundled("concept_templates.txt"),
+                               "--adversarial-templates", "the token")
     return [t.format(TOKEN) for t in templates]
 
 
@@ -50,16 +40,8 @@ def check_adversarial(config: ForgetConfig, family, pipe) -> str:
     """Before any work: usable templates, an initializer of one token in every tokenizer. Returns the
     initializer: the one given, else the first default that this model's tokenizers hold as one token."""
     adversarial_prompts(config)
-    tokenizers = [getattr(pipe, tokenizer) for tokenizer, _ in family.text_parts()]
-    if config.adversarial_initializer is None:
-        for word in DEFAULT_INITIALIZERS:
-            if all(len(t.encode(word, add_special_tokens=False)) == 1 for t in tokenizers):
-                return word
-        raise UserError(f"none of {', '.join(DEFAULT_INITIALIZERS)} is one token for this model's tokenizer: pass "
-                        "--adversarial-initializer with a neutral one-token word")
-    for tokenizer in tokenizers:
-        initializer_id(tokenizer, config.adversarial_initializer, "--adversarial-initializer")
-    return config.adversarial_initializer
+    return choose_initializer(pipe, family, config.adversarial_initializer, DEFAULT_INITIALIZERS,
+                              "--adversarial-initializer")
 
 
 class Adversary:
@@ -68,8 +50,7 @@ class Adversary:
 
     def __init__(self, family, pipe, config: ForgetConfig, concept_set: ImageSet, device):
         self.family, self.config, self.images = family, config, concept_set
-        self.text = SimpleNamespace(**{name: copy.deepcopy(getattr(pipe, name)) for pair in family.text_parts()
-                                       for name in pair})
+        self.text = text_copies(pipe, family)
         for _, encoder in family.text_parts():
             getattr(self.text, encoder).to(device, torch.float32)
         self.token_ids = add_token(self.text, family, TOKEN, config.adversarial_initializer,

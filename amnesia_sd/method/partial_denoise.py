@@ -25,14 +25,6 @@ from amnesia_sd.model.memory import out_of_memory
 STRENGTHS = (0.3, 0.5, 0.7)
 
 
-def check_strengths(strengths: list[float]) -> str | None:
-    """What is wrong with these strengths, or None."""
-    if not strengths:
-        return "--strength: give at least one, e.g. 0.5"
-    bad = [s for s in strengths if not 0 < s <= 1]
-    return f"--strength must be in (0, 1], got {bad[0]}" if bad else None
-
-
 @torch.no_grad()
 def partial_denoise(pipe, images: list[Image.Image], prompts: list[str], seeds: list[int], strength: float,
                     settings: GenerationSettings, predicted: int | None = None) -> Iterator[tuple[int, Image.Image]]:

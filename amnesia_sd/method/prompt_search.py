@@ -16,10 +16,8 @@ tokenizers and text encoders: the attacked pipeline is not changed.
 
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
@@ -27,7 +25,7 @@ from tqdm.auto import tqdm
 from amnesia_sd.core.errors import UserError
 from amnesia_sd.data.generate import image_seed
 from amnesia_sd.data.imageset import ImageSet
-from amnesia_sd.method.textual_inversion import add_token, token_rows
+from amnesia_sd.method.textual_inversion import add_token, draw_batch, text_copies, token_rows
 from amnesia_sd.model.diffusion import per_sample_loss
 from amnesia_sd.model.families import take, to_device
 
@@ -69,8 +67,7 @@ def search_prompt(family, pipe, unet, scheduler, images: ImageSet, concept_promp
     """The n_words words to put before the concept's prompts (each step one of `concept_prompts`
     at random) that minimise the attacked `unet`'s denoising loss on the concept set's latents.
     `pipe` gives the tokenizers and text encoders; copies of them are changed, not they."""
-    text = SimpleNamespace(**{name: copy.deepcopy(getattr(pipe, name)) for pair in family.text_parts()
-                              for name in pair})
+    text = text_copies(pipe, family)
     words, ids = vocabulary(text, family)
     choose = random.Random(image_seed(seed, 0, "attack-prompt"))
     starts = [choose.randrange(len(words)) for _ in range(n_words)]
@@ -88,7 +85,8 @@ def search_prompt(family, pipe, unet, scheduler, images: ImageSet, concept_promp
     optimizer = torch.optim.AdamW(soft, lr=learning_rate, weight_decay=0.0)
     prefix = " ".join(SLOT.format(k) for k in range(n_words))
     generator = torch.Generator().manual_seed(image_seed(seed, 1, "attack-prompt"))
-    held = _batch(images, min(HELD_BACK, len(images.latents)), generator, scheduler)
+    num_t = scheduler.config.num_train_timesteps
+    held = draw_batch(images, min(HELD_BACK, len(images.latents)), generator, num_t)
     held_prompts = [f"{prefix} {concept_prompts[i % len(concept_prompts)]}" for i in range(len(held["index"]))]
 
     def project() -> list[int]:
@@ -117,7 +115,7 @@ def search_prompt(family, pipe, unet, scheduler, images: ImageSet, concept_promp
         for step in tqdm(range(1, steps + 1), desc="searching a prompt", unit="step", leave=False):
             chosen = project()
             place(chosen)
-            batch = _batch(images, batch_size, generator, scheduler)
+            batch = draw_batch(images, batch_size, generator, num_t)
             loss = loss_of(batch, [f"{prefix} {choose.choice(concept_prompts)}" for _ in range(batch_size)])
             if not torch.isfinite(loss):
                 raise UserError(f"the prompt search's loss became {loss.item()} at step {step}: lower "
@@ -144,10 +142,3 @@ def search_prompt(family, pipe, unet, scheduler, images: ImageSet, concept_promp
             table.grad = None
     return Found([words[i] for i in best[0]], best[1], losses, checks)
 
-
-def _batch(images: ImageSet, size: int, generator: torch.Generator, scheduler) -> dict:
-    """A batch of the set's latents with noise and timesteps, drawn on the CPU (the same on any device)."""
-    index = torch.randint(len(images.latents), (size,), generator=generator)
-    latents = images.latents[index]
-    return {"index": index, "latents": latents, "noise": torch.randn(latents.shape, generator=generator),
-            "t": torch.randint(scheduler.config.num_train_timesteps, (size,), generator=generator)}

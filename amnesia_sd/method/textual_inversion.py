@@ -4,8 +4,10 @@ denoising loss, saved in diffusers' textual-inversion format. The attack command
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
@@ -27,6 +29,37 @@ def initializer_id(tokenizer, initializer: str, flag: str = "--initializer") -> 
         raise UserError(f"{flag} {initializer!r} is {len(ids)} tokens for this model's tokenizer, not one: "
                         "pick a single-token word (e.g. object, person; digit on the digits model)")
     return ids[0]
+
+
+def choose_initializer(text, family, given: str | None, defaults: tuple[str, ...], flag: str) -> str:
+    """`given`, checked to be one token in every tokenizer of `text`; else the first of `defaults`
+    that every tokenizer keeps as one token."""
+    tokenizers = [getattr(text, tok) for tok, _ in family.text_parts()]
+    if given is not None:
+        for tokenizer in tokenizers:
+            initializer_id(tokenizer, given, flag)
+        return given
+    for word in defaults:
+        if all(len(t.encode(word, add_special_tokens=False)) == 1 for t in tokenizers):
+            return word
+    raise UserError(f"none of {', '.join(defaults)} is one token for this model's tokenizer: pass {flag} with a "
+                    "neutral one-token word")
+
+
+def text_copies(pipe, family) -> SimpleNamespace:
+    """Copies of the pipeline's tokenizers and text encoders, for a token that must not enter the
+    pipeline's own (forget --adversarial's, the prompt search's)."""
+    return SimpleNamespace(**{name: copy.deepcopy(getattr(pipe, name)) for pair in family.text_parts()
+                              for name in pair})
+
+
+def draw_batch(images: ImageSet, size: int, generator: torch.Generator, num_timesteps: int) -> dict:
+    """`size` of the set's latents (by index, with replacement), their noise and timesteps, drawn on
+    the CPU in that order, so a seed gives the same batches on any device."""
+    index = torch.randint(len(images.latents), (size,), generator=generator)
+    latents = images.latents[index]
+    return {"index": index, "latents": latents, "noise": torch.randn(latents.shape, generator=generator),
+            "t": torch.randint(num_timesteps, (size,), generator=generator)}
 
 
 def add_token(text, family, token: str, initializer: str, flag: str = "--initializer") -> list[int]:
@@ -127,13 +160,12 @@ def learn_token(family, text, unet, scheduler, token_ids: list[int], images: Ima
 
     try:
         for step in tqdm(range(1, steps + 1), desc="learning the token", unit="step", leave=False):
-            index = torch.randint(len(images.latents), (batch_size,), generator=generator)
-            latents = images.latents[index].to(device, unet.dtype)
-            noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-            timesteps = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+            batch = draw_batch(images, batch_size, generator, scheduler.config.num_train_timesteps)
+            latents = batch["latents"].to(device, unet.dtype)
+            noise = batch["noise"].to(device, latents.dtype)
             cond = {**family.text_conditioning(text, [choose.choice(prompts) for _ in range(batch_size)]),
-                    **to_device(take(images.conditioning, index), device)}
-            loss = per_sample_loss(family, unet, scheduler, latents, noise, timesteps.to(device), cond).mean()
+                    **to_device(take(images.conditioning, batch["index"]), device)}
+            loss = per_sample_loss(family, unet, scheduler, latents, noise, batch["t"].to(device), cond).mean()
             if not torch.isfinite(loss):
                 raise UserError(f"the token's loss became {loss.item()} at step {step}: lower its learning rate")
             optimizer.zero_grad(set_to_none=True)
