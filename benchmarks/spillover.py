@@ -61,7 +61,9 @@ def forget_and_measure(digit: int, preserve: int | None, out: Path, original: li
                        classifier, steps: int | None = None) -> dict:
     config = DemoConfig(digit=[digit], samples_per_digit=n, output_dir=str(out), overwrite=True,
                         max_train_steps=steps)
-    if out.exists():  # this study's own folder, left by an interrupted run
+    if out.exists():  # this study's own folder, left by an interrupted run: only forget's sa result in it
+        if {p.name for p in out.iterdir()} - {"sa", "sa.partial"}:
+            raise SystemExit(f"{out} holds files this study did not write: pass another --work")
         shutil.rmtree(out)
     context = demo_context(config, make_accelerator())
     ref, pipe = load_on_device(str(context.base), context.accelerator)
