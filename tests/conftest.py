@@ -87,3 +87,17 @@ def early_python():
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_model(tmp_path_factory):
+    from tiny import build_tiny_sd3_pipeline
+
+    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3") / "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_model(tmp_path_factory):
+    from tiny import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux") / "flux")

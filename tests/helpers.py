@@ -63,3 +63,8 @@ def make_sets(model, root: Path, fisher: bool = False) -> Path:
         run_command("fim", "--model", model, "--replay-dir", "replay", "--num-timesteps", "2", "--output",
                     "fim.safetensors", cwd=root)
     return root
+
+
+def uniform_timesteps(count, generator):
+    """DDPM's timestep draw (families.StableDiffusion.draw_timesteps) for 1000 training timesteps."""
+    return torch.randint(1000, (count,), generator=generator)

@@ -17,7 +17,7 @@ from amnesia_sd.data.imageset import load_image_set
 from amnesia_sd.data.prompts import bundled, read_prompts
 from amnesia_sd.method.adversary import TOKEN
 from amnesia_sd.method.textual_inversion import token_rows
-from helpers import unet_weights
+from helpers import uniform_timesteps, unet_weights
 from test_careless import refuses
 from test_forget import data, killed_after_first_checkpoint, run, skip_optimizer_steps  # noqa: F401 (data: a fixture)
 
@@ -91,7 +91,7 @@ def test_adversarial_resumed_run_equals_uninterrupted_run(tiny_model, data, tmp_
 
 def test_adversary_prompts_replace_a_share_of_the_adversarial_pairs_samples_only():
     shapes = {"surrogate": (4, 2, 2), "replay": (4, 2, 2)}
-    args = (7, 3, 1, 0, 3000, [(0, 10), (10, 10)], [(0, 5), (5, 4)], 20, shapes, 1000)
+    args = (7, 3, 1, 0, 3000, [(0, 10), (10, 10)], [(0, 5), (5, 4)], 20, shapes, uniform_timesteps)
     plain = draw_batch(*args)
     drawn = draw_batch(*args, adversarial=((5, 4), 6, 0.5))
     for key, value in plain.items():  # every other draw is the same

@@ -205,8 +205,8 @@ def test_mutually_exclusive_flags(world, untouched, tmp_path):
 
 def test_resolution_that_the_vae_or_the_pipeline_cannot_take(world, untouched, tmp_path):
     refuses(["replay", "--model", world["model"], "--output-dir", tmp_path / "r", "--resolution", "13", *QUICK],
-            "--resolution 13 is not a multiple of 8 (the pipeline takes multiples of 8, and this model's VAE "
-            "downsamples by 2)")
+            "--resolution 13 is not a multiple of 8 (what this Stable Diffusion 1.x/2.x pipeline takes, its VAE "
+            "downsampling by 2)")
     refuses(["sample", "--model", world["model"], "--prompt", "a dog", "--output-dir", tmp_path / "s",
              "--resolution", "13", *QUICK], "--resolution 13 is not a multiple of 8")
     # A multiple of the VAE's factor that diffusers' pipeline refuses (issue 24, case 8): one line too.

@@ -18,7 +18,7 @@ from amnesia_sd.core.config import FimConfig, ForgetConfig, SetConfig, build_con
 from amnesia_sd.core.errors import UserError
 from amnesia_sd.core.recipes import recipes
 from amnesia_sd.data.imageset import load_image_set
-from helpers import unet_weights
+from helpers import uniform_timesteps, unet_weights
 
 QUICK = {"num_inference_steps": 2, "batch_size": 4}
 
@@ -110,7 +110,7 @@ def test_cli_pairs_repeated_flags(tmp_path):
 
 def test_surrogate_samples_are_drawn_uniformly_over_pairs_within_each_pair():
     images, prompts = [(0, 1000), (1000, 10), (1010, 10)], [(0, 40), (40, 1), (41, 2)]
-    d = draw_batch(0, 0, 1, 0, 30000, images, prompts, 5, {"surrogate": (1,), "replay": (1,)}, 1000)
+    d = draw_batch(0, 0, 1, 0, 30000, images, prompts, 5, {"surrogate": (1,), "replay": (1,)}, uniform_timesteps)
     image_pair = torch.bucketize(d["surrogate_index"], torch.tensor([1000, 1010]), right=True)
     prompt_pair = torch.bucketize(d["concept_index"], torch.tensor([40, 41]), right=True)
     assert torch.equal(image_pair, prompt_pair)  # a sample's prompt and image belong to one pair
@@ -122,7 +122,7 @@ def test_surrogate_samples_are_drawn_uniformly_over_pairs_within_each_pair():
 
 
 def test_one_pair_draws_what_a_one_concept_run_always_drew():
-    d = draw_batch(3, 7, 2, 1, 4, [(0, 9)], [(0, 5)], 6, {"surrogate": (2,), "replay": (2,)}, 1000)
+    d = draw_batch(3, 7, 2, 1, 4, [(0, 9)], [(0, 5)], 6, {"surrogate": (2,), "replay": (2,)}, uniform_timesteps)
     g = torch.Generator("cpu").manual_seed(draw_batch.__globals__["image_seed"](3, 7, "train"))
     expected = [torch.randint(9, (8,), generator=g), torch.randint(1000, (8,), generator=g), torch.randn((8, 2), generator=g),
                 torch.randint(6, (8,), generator=g), torch.randint(1000, (8,), generator=g), torch.randn((8, 2), generator=g),

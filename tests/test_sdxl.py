@@ -233,11 +233,15 @@ def test_family_of_single_file_checkpoints_and_unsupported_pipelines(tmp_path):
                            "conditioner.embedders.1.model.b"]).name == "sdxl"
     with pytest.raises(UserError, match="SDXL refiner"):
         family_of_keys(["conditioner.embedders.0.model.b"])
-    for index, message in (({"_class_name": "FluxPipeline", "transformer": []}, "is a FluxPipeline"),
+    assert family_of_keys(["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"]).name == "sd3"
+    assert family_of_keys(["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"]).name == "flux"
+    assert families.family_of_index({"_class_name": "FluxPipeline", "transformer": []}, "m").name == "flux"
+    assert families.family_of_index({"_class_name": "StableDiffusion3Pipeline", "transformer": []}, "m").name == "sd3"
+    for index, message in (({"_class_name": "FluxFillPipeline", "transformer": []}, "is a FluxFillPipeline"),
                            ({"_class_name": "StableDiffusion3Pipeline"}, "is a StableDiffusion3Pipeline"),
                            ({"_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": True,
                              "text_encoder_2": []}, "is an SDXL refiner")):
-        with pytest.raises(UserError, match=message + ".*amnesia-sd takes Stable Diffusion 1.x/2.x and SDXL"):
+        with pytest.raises(UserError, match=message + ".*amnesia-sd takes Stable Diffusion 1.x/2.x, SDXL base, SD 3"):
             families.family_of_index(index, "m")
 
 

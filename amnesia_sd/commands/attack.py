@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast, broadcast_object_list
-from diffusers import DDPMScheduler
 from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -269,10 +268,11 @@ def plan_token_training(pipe, config: AttackConfig, accelerator) -> int:
     """Before any image is made: the token's training and the prompt search (a forward and backward
     through the UNet at --train-batch-size, float32) must fit the memory budget."""
     family, latent = family_of(pipe), latent_size(pipe, config.resolution)
-    resident = weight_bytes(pipe.unet, pipe.vae, *family.loaded_text_encoders(pipe))
+    denoiser = family.denoiser_of(pipe)
+    resident = weight_bytes(denoiser, pipe.vae, *family.loaded_text_encoders(pipe))
     if "prompt" in config.method:  # the search's own copies of the text encoders
         resident += weight_bytes(*family.loaded_text_encoders(pipe))
-    meta = meta_copy(pipe.unet)
+    meta = meta_copy(denoiser)
     limit = budget(config.max_memory, accelerator.device)
     peak = check_batch("learning the token", "--train-batch-size", config.train_batch_size,
                        lambda b: resident + activation_peak(family, meta, b, latent, "no", False), limit)
@@ -319,7 +319,8 @@ def _learn_token(config: AttackConfig, target: Target, pipe, family, token_ids, 
     losses, and the rows after each --measure-steps; process 0's rows on every process."""
     prompts = [t.format(config.token) for t in target.train_templates]
     with out_of_memory("learning the token", predicted, "pass a smaller --train-batch-size"):
-        rows, losses, kept = learn_token(family, pipe, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config),
+        rows, losses, kept = learn_token(family, pipe, family.denoiser_of(pipe),
+                                         family.training_scheduler(pipe.scheduler.config),
                                          token_ids, images, prompts, config.steps, config.learning_rate,
                                          config.train_batch_size, config.seed, keep_at=tuple(config.measure_steps),
                                          stream="attack")
@@ -333,7 +334,8 @@ def _search_prompt(config: AttackConfig, target: Target, pipe, family, images: I
     """The prompt search on the forgotten model; process 0's words on every process."""
     name = target.names[0]
     with out_of_memory("searching a prompt", predicted, "pass a smaller --train-batch-size"):
-        found = search_prompt(family, pipe, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), images,
+        found = search_prompt(family, pipe, family.denoiser_of(pipe), family.training_scheduler(pipe.scheduler.config),
+                              images,
                               [t.format(name) for t in target.train_templates], config.prompt_words,
                               config.prompt_steps, config.prompt_learning_rate, config.train_batch_size, config.seed)
     words = broadcast_object_list([found.words])[0]
@@ -377,7 +379,7 @@ def attack(config: AttackConfig) -> dict:
         images, pipe, predicted, initializer = _load_with_concept_set(config, base, target, settings,
                                                                       partial / "concept-set", accelerator)
         family = family_of(pipe)
-        for module in (pipe.unet, pipe.vae):
+        for module in (family.denoiser_of(pipe), pipe.vae):
             module.requires_grad_(False)
         found = {}
         if "prompt" in config.method:
@@ -496,8 +498,9 @@ def _record(config, target, initializer, detector_kind, detector, status, plan, 
         "worst": worst,
         "attack_success": worst["after"],
         "independence": independence(record, initializer, target, config),
-        "settings": {**asdict(config), "initializer": initializer, "scheduler": "DDIMScheduler",
-                     "image_size": images.manifest["resolution"], "training_scheduler": "DDPMScheduler",
+        "settings": {**asdict(config), "initializer": initializer,
+                     "scheduler": images.manifest.get("scheduler", "DDIMScheduler"),
+                     "image_size": images.manifest["resolution"], "training_scheduler": family.training_scheduler_class,
                      "optimizer": "AdamW (weight decay 0)",
                      "test_seeds": "image i of every kind: (seed + 1, i); the concept images: stream attack-concept"},
         "concept_set": {"path": "concept-set", "source": images.manifest.get("source"),

@@ -38,6 +38,7 @@ from amnesia_sd.data.neighbors import (SD_IMAGES_PER_NEIGHBOR, neighbor_digits, 
 from amnesia_sd.data.prompts import bundled, concept_prompts, neighbor_names, read_prompts, spread
 from amnesia_sd.data.report import REPORT_JSON, summary_rows, write_report
 from amnesia_sd.method.record import forgotten_model, recorded_surrogates
+from amnesia_sd.model.families import family_of
 from amnesia_sd.model.loading import DTYPES, image_size, load_on_device, make_accelerator, resolve_model
 import math
 import sys
@@ -284,10 +285,11 @@ def _sample_model(spec: str, role: str, plan: Plan, settings: GenerationSettings
                     image.save(tmp, format="PNG")
                 bar.update(accelerator.num_processes)
     bar.close()
-    identity = {"spec": spec, "identity": ref.identity, "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+    denoiser = family_of(pipe).denoiser_of(pipe)
+    identity = {"spec": spec, "identity": ref.identity, "dtype": str(denoiser.dtype).replace("torch.", ""),
                 "resolution": size, "batch_size": settings.batch_size}  # the memory plan's, when not given
     if accelerator.is_main_process:
-        identity["unet_sha256"] = unet_digest(pipe.unet)
+        identity["unet_sha256"] = unet_digest(denoiser)
     del pipe
     gc.collect()
     if torch.cuda.is_available():

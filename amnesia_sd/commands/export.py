@@ -29,7 +29,7 @@ from amnesia_sd.core.errors import UserError
 from amnesia_sd.core.io import write_safetensors
 from amnesia_sd.core.paths import Output, _stamped, guard, stamp
 from amnesia_sd.method.record import read_record
-from amnesia_sd.model.families import family_of
+from amnesia_sd.model.families import FAMILIES, detect_family, family_of
 from amnesia_sd.model.loading import LORA_WEIGHTS, load_pipeline, lora_base, model_path, resolve_model
 
 FORMAT = "amnesia-sd-export"
@@ -271,6 +271,7 @@ def is_open_clip(encoder) -> bool:
 def pipeline_to_original(pipe) -> tuple[dict[str, torch.Tensor], str]:
     """The pipeline's weights under their original names, and the layout ("sd1", "sd2" or "sdxl")."""
     family = family_of(pipe)  # refuses any other pipeline class
+    _check_layout(family, type(pipe).__name__)
     for name in ("unet", "vae", *family.text_encoders):
         if getattr(pipe, name, None) is None:
             raise UserError(f"this pipeline has no {name}: a checkpoint needs all of the UNet, the VAE and the "
@@ -326,6 +327,15 @@ def _lora_base_path(location: Path) -> Path | None:
         return None
 
 
+def _check_layout(family, model: str) -> None:
+    """The original single-file layouts written here are SD 1.x/2.x's and SDXL's."""
+    if family.denoiser != "unet":
+        raise UserError(f"{model} is a {family.title} model: `amnesia-sd export` writes the SD 1.x/2.x and SDXL "
+                        f"single-file layouts only, not yet {family.title}'s; use the diffusers folder "
+                        f"({family.pipeline}.from_pretrained) or, for a LoRA result, its {LORA_WEIGHTS} "
+                        "(load_lora_weights)")
+
+
 def export(config: ExportConfig) -> Path:
     """`amnesia-sd export`: the model (a forget result, a LoRA result merged into its base, or any
     SD 1.x/2.x/SDXL pipeline) as one original-layout .safetensors checkpoint."""
@@ -334,6 +344,11 @@ def export(config: ExportConfig) -> Path:
 
     ref = resolve_model(config.model)
     location = Path(ref.location) if ref.kind in ("folder", "lora") else None
+    if ref.kind in ("folder", "file"):  # before loading anything (a hub id: once loaded)
+        _check_layout(detect_family(ref.kind, ref.location), config.model)
+    elif ref.kind == "lora":
+        _check_layout(FAMILIES.get(str((_amnesia_record(location) or {}).get("architecture")), FAMILIES["sd"]),
+                      config.model)
     output = _guard(config, {"--model": model_path(config.model),
                              "the LoRA's base model": _lora_base_path(location) if ref.kind == "lora" else None})
     pipe = load_pipeline(ref)  # fp32: a LoRA is merged at full precision, then rounded once
@@ -396,6 +411,7 @@ def export_lora(config: ExportConfig) -> Path:
         raise UserError(f"--lora-only needs a LoRA result of `amnesia-sd forget --lora-rank N`, and {config.model} "
                         f"is not one (no amnesia.json with a lora entry and {LORA_WEIGHTS}): export the whole "
                         "checkpoint without --lora-only")
+    _check_layout(FAMILIES.get(str(record.get("architecture")), FAMILIES["sd"]), config.model)
     output = _guard(config, {"--model": location, "the LoRA's base model": _lora_base_path(location)})
     lora = record["lora"] if isinstance(record["lora"], dict) else {}
     alpha = lora.get("alpha")

@@ -1,4 +1,5 @@
-"""Selective Amnesia training of the UNet, top to bottom (METHOD.md):
+"""Selective Amnesia training of the denoiser (a UNet, or SD3's and Flux's transformers), top to
+bottom (METHOD.md):
 
     L(theta) = E_{x~q(x|c_f)} L_simple(x, c_f)  +  gamma * E_{(x,c)~replay} L_simple(x, c)
              + lambda * sum_i F_i (theta_i - theta*_i)^2
@@ -17,11 +18,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
-from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -159,8 +160,13 @@ def check_model(config: ForgetConfig, ref: ModelRef, pipe, family, given: dict[s
                             f"{tuple(given['preserve'].latents.shape[-2:])}, the replay set of {replay}: they are "
                             "replayed as one set, so give --preserve to make it again at the replay set's size")
     check_unconditional_replay(family, pipe, config.unconditional_replay)
+    if family.denoiser != "unet" and config.train_method != "full":
+        raise UserError(f"--train-method {config.train_method} names a UNet's cross-attention (attn2), which the "
+                        f"{family.title} transformer does not have (its attention is joint over text and image): use "
+                        "--train-method full, or --lora-rank with --lora-targets to choose the layers")
     if config.lora_rank:
-        check_rank(pipe.unet, lora_modules(pipe.unet, config.train_method, config.lora_target_list()), config.lora_rank)
+        denoiser = family.denoiser_of(pipe)
+        check_rank(denoiser, lora_modules(denoiser, config.train_method, config.lora_target_list()), config.lora_rank)
     if config.adversarial:
         config = dataclasses.replace(config, adversarial_initializer=check_adversarial(config, family, pipe))
     for pair in config.pairs():  # a concept longer than the text encoder's window loses its end: say so
@@ -187,7 +193,7 @@ def plan_memory(config: ForgetConfig, pipe, family, accelerator) -> int:
     planned_sampling(pipe, config, accelerator)  # refused now if one image does not fit
     adversary_bytes = 4 * sum(p.numel() for encoder in family.loaded_text_encoders(pipe)
                               for p in encoder.parameters()) if config.adversarial else 0
-    peak = check_training_memory(family, pipe.unet, config, latent, accelerator.mixed_precision, limit,
+    peak = check_training_memory(family, family.denoiser_of(pipe), config, latent, accelerator.mixed_precision, limit,
                                  adversary_bytes)
     say(plan_line("training", "", peak, limit) + f"; mixed precision {accelerator.mixed_precision} (per process)")
     return peak
@@ -313,9 +319,9 @@ class Trainer:
     the optimizer and its warm-up, the EMA, the adversary; the loop and its training step."""
 
     def __init__(self, run: Run, fim: Fisher, data: Data, adversary: Adversary | None):
-        config, accelerator, unet = run.config, run.accelerator, run.pipe.unet
+        config, accelerator, unet = run.config, run.accelerator, run.family.denoiser_of(run.pipe)
         self.run, self.data, self.adversary = run, data, adversary
-        self.noise_scheduler = DDPMScheduler.from_config(run.pipe.scheduler.config)
+        self.noise_scheduler = run.family.training_scheduler(run.pipe.scheduler.config)
         # The penalty gets the Fisher entries it needs, kept on the training device.
         self.trainable = make_trainable(unet, config, lambda names: load_fisher(fim.path, run.pipe, names)[0],
                                         accelerator.device)
@@ -383,8 +389,8 @@ class Trainer:
                     adversary.learn(inner, self.noise_scheduler, self.global_step, accelerator)
                 drawn = draw_batch(config.seed, micro_step, accelerator.num_processes, accelerator.process_index,
                                    config.train_batch_size, self.data.image_spans, self.data.prompt_spans,
-                                   len(self.data.replay_latents), shapes, self.noise_scheduler.config.num_train_timesteps,
-                                   adversarial)
+                                   len(self.data.replay_latents), shapes,
+                                   partial(run.family.draw_timesteps, self.noise_scheduler), adversarial)
                 micro_step += 1
                 reported = self.step(drawn, shapes)
                 if not accelerator.sync_gradients:
@@ -572,7 +578,7 @@ def joined_sets(sets: list[ImageSet]) -> tuple[torch.Tensor, Conditioning]:
 
 
 def draw_batch(seed: int, micro_step: int, world: int, rank: int, batch: int, images: list[tuple[int, int]],
-               prompts: list[tuple[int, int]], replay_size: int, shapes: dict, num_t: int,
+               prompts: list[tuple[int, int]], replay_size: int, shapes: dict, draw_t,
                adversarial: tuple[tuple[int, int], int, float] | None = None):
     """This process's slice of the global batch of one micro-step. images[k] and prompts[k] are
     (offset, count) of pair k's surrogate images and concept prompts in their concatenations: each
@@ -580,7 +586,8 @@ def draw_batch(seed: int, micro_step: int, world: int, rank: int, batch: int, im
     crowd out the others), then an image and a prompt of that pair. With `adversarial` ((offset,
     count) of the adversarial pair's prompts, the number of adversary prompts, their share), that
     share of the pair's samples gets an adversary prompt instead (`adversarial_index`, else -1),
-    drawn from a stream of its own: the other draws stay as they are."""
+    drawn from a stream of its own: the other draws stay as they are. `draw_t(count, generator)`
+    draws timesteps (the family's draw_timesteps)."""
     g = torch.Generator("cpu").manual_seed(image_seed(seed, micro_step, "train"))
     total, part = batch * world, slice(rank * batch, (rank + 1) * batch)
     pair = torch.randint(len(images), (total,), generator=g) if len(images) > 1 else None
@@ -595,7 +602,7 @@ def draw_batch(seed: int, micro_step: int, world: int, rank: int, batch: int, im
     for term in ("surrogate", "replay"):
         drawn[f"{term}_index"] = (within(images) if term == "surrogate"
                                   else torch.randint(replay_size, (total,), generator=g))[part]
-        drawn[f"{term}_t"] = torch.randint(num_t, (total,), generator=g)[part]
+        drawn[f"{term}_t"] = draw_t(total, g)[part]
         drawn[f"{term}_noise"] = torch.randn((total, *shapes[term]), generator=g)[part]
     concept = within(prompts)
     drawn["concept_index"] = concept[part]

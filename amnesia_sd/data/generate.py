@@ -61,12 +61,13 @@ def planned_sampling(pipe, settings: GenerationSettings, accelerator) -> tuple[G
     if limit is None and requested:
         return settings, None
     latent, family = latent_size(pipe, settings.resolution), family_of(pipe)
-    resident = weight_bytes(pipe.unet, pipe.vae, *family.loaded_text_encoders(pipe))
-    meta_unet, meta_vae = meta_copy(pipe.unet), meta_copy(pipe.vae)
+    denoiser = family.denoiser_of(pipe)
+    resident = weight_bytes(denoiser, pipe.vae, *family.loaded_text_encoders(pipe))
+    meta_unet, meta_vae = meta_copy(denoiser), meta_copy(pipe.vae)
 
     # Under autocast (image sets sample a float32 pipeline in the run's mixed precision) activations
     # are 16-bit; its per-op weight casts are freed at once without gradients.
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, pipe.unet.dtype)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, denoiser.dtype)
 
     def peak(batch: int) -> int:
         return resident + sampling_peak(family, meta_unet, meta_vae, batch, latent, dtype,
@@ -109,12 +110,15 @@ def generate(
     The latent is the denoised, scaled latent that decodes to the image; training reuses it, so
     the VAE never has to encode generated images again.
     """
-    from diffusers import DDIMScheduler
+    import diffusers
 
-    # DDIM as in the paper; generators live on the CPU so noise is identical on any device.
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    family = family_of(pipe)
+    # DDIM as in the paper (flow-matching families: their own sampler); generators live on the CPU so
+    # noise is identical on any device.
+    if family.sampler:
+        pipe.scheduler = getattr(diffusers, family.sampler).from_config(pipe.scheduler.config)
     size = image_size(pipe, settings.resolution)
-    micro = family_of(pipe).micro_conditioning(size)  # recorded with image sets: training matches it
+    micro = family.micro_conditioning(size)  # recorded with image sets: training matches it
     size_of_batch = settings.batch_size or DEFAULT_SAMPLING_BATCH
     for start in range(0, len(prompts), size_of_batch):
         with out_of_memory("sampling", predicted, sampling_advice(size_of_batch)):
@@ -129,7 +133,9 @@ def generate(
                 generator=generators,
                 output_type="latent",
                 **micro,
+                **family.pipeline_kwargs(),
             ).images
+            latents = family.latents_of(pipe, latents, size)
             images = pipe.image_processor.postprocess(decode(pipe.vae, latents), output_type="pil")
         for offset, (latent, image) in enumerate(zip(latents, images)):
             yield start + offset, latent.float().cpu(), image
@@ -150,7 +156,7 @@ def encode(vae, pixels: torch.Tensor) -> torch.Tensor:
         shape = (1, -1, 1, 1)
         return (latents - torch.tensor(mean).view(shape).to(latents)) * vae.config.scaling_factor \
             / torch.tensor(std).view(shape).to(latents)
-    return latents * vae.config.scaling_factor
+    return (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -161,8 +167,8 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
         shape = (1, -1, 1, 1)
         latents = latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor \
             + torch.tensor(mean).view(shape).to(latents)
-    else:
-        latents = latents / vae.config.scaling_factor
+    else:  # SD3's and Flux's VAEs shift as well as scale
+        latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     # In the VAE's own dtype even inside an autocast region (SDXL's VAE overflows in fp16).
     with torch.autocast(latents.device.type, enabled=False):
         return _in_dtype(vae, dtype).decode(latents.to(dtype)).sample

@@ -101,18 +101,19 @@ def load_image_set(path: str | Path, pipe=None) -> ImageSet:
 
 def check_fits(image_set: ImageSet, pipe) -> None:
     """The set's latents and image conditioning are what this model takes."""
-    unet, family = pipe.unet, family_of(pipe)
+    family = family_of(pipe)
+    unet = family.denoiser_of(pipe)
     missing = [k for k in family.image_keys if k not in image_set.conditioning]
     if missing:
         raise UserError(
             f"image set {image_set.path} has no {', '.join(missing)} for its images, which this "
             f"{family.title} model needs: it was made with another model "
             f"({image_set.manifest.get('base_model')}); make it with this one")
-    channels = image_set.latents.shape[1]
-    if channels != unet.config.in_channels:
+    channels, expected = image_set.latents.shape[1], family.latent_channels(unet.config)
+    if channels != expected:
         raise UserError(
-            f"image set {image_set.path} has {channels}-channel latents but the model's UNet takes "
-            f"{unet.config.in_channels}: it was made with another model ({image_set.manifest.get('base_model')})"
+            f"image set {image_set.path} has {channels}-channel latents but the model's {family.denoiser} takes "
+            f"{expected}: it was made with another model ({image_set.manifest.get('base_model')})"
         )
 
 
@@ -171,13 +172,14 @@ def set_record(pipe, ref: ModelRef, prompts: list[str], settings: GenerationSett
         "source": "generated",
         "base_model": ref.identity,
         "architecture": family.name,
-        "unet_config_hash": unet_config_hash(pipe.unet),
+        "unet_config_hash": unet_config_hash(family.denoiser_of(pipe)),
         "num_images": len(prompts),
         "resolution": size,
         "micro_conditioning": {k: list(v) for k, v in family.micro_conditioning(size).items()},
         "num_inference_steps": settings.num_inference_steps,
         "guidance_scale": settings.guidance_scale,
-        "scheduler": "DDIMScheduler",
+        "scheduler": family.sampler or type(pipe.scheduler).__name__,
+        **({"max_sequence_length": family.max_sequence_length} if family.max_sequence_length else {}),
         "seed": settings.seed,
         "prompts_sha": _digest(prompts),
     }
@@ -226,7 +228,8 @@ def generate_image_set(
     )
     per_image = generation_passes(1, settings.num_inference_steps, settings.guidance_scale)
     family = family_of(pipe)
-    conditioning = family.image_conditioning(family.micro_conditioning(image_size(pipe, settings.resolution)))
+    conditioning = family.image_conditioning(family.micro_conditioning(image_size(pipe, settings.resolution)),
+                                             settings.guidance_scale)
     # Under the run's mixed precision (bf16 on a GPU by default): the pipeline may hold float32 weights.
     with accelerator.autocast():
         for position, latent, image in generate(
@@ -277,7 +280,8 @@ def encode_image_folder(
     size = image_size(pipe, resolution)
     family = family_of(pipe)
     record = {"kind": kind, "source": "images", "images_dir": str(source.resolve()),
-              "base_model": ref.identity, "architecture": family.name, "unet_config_hash": unet_config_hash(pipe.unet),
+              "base_model": ref.identity, "architecture": family.name,
+              "unet_config_hash": unet_config_hash(family.denoiser_of(pipe)),
               "num_images": len(files), "resolution": size,
               "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
     if reuse and is_finished(out):

@@ -1,6 +1,10 @@
-"""The diagonal Fisher information of the base UNet (METHOD.md):
+"""The diagonal Fisher information of the base denoiser (METHOD.md):
 
-    F_i = (1/N) sum_n ( d/dtheta_i sum_{t in T} L_t(x_n, c_n) )^2
+    F_i = (1/N) sum_n ( d/dtheta_i sum_{t in T} w_t L_t(x_n, c_n) )^2
+
+w_t is N_train x the probability that training draws timestep t (families.py): 1 for the uniform
+draws of DDPM and Flux, the logit-normal density's mass for SD3, so the sum over t is the
+expectation training samples from (a grid of it, scaled, for a subset).
 
 x_n are latents the base model generated from the replay prompts c_n. The sum over t is evaluated
 in batched chunks of timesteps of one sample: the gradient of the sum is the sum of the chunks'
@@ -61,8 +65,9 @@ def fisher_diagonal(
     """Sum over `indices` (default: all samples) of the squared per-sample gradients, divided by N.
 
     `embed(n)` gives sample n's conditioning (families.py), one row.
-    The gradient of each sample is taken of its loss summed over `timesteps`, scaled by
-    num_train_timesteps / len(timesteps) so a timestep subset estimates the full sum.
+    The gradient of each sample is taken of its loss summed over `timesteps` (weighted by the
+    family's timestep_weights), scaled by num_train_timesteps / len(timesteps) so a timestep subset
+    estimates the full sum.
     With `indices` a subset, the result is this process's share: shares add up to F.
     `loss_scale` (fp16: FP16_LOSS_SCALE) is the starting dynamic loss scale; None: no scaling.
     """
@@ -73,6 +78,8 @@ def fisher_diagonal(
     fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     indices = list(range(len(latents))) if indices is None else indices
     scale = scheduler.config.num_train_timesteps / len(timesteps)
+    weights = family.timestep_weights(scheduler)[timesteps].to(device)
+    weights = None if bool((weights == 1).all()) else weights  # uniform: a plain sum
     loss_scale_now, clean = loss_scale or 1.0, 0
     unet.eval()  # no dropout: F is a property of the model, not of a random mask
     bar = tqdm(total=len(indices), desc="Fisher", unit="sample", disable=not progress)
@@ -89,7 +96,8 @@ def fisher_diagonal(
                         family, unet, scheduler, x0.expand(len(t), -1, -1, -1),
                         noise[start : start + len(t)].to(device), t, expand(cond, len(t)),
                     )
-                (losses.sum() * (scale * loss_scale_now)).backward()
+                total = losses.sum() if weights is None else losses @ weights[start : start + len(t)]
+                (total * (scale * loss_scale_now)).backward()
             grads = [p.grad.float() if p.grad is not None else torch.zeros_like(f) for p, f in zip(params, fisher)]
             if loss_scale is None:
                 break
@@ -145,7 +153,7 @@ def load_fisher(path: str | Path, pipe, names=None) -> tuple[dict[str, torch.Ten
                 raise UserError(f"Fisher file {path} was made for a {title} model "
                                 f"({metadata.get('base_model', 'unknown')}), this model is {family.title}: "
                                 "run `amnesia-sd fim` for this one")
-            expected = {name: tuple(p.shape) for name, p in pipe.unet.named_parameters()}
+            expected = {name: tuple(p.shape) for name, p in family.denoiser_of(pipe).named_parameters()}
             missing = sorted(set(expected) - set(shapes))
             extra = sorted(set(shapes) - set(expected))
             if missing or extra:
@@ -191,18 +199,18 @@ def fisher_problem(value: torch.Tensor) -> str | None:
 
 def fisher_metadata(pipe, scheduler, base_model: str, num_samples: int, timesteps, seed: int, replay: str,
                     mixed_precision: str) -> dict:
-    unet = pipe.unet
+    family = family_of(pipe)
     return {
         # The precision of its forward and backward passes ('no': float32; 'fp16' with loss scaling).
         "mixed_precision": mixed_precision,
         "base_model": base_model,
-        "architecture": family_of(pipe).name,
-        "unet_config_hash": unet_config_hash(unet),
+        "architecture": family.name,
+        "unet_config_hash": unet_config_hash(family.denoiser_of(pipe)),
         "num_samples": str(num_samples),
         "num_timesteps": str(len(timesteps)),
         "num_train_timesteps": str(scheduler.config.num_train_timesteps),
         "timestep_scale": str(scheduler.config.num_train_timesteps / len(timesteps)),
-        "prediction_type": scheduler.config.prediction_type,
+        "prediction_type": family.prediction_type(pipe),
         "seed": str(seed),
         "replay_set": replay,
     }
@@ -223,7 +231,8 @@ def fisher_plan(pipe, latent: tuple[int, int], num_timesteps: int, timestep_batc
     """The Fisher's timestep batch (the largest that fits the budget unless given) and its plan in
     words and its predicted peak: what it holds besides activations is the UNet, the text encoders,
     the gradient and the float32 sum of squares."""
-    unet, family = pipe.unet, family_of(pipe)
+    family = family_of(pipe)
+    unet = family.denoiser_of(pipe)
     n = sum(p.numel() for p in unet.parameters())
     resident = weight_bytes(unet, *family.loaded_text_encoders(pipe)) + 8 * n
     limit = budget(max_memory, device)
@@ -238,11 +247,9 @@ def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None
                         dtype: str = "fp32", max_memory: str | None = None) -> None:
     """The Fisher of the loaded base UNet over the first `count` images of a replay set, written
     to `output` by the first process (processes share the samples)."""
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    timesteps = timestep_set(scheduler.config.num_train_timesteps, num_timesteps)
     family = family_of(pipe)
+    scheduler = family.training_scheduler(pipe.scheduler.config)
+    timesteps = timestep_set(scheduler.config.num_train_timesteps, num_timesteps)
     for encoder in family.loaded_text_encoders(pipe):
         encoder.requires_grad_(False)
     pipe.vae.to("cpu")  # latents are cached: the VAE has nothing to do here
@@ -251,7 +258,7 @@ def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None
         accelerator.mixed_precision, max_memory, accelerator.device)
     say(said)
     if gradient_checkpointing:  # activations of a whole timestep batch: trade compute for memory
-        pipe.unet.enable_gradient_checkpointing()
+        family.denoiser_of(pipe).enable_gradient_checkpointing()
     indices = list(range(accelerator.process_index, count, accelerator.num_processes))
     images = to_device({k: replay.conditioning[k] for k in family.image_keys}, accelerator.device)
 
@@ -262,7 +269,7 @@ def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None
               + ("" if gradient_checkpointing else " or --gradient-checkpointing"))
     with out_of_memory("the Fisher", predicted, advice):
         fisher = fisher_diagonal(
-            family, pipe.unet, scheduler, replay.latents[:count], embed,
+            family, family.denoiser_of(pipe), scheduler, replay.latents[:count], embed,
             timesteps, seed, timestep_batch_size, indices, autocast=accelerator.autocast,
             progress=accelerator.is_main_process,
             loss_scale=FP16_LOSS_SCALE if accelerator.mixed_precision == "fp16" else None,

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import diffusers
 import torch
-from diffusers import DDIMScheduler
 from PIL import Image
 
 from amnesia_sd.core.config import GenerationSettings
@@ -30,11 +30,13 @@ def partial_denoise(pipe, images: list[Image.Image], prompts: list[str], seeds: 
                     settings: GenerationSettings, predicted: int | None = None) -> Iterator[tuple[int, Image.Image]]:
     """Yield (position, image): image i noised to `strength` and denoised by `pipe`'s model under
     prompt i, with the generator seeded by seed i (the VAE's sample and the noise), in batches of
-    settings.batch_size, DDIM, at the images' own size (the concept set's, the model's): what StableDiffusionImg2ImgPipeline gives a user with the same
-    arguments and batches."""
+    settings.batch_size, with the sampler image sets use (DDIM; SD3 and Flux: their own), at the
+    images' own size (the concept set's, the model's): what the family's img2img pipeline
+    (StableDiffusionImg2ImgPipeline, ...) gives a user with the same arguments and batches."""
     family = family_of(pipe)
     img2img = family.img2img(pipe)
-    img2img.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if family.sampler:
+        img2img.scheduler = getattr(diffusers, family.sampler).from_config(pipe.scheduler.config)
     img2img.set_progress_bar_config(disable=True)
     batch = settings.batch_size or DEFAULT_SAMPLING_BATCH
     for start in range(0, len(prompts), batch):
@@ -43,7 +45,8 @@ def partial_denoise(pipe, images: list[Image.Image], prompts: list[str], seeds: 
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:end]]
             out = img2img(prompts[start:end], image=images[start:end],
                           strength=strength, num_inference_steps=settings.num_inference_steps,
-                          guidance_scale=settings.guidance_scale, generator=generators).images
+                          guidance_scale=settings.guidance_scale, generator=generators,
+                          **family.pipeline_kwargs()).images
         for offset, image in enumerate(out):
             yield start + offset, image
 
@@ -54,6 +57,7 @@ def how_to_replay(family, model: str, lora_base: str | None = None) -> str:
     load = (f"pipe = diffusers.{family.img2img_pipeline}.from_pretrained(\"{lora_base}\"); "
             f"pipe.load_lora_weights(\"{model}\")" if lora_base else
             f"pipe = diffusers.{family.img2img_pipeline}.from_pretrained(\"{model}\")")
-    return (f"{load}; pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config); "
-            "pipe(PROMPT, image=PIL.Image.open(INPUT), strength=S, num_inference_steps=N, guidance_scale=G, "
-            "generator=torch.Generator().manual_seed(SEED))")
+    sampler = f"; pipe.scheduler = diffusers.{family.sampler}.from_config(pipe.scheduler.config)" if family.sampler else ""
+    window = f", max_sequence_length={family.max_sequence_length}" if family.max_sequence_length else ""
+    return (f"{load}{sampler}; pipe(PROMPT, image=PIL.Image.open(INPUT), strength=S, num_inference_steps=N, "
+            f"guidance_scale=G{window}, generator=torch.Generator().manual_seed(SEED))")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -85,8 +86,8 @@ def search_prompt(family, pipe, unet, scheduler, images: ImageSet, concept_promp
     optimizer = torch.optim.AdamW(soft, lr=learning_rate, weight_decay=0.0)
     prefix = " ".join(SLOT.format(k) for k in range(n_words))
     generator = torch.Generator().manual_seed(image_seed(seed, 1, "attack-prompt"))
-    num_t = scheduler.config.num_train_timesteps
-    held = draw_batch(images, min(HELD_BACK, len(images.latents)), generator, num_t)
+    draw_t = partial(family.draw_timesteps, scheduler)
+    held = draw_batch(images, min(HELD_BACK, len(images.latents)), generator, draw_t)
     held_prompts = [f"{prefix} {concept_prompts[i % len(concept_prompts)]}" for i in range(len(held["index"]))]
 
     def project() -> list[int]:
@@ -115,7 +116,7 @@ def search_prompt(family, pipe, unet, scheduler, images: ImageSet, concept_promp
         for step in tqdm(range(1, steps + 1), desc="searching a prompt", unit="step", leave=False):
             chosen = project()
             place(chosen)
-            batch = draw_batch(images, batch_size, generator, num_t)
+            batch = draw_batch(images, batch_size, generator, draw_t)
             loss = loss_of(batch, [f"{prefix} {choose.choice(concept_prompts)}" for _ in range(batch_size)])
             if not torch.isfinite(loss):
                 raise UserError(f"the prompt search's loss became {loss.item()} at step {step}: lower "

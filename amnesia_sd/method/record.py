@@ -56,7 +56,7 @@ def write_result(work: Path, ref: ModelRef, unet, trainable, config: ForgetConfi
         if config.fuse:  # merged from the file just written
             merge_lora(base, work)
     else:
-        base.register_modules(unet=unet.to("cpu"))  # fp32 master weights
+        base.register_modules(**{family.denoiser: unet.to("cpu")})  # fp32 master weights
     if not config.lora_rank or config.fuse:
         base.save_pretrained(str(work), safe_serialization=True)
     pairs = summary["pairs"]

@@ -23,6 +23,7 @@ from amnesia_sd.data.prompts import (concept_prompts, neighbor_names, repeat_to,
                                      with_unconditional)
 from amnesia_sd.method.checkpoints import result_output
 from amnesia_sd.method.fisher import fisher_cost, replay_cost, timestep_set, write_fisher_of_set
+from amnesia_sd.model.families import family_of
 from amnesia_sd.model.loading import ModelRef, model_path, origin, origin_mismatches
 
 
@@ -53,7 +54,7 @@ class Plan:
         self.preserve_texts = spread(preserve["prompts"], config.preserve_images or DEFAULT_PRESERVE_IMAGES) \
             if preserve and "preserve" not in given else None
         self.entry = None if config.replay_dir and config.fim and self.preserve_texts is None else \
-            model_entry(origin(ref, pipe), pipe.unet)
+            model_entry(origin(ref, pipe), family_of(pipe).denoiser_of(pipe))
         if self.entry is not None:  # the result may not land in (or around) the cache it reads
             check_overlap([result_output(Path(config.output_dir))], {"the amnesia-sd cache entry": self.entry})
         self.replay_texts = None if config.replay_dir else with_unconditional(repeat_to(

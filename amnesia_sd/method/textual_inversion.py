@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import random
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -53,13 +54,14 @@ def text_copies(pipe, family) -> SimpleNamespace:
                               for name in pair})
 
 
-def draw_batch(images: ImageSet, size: int, generator: torch.Generator, num_timesteps: int) -> dict:
-    """`size` of the set's latents (by index, with replacement), their noise and timesteps, drawn on
-    the CPU in that order, so a seed gives the same batches on any device."""
+def draw_batch(images: ImageSet, size: int, generator: torch.Generator, draw_t) -> dict:
+    """`size` of the set's latents (by index, with replacement), their noise and timesteps (`draw_t(count,
+    generator)`: the family's draw_timesteps), drawn on the CPU in that order, so a seed gives the
+    same batches on any device."""
     index = torch.randint(len(images.latents), (size,), generator=generator)
     latents = images.latents[index]
     return {"index": index, "latents": latents, "noise": torch.randn(latents.shape, generator=generator),
-            "t": torch.randint(num_timesteps, (size,), generator=generator)}
+            "t": draw_t(size, generator)}
 
 
 def add_token(text, family, token: str, initializer: str, flag: str = "--initializer") -> list[int]:
@@ -105,20 +107,32 @@ def embedding_file(family, token: str, rows: list[torch.Tensor]) -> dict[str, to
 
 
 def load_token(pipe, family, path: Path, token: str) -> None:
-    """Load a saved token into a pipeline the way a diffusers user does: one call per text encoder."""
+    """Load a saved token into a pipeline the way a diffusers user does: one call per text encoder;
+    SD3's pipeline has no textual-inversion loader: there, the lines how_to_load gives."""
     if family.embedding_keys is None:
         pipe.load_textual_inversion(str(path), token=token)
         return
     state = load_file(str(path))
     for key, (tok, enc) in zip(family.embedding_keys, family.text_parts()):
-        pipe.load_textual_inversion(state[key], token=token, text_encoder=getattr(pipe, enc),
-                                    tokenizer=getattr(pipe, tok))
+        tokenizer, encoder = getattr(pipe, tok), getattr(pipe, enc)
+        if not hasattr(pipe, "load_textual_inversion"):
+            tokenizer.add_tokens(token)
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            with torch.no_grad():
+                encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)] = state[key][0]
+            continue
+        pipe.load_textual_inversion(state[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
 
 
 def how_to_load(family, token: str) -> str:
     """load_token, as a user writes it."""
     if family.embedding_keys is None:
         return f"pipe.load_textual_inversion(\"{EMBEDDINGS}\", token=\"{token}\")"
+    if not hasattr(family.pipeline_class(), "load_textual_inversion"):
+        return f"state = safetensors.torch.load_file(\"{EMBEDDINGS}\"); " + "; ".join(
+            f"pipe.{tok}.add_tokens(\"{token}\"); pipe.{enc}.resize_token_embeddings(len(pipe.{tok})); "
+            f"pipe.{enc}.get_input_embeddings().weight.data[pipe.{tok}.convert_tokens_to_ids(\"{token}\")] = "
+            f"state[\"{key}\"][0]" for key, (tok, enc) in zip(family.embedding_keys, family.text_parts()))
     return f"state = safetensors.torch.load_file(\"{EMBEDDINGS}\"); " + "; ".join(
         f"pipe.load_textual_inversion(state[\"{key}\"], token=\"{token}\", text_encoder=pipe.{enc}, tokenizer=pipe.{tok})"
         for key, (tok, enc) in zip(family.embedding_keys, family.text_parts()))
@@ -160,7 +174,7 @@ def learn_token(family, text, unet, scheduler, token_ids: list[int], images: Ima
 
     try:
         for step in tqdm(range(1, steps + 1), desc="learning the token", unit="step", leave=False):
-            batch = draw_batch(images, batch_size, generator, scheduler.config.num_train_timesteps)
+            batch = draw_batch(images, batch_size, generator, partial(family.draw_timesteps, scheduler))
             latents = batch["latents"].to(device, unet.dtype)
             noise = batch["noise"].to(device, latents.dtype)
             cond = {**family.text_conditioning(text, [choose.choice(prompts) for _ in range(batch_size)]),

@@ -1,21 +1,25 @@
-"""Model families: the one place that knows Stable Diffusion 1.x/2.x from SDXL.
+"""Model families: the one place that knows Stable Diffusion 1.x/2.x, SDXL, SD 3/3.5 and FLUX.1 apart.
 
-A family says which diffusers pipeline class loads and generates, and turns prompts into the
-denoiser's conditioning. Conditioning is a dict of batch-first tensors, split in two parts:
+A family says which diffusers pipeline class loads and generates, which module is the denoiser (a
+UNet, or SD3's and Flux's transformers), what it is trained to predict (epsilon or v by DDPM
+noising; the flow-matching velocity), and turns prompts into the denoiser's conditioning.
+Conditioning is a dict of batch-first tensors, split in two parts:
 
-- the text part, one row per prompt (`encoder_hidden_states`; SDXL adds the pooled `text_embeds`);
+- the text part, one row per prompt (`encoder_hidden_states`; SDXL, SD3 and Flux add a pooled
+  text embedding);
 - the image part, one row per image (SDXL's micro-conditioning `time_ids`: original size, crop
-  top-left, target size), stored with each image set's latents, so training conditions every image
-  exactly as it was made.
+  top-left, target size; Flux dev's embedded guidance), stored with each image set's latents, so
+  training conditions every image exactly as it was made.
 
 `predict` hands both to the denoiser. The training loop, the Fisher and the image sets only ever
-index, concatenate and pass these dicts, so a family with another denoiser or objective (SD3, Flux:
-a transformer, flow matching) comes in here without touching them.
+index, concatenate and pass these dicts and call the family's objective (diffusion.py), so they
+are one piece of code for every family.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -38,6 +42,16 @@ class StableDiffusion:
     # ({token: [n, dim]}, one text encoder).
     embedding_keys: tuple[str, ...] | None = None
     image_keys: tuple[str, ...] = ()  # the image part's keys
+    denoiser = "unet"  # the pipeline's module that training changes
+    objective = "diffusion"  # DDPM noising, the scheduler's prediction_type (diffusion.py)
+    sampler: str | None = "DDIMScheduler"  # image sets sample with DDIM (the paper's); None: the pipeline's own
+    training_scheduler_class = "DDPMScheduler"
+    lora_layers = "unet_lora_layers"  # save_lora_weights' argument for the denoiser's adapters
+    # The text encoder windows the pipeline reads (CLIP: 77 tokens); T5's is the pipeline call's
+    # max_sequence_length, passed to it so that sampling and training see the same rows.
+    max_sequence_length: int | None = None
+    unconditional_guidance = True  # sampling runs a negative branch (classifier-free guidance)
+    no_unconditional_replay = ""  # why --unconditional-replay is refused where the empty prompt is not unconditional
 
     def empty_prompt_is_unconditional(self, pipe) -> bool:
         """The pipeline's unconditional branch encodes "" (what --unconditional-replay trains)."""
@@ -54,6 +68,52 @@ class StableDiffusion:
         import diffusers
 
         return getattr(diffusers, self.pipeline)
+
+    def training_scheduler(self, config):
+        """The noise scheduler training, the Fisher and the attacks corrupt latents with (a fresh one:
+        a sampler's timesteps change with set_timesteps)."""
+        import diffusers
+
+        return getattr(diffusers, self.training_scheduler_class).from_config(config)
+
+    def prediction_type(self, pipe) -> str:
+        return pipe.scheduler.config.prediction_type
+
+    def draw_timesteps(self, scheduler, count: int, generator: torch.Generator) -> torch.Tensor:
+        """Training timesteps (indices into the scheduler's num_train_timesteps), drawn as the
+        family's diffusers training scripts draw them: uniformly for DDPM."""
+        return torch.randint(scheduler.config.num_train_timesteps, (count,), generator=generator)
+
+    def timestep_weights(self, scheduler) -> torch.Tensor:
+        """N x the probability that draw_timesteps gives each index: the Fisher sums the loss over
+        a grid of indices weighted by it, so it is the expectation training samples from."""
+        return torch.ones(scheduler.config.num_train_timesteps)
+
+    def pipeline_kwargs(self) -> dict:
+        """Keyword arguments of every generating call besides the settings (T5's window)."""
+        return {} if self.max_sequence_length is None else {"max_sequence_length": self.max_sequence_length}
+
+    def denoiser_of(self, pipe):
+        return getattr(pipe, self.denoiser)
+
+    def native_resolution(self, pipe) -> int:
+        return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    def size_multiple(self, pipe) -> int:
+        """Image sides the pipeline takes: SD's and SDXL's multiples of 8, and the VAE's factor."""
+        return math.lcm(8, pipe.vae_scale_factor)
+
+    def latent_channels(self, config) -> int:
+        """The latents' channels for a denoiser of this `config` (Flux's takes 2x2 patches packed)."""
+        return config.in_channels
+
+    def blocks(self, denoiser) -> list:
+        """The denoiser's blocks that gradient checkpointing recomputes (memory.py measures them)."""
+        return [*denoiser.down_blocks, denoiser.mid_block, *denoiser.up_blocks]
+
+    def latents_of(self, pipe, output: torch.Tensor, size: int) -> torch.Tensor:
+        """The pipeline's output_type="latent" as [batch, channels, h, w] scaled latents."""
+        return output
 
     def img2img(self, pipe):
         """The family's image-to-image pipeline on `pipe`'s modules (shared, not copied)."""
@@ -91,8 +151,9 @@ class StableDiffusion:
         """Keyword arguments of the pipeline call that shape one image (none for SD 1.x/2.x)."""
         return {}
 
-    def image_conditioning(self, micro: dict) -> Conditioning:
-        """One image's rows of the image part, from its micro-conditioning."""
+    def image_conditioning(self, micro: dict, guidance: float | None = None) -> Conditioning:
+        """One image's rows of the image part, from its micro-conditioning and the guidance scale it
+        was made with (None: the user's own images)."""
         return {}
 
     def example_conditioning(self, config, batch: int, latent: tuple[int, int], dtype: torch.dtype) -> Conditioning:
@@ -100,6 +161,7 @@ class StableDiffusion:
         return {"encoder_hidden_states": torch.zeros((batch, 77, config.cross_attention_dim), device="meta", dtype=dtype)}
 
     def predict(self, unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The denoiser's output for latents [batch, channels, h, w] at the model's timesteps."""
         added = {k: v.to(noisy.dtype) for k, v in cond.items() if k != "encoder_hidden_states"}
         return unet(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
                     added_cond_kwargs=added or None).sample
@@ -117,6 +179,11 @@ class StableDiffusionXL(StableDiffusion):
     tokenizers = ("tokenizer", "tokenizer_2")
     embedding_keys = ("clip_l", "clip_g")  # the layout of SDXL textual-inversion files
     image_keys = ("time_ids",)
+
+    no_unconditional_replay = (
+        "it has force_zeros_for_empty_prompt=True, so its unconditional branch is zero embeddings, not the empty "
+        "prompt, and replaying the empty prompt would not hold it; leave the flag out, or use a pipeline saved with "
+        "force_zeros_for_empty_prompt=False (in its model_index.json), which accepts it")
 
     def empty_prompt_is_unconditional(self, pipe) -> bool:
         """With force_zeros_for_empty_prompt (the base model's default) the unconditional branch is zero
@@ -162,23 +229,203 @@ class StableDiffusionXL(StableDiffusion):
         return {"original_size": tuple(original or (size, size)), "crops_coords_top_left": tuple(crop),
                 "target_size": (size, size)}
 
-    def image_conditioning(self, micro: dict) -> Conditioning:
+    def image_conditioning(self, micro: dict, guidance: float | None = None) -> Conditioning:
         ids = [*micro["original_size"], *micro["crops_coords_top_left"], *micro["target_size"]]
         return {"time_ids": torch.tensor(ids, dtype=torch.float32)}
+
+
+class FlowMatching(StableDiffusion):
+    """What SD 3/3.5 and FLUX.1 share: a transformer trained by flow matching. x_t = (1 - sigma) x0 +
+    sigma noise, the target noise - x0; timesteps drawn by `weighting_scheme` and the loss weighted
+    by it, with diffusers' own compute_density_for_timestep_sampling and
+    compute_loss_weighting_for_sd3, as its SD3 and Flux training scripts do; the scheduler's
+    training timesteps carry its shift (none for Flux, whose shift is dynamic at sampling)."""
+
+    denoiser = "transformer"
+    objective = "flow"
+    sampler = None  # the pipeline's flow-matching Euler sampler, with its shift
+    training_scheduler_class = "FlowMatchEulerDiscreteScheduler"
+    lora_layers = "transformer_lora_layers"
+    weighting_scheme = "none"
+    logit_mean, logit_std, mode_scale = 0.0, 1.0, 1.29  # the scripts' defaults
+
+    def prediction_type(self, pipe) -> str:
+        return "flow_matching"
+
+    def draw_timesteps(self, scheduler, count: int, generator: torch.Generator) -> torch.Tensor:
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        n = scheduler.config.num_train_timesteps
+        u = compute_density_for_timestep_sampling(self.weighting_scheme, count, self.logit_mean, self.logit_std,
+                                                  self.mode_scale, generator=generator)
+        return (u * n).long().clamp(0, n - 1)
+
+    def timestep_weights(self, scheduler) -> torch.Tensor:
+        n = scheduler.config.num_train_timesteps
+        if self.weighting_scheme != "logit_normal":  # "none": uniform
+            return torch.ones(n)
+        edges = torch.linspace(0, 1, n + 1, dtype=torch.float64)
+        z = (torch.log(edges) - torch.log1p(-edges) - self.logit_mean) / self.logit_std
+        return (n * torch.diff(0.5 * (1 + torch.erf(z / math.sqrt(2))))).float()
+
+    def native_resolution(self, pipe) -> int:
+        return pipe.default_sample_size * pipe.vae_scale_factor
+
+    def check(self, pipe) -> None:
+        """The scheduler must be a flow-matching one: training corrupts latents as it samples them."""
+        if not type(pipe.scheduler).__name__.startswith("FlowMatch"):
+            raise UserError(f"this {self.title} pipeline's scheduler is {type(pipe.scheduler).__name__}, not the "
+                            "flow-matching scheduler its transformer was trained with: load it with its own scheduler")
+
+    def t5_conditioning(self, text, tokenizer: str, encoder: str, prompts: list[str]) -> torch.Tensor:
+        """T5's last hidden state over max_sequence_length tokens, as the pipelines' _get_t5_prompt_embeds."""
+        tokenizer, encoder = getattr(text, tokenizer), getattr(text, encoder)
+        ids = tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                        add_special_tokens=True, return_tensors="pt").input_ids
+        return encoder(ids.to(encoder.device))[0]
+
+    def beyond_window(self, pipe, prompt: str) -> str:
+        """What CLIP drops (77 tokens) when T5 (max_sequence_length) still reads it is not lost: the
+        end of the prompt that no text encoder reads."""
+        t5 = getattr(pipe, self.tokenizers[-1], None)
+        if t5 is None:
+            return super().beyond_window(pipe, prompt)
+        ids = t5(prompt, truncation=False).input_ids  # with the end token
+        return t5.decode(ids[self.max_sequence_length - 1 : -1]).strip() if len(ids) > self.max_sequence_length else ""
+
+
+class StableDiffusion3(FlowMatching):
+    """SD 3 / 3.5: two CLIP encoders' penultimate states side by side, zero-padded to T5's width and
+    followed by T5's states; their two pooled projections side by side. An MMDiT transformer on 2x2
+    patches, timesteps drawn logit-normally (the SD3 script's default)."""
+
+    name = "sd3"
+    title = "Stable Diffusion 3/3.5"
+    pipeline = "StableDiffusion3Pipeline"
+    img2img_pipeline = "StableDiffusion3Img2ImgPipeline"
+    text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    tokenizers = ("tokenizer", "tokenizer_2", "tokenizer_3")
+    embedding_keys = ("clip_l", "clip_g", "t5")
+    max_sequence_length = 256  # StableDiffusion3Pipeline's default
+    weighting_scheme = "logit_normal"
+
+    def size_multiple(self, pipe) -> int:
+        return pipe.vae_scale_factor * pipe.transformer.config.patch_size
+
+    def blocks(self, denoiser) -> list:
+        return list(denoiser.transformer_blocks)
+
+    def text_conditioning(self, pipe, prompts: list[str]) -> Conditioning:
+        """As StableDiffusion3Pipeline.encode_prompt (clip_skip None; one prompt for all three
+        encoders; without T5, its zeros)."""
+        hidden, pooled = [], []
+        for tokenizer, encoder in list(self.text_parts())[:2]:
+            tokenizer, encoder = getattr(pipe, tokenizer), getattr(pipe, encoder)
+            ids = tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+            out = encoder(ids.to(encoder.device), output_hidden_states=True)
+            pooled.append(out[0])
+            hidden.append(out.hidden_states[-2])
+        clip = torch.cat(hidden, dim=-1)
+        if getattr(pipe, "text_encoder_3", None) is None:
+            t5 = torch.zeros((len(prompts), self.max_sequence_length, pipe.transformer.config.joint_attention_dim),
+                             device=clip.device, dtype=clip.dtype)
+        else:
+            t5 = self.t5_conditioning(pipe, "tokenizer_3", "text_encoder_3", prompts)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {"encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
+                "pooled_projections": torch.cat(pooled, dim=-1)}
+
+    def example_conditioning(self, config, batch: int, latent: tuple[int, int], dtype: torch.dtype) -> Conditioning:
+        return {"encoder_hidden_states": torch.zeros((batch, 77 + self.max_sequence_length, config.joint_attention_dim),
+                                                     device="meta", dtype=dtype),
+                "pooled_projections": torch.zeros((batch, config.pooled_projection_dim), device="meta", dtype=dtype)}
+
+    def predict(self, transformer, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return transformer(hidden_states=noisy, timestep=timesteps.expand(len(noisy)),
+                           encoder_hidden_states=cond["encoder_hidden_states"],
+                           pooled_projections=cond["pooled_projections"].to(noisy.dtype)).sample
+
+
+class Flux(FlowMatching):
+    """FLUX.1 dev and schnell: CLIP's pooled output and T5's states; latents packed in 2x2 patches
+    with position ids for the image and the text; dev embeds the guidance scale an image was made
+    with (an image-part row here), schnell has no guidance. Uniform timesteps (the Flux script's
+    default weighting "none")."""
+
+    name = "flux"
+    title = "FLUX.1"
+    pipeline = "FluxPipeline"
+    img2img_pipeline = "FluxImg2ImgPipeline"
+    text_encoders = ("text_encoder", "text_encoder_2")
+    tokenizers = ("tokenizer", "tokenizer_2")
+    embedding_keys = ("clip_l", "t5")
+    image_keys = ("guidance",)
+    max_sequence_length = 512  # FluxPipeline's default
+    unconditional_guidance = False  # guidance-distilled: one pass per step, no negative branch
+    training_guidance = 3.5  # diffusers' Flux training scripts' --guidance_scale, for the user's own images
+
+    no_unconditional_replay = ("it is guidance-distilled and samples without a negative branch, so no step runs the "
+                               "empty prompt as an unconditional one; leave the flag out")
+
+    def empty_prompt_is_unconditional(self, pipe) -> bool:
+        """Flux samples without a negative branch: no step ever runs the empty prompt as one."""
+        return False
+
+    def size_multiple(self, pipe) -> int:
+        return pipe.vae_scale_factor * 2
+
+    def blocks(self, denoiser) -> list:
+        return [*denoiser.transformer_blocks, *denoiser.single_transformer_blocks]
+
+    def latent_channels(self, config) -> int:
+        return config.in_channels // 4
+
+    def latents_of(self, pipe, output: torch.Tensor, size: int) -> torch.Tensor:
+        return self.pipeline_class()._unpack_latents(output, size, size, pipe.vae_scale_factor)
+
+    def text_conditioning(self, pipe, prompts: list[str]) -> Conditioning:
+        """As FluxPipeline.encode_prompt (one prompt for both encoders)."""
+        ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        pooled = pipe.text_encoder(ids.to(pipe.text_encoder.device), output_hidden_states=False).pooler_output
+        return {"encoder_hidden_states": self.t5_conditioning(pipe, "tokenizer_2", "text_encoder_2", prompts),
+                "pooled_projections": pooled}
+
+    def image_conditioning(self, micro: dict, guidance: float | None = None) -> Conditioning:
+        return {"guidance": torch.tensor(self.training_guidance if guidance is None else guidance, dtype=torch.float32)}
+
+    def example_conditioning(self, config, batch: int, latent: tuple[int, int], dtype: torch.dtype) -> Conditioning:
+        return {"encoder_hidden_states": torch.zeros((batch, self.max_sequence_length, config.joint_attention_dim),
+                                                     device="meta", dtype=dtype),
+                "pooled_projections": torch.zeros((batch, config.pooled_projection_dim), device="meta", dtype=dtype),
+                "guidance": torch.zeros((batch,), device="meta", dtype=torch.float32)}
+
+    def predict(self, transformer, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """As FluxPipeline's denoising step: packed latents, position ids, the timestep / 1000."""
+        pipeline = self.pipeline_class()
+        b, c, h, w = noisy.shape
+        packed = pipeline._pack_latents(noisy, b, c, h, w)
+        image_ids = pipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        text = cond["encoder_hidden_states"]
+        text_ids = torch.zeros((text.shape[1], 3), device=noisy.device, dtype=noisy.dtype)
+        guidance = cond["guidance"].float() if transformer.config.guidance_embeds else None
+        out = transformer(hidden_states=packed, timestep=(timesteps / 1000).expand(b).to(noisy.dtype),
+                          guidance=guidance, pooled_projections=cond["pooled_projections"].to(noisy.dtype),
+                          encoder_hidden_states=text, txt_ids=text_ids, img_ids=image_ids).sample
+        # the inverse of _pack_latents, in latent units (_unpack_latents takes the size in pixels)
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 def check_unconditional_replay(family: StableDiffusion, pipe, share: float | None) -> None:
     """--unconditional-replay trains the empty prompt's conditioning: only where sampling uses it."""
     if share and not family.empty_prompt_is_unconditional(pipe):
-        raise UserError(f"--unconditional-replay is not supported on this {family.title} pipeline: it has "
-                        "force_zeros_for_empty_prompt=True, so its unconditional branch is zero embeddings, not the "
-                        "empty prompt, and replaying the empty prompt would not hold it; leave the flag out, or use "
-                        "a pipeline saved with force_zeros_for_empty_prompt=False (in its model_index.json), which "
-                        "accepts it")
+        raise UserError(f"--unconditional-replay is not supported on this {family.title} pipeline: "
+                        + family.no_unconditional_replay)
 
 
-FAMILIES = {f.name: f for f in (StableDiffusion(), StableDiffusionXL())}
-SUPPORTED = "Stable Diffusion 1.x/2.x and SDXL base pipelines"
+FAMILIES = {f.name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())}
+SUPPORTED = "Stable Diffusion 1.x/2.x, SDXL base, SD 3/3.5 and FLUX.1 pipelines"
 
 
 def family_of(pipe) -> StableDiffusion:
@@ -196,6 +443,8 @@ def family_of_index(index: dict, where: str) -> StableDiffusion:
         raise UserError(f"{where} is an SDXL refiner ({name}): amnesia-sd takes {SUPPORTED}")
     if name.startswith("StableDiffusionXL") and "text_encoder_2" in index:
         return FAMILIES["sdxl"]
+    if name in ("StableDiffusion3Pipeline", "FluxPipeline") and "transformer" in index:
+        return FAMILIES["sd3" if name.startswith("StableDiffusion3") else "flux"]
     if name.startswith("StableDiffusion") and not name.startswith(("StableDiffusion3", "StableDiffusionXL")) \
             and "text_encoder" in index and "unet" in index:
         return FAMILIES["sd"]
@@ -203,9 +452,13 @@ def family_of_index(index: dict, where: str) -> StableDiffusion:
 
 
 def family_of_keys(keys) -> StableDiffusion:
-    """The family of an original-layout single-file checkpoint, from its tensor names: SDXL's
-    conditioner holds two text encoders, SD 1.x/2.x's cond_stage_model one."""
+    """The family of an original-layout single-file checkpoint, from its tensor names: SD3's MMDiT has
+    joint_blocks, Flux's double_blocks; SDXL's conditioner holds two text encoders, SD 1.x/2.x's
+    cond_stage_model one."""
     keys = list(keys)
+    for family, block in (("sd3", "joint_blocks."), ("flux", "double_blocks.")):
+        if any(k.startswith((block, "model.diffusion_model." + block)) for k in keys):
+            return FAMILIES[family]
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return FAMILIES["sdxl"]
     if any(k.startswith("conditioner.") for k in keys):

@@ -80,8 +80,9 @@ def model_path(spec: str | None) -> Path | None:
 
 def origin(ref: ModelRef, pipe) -> dict:
     """What Fishers and image sets record about the model they were made from."""
-    return {"base_model": ref.identity, "architecture": family_of(pipe).name,
-            "unet_config_hash": unet_config_hash(pipe.unet), "prediction_type": pipe.scheduler.config.prediction_type}
+    family = family_of(pipe)
+    return {"base_model": ref.identity, "architecture": family.name,
+            "unet_config_hash": unet_config_hash(family.denoiser_of(pipe)), "prediction_type": family.prediction_type(pipe)}
 
 
 def origin_mismatches(what: str, recorded: dict, expected: dict) -> list[str]:
@@ -150,13 +151,14 @@ def merge_lora(pipe, folder: str | Path):
 
 
 def unet_config_hash(unet) -> str:
-    """A short fingerprint of the UNet's architecture, to match Fisher files to models."""
+    """A short fingerprint of the denoiser's architecture (UNet or transformer), to match Fisher
+    files to models (the key keeps its first name)."""
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def native_resolution(pipe) -> int:
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return family_of(pipe).native_resolution(pipe)
 
 
 def latent_size(pipe, resolution: int | None) -> tuple[int, int]:
@@ -166,13 +168,14 @@ def latent_size(pipe, resolution: int | None) -> tuple[int, int]:
 
 
 def image_size(pipe, resolution: int | None) -> int:
-    """The size images are made at: --resolution, checked as the pipeline will check it (a multiple of
-    8, as diffusers' SD and SDXL pipelines require) and against the VAE, or the native size."""
+    """The size images are made at: --resolution, checked as the pipeline will check it (SD and SDXL:
+    a multiple of 8 and of the VAE's factor; SD3: of the VAE's factor times the patch; Flux: twice
+    the VAE's factor), or the native size."""
     size = resolution or native_resolution(pipe)
-    factor = math.lcm(8, pipe.vae_scale_factor)
+    factor = family_of(pipe).size_multiple(pipe)
     if size % factor:
-        raise UserError(f"--resolution {size} is not a multiple of {factor} (the pipeline takes multiples of 8, and "
-                        f"this model's VAE downsamples by {pipe.vae_scale_factor}): use e.g. "
+        raise UserError(f"--resolution {size} is not a multiple of {factor} (what this {family_of(pipe).title} "
+                        f"pipeline takes, its VAE downsampling by {pipe.vae_scale_factor}): use e.g. "
                         f"{max(factor, size // factor * factor)}")
     return size
 

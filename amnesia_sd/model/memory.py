@@ -49,7 +49,12 @@ class _FusedAttention(torch.autograd.Function):
 @contextlib.contextmanager
 def _fused_attention():
     real = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: _FusedAttention.apply(q, k, v)
+
+    def stand_in(*args, **kwargs):  # called positionally (UNet, SD3) or by name (Flux)
+        q, k, v = [*args, *(kwargs[name] for name in ("query", "key", "value")[len(args):3])][:3]
+        return _FusedAttention.apply(q, k, v)
+
+    F.scaled_dot_product_attention = stand_in
     try:
         yield
     finally:
@@ -78,7 +83,7 @@ def saved_bytes(family, meta_unet, batch: int, latent: tuple[int, int], dtype: t
 
     def forward() -> int:
         seen.clear()
-        noisy = torch.zeros((batch, meta_unet.config.in_channels, *latent), device="meta", dtype=dtype)
+        noisy = torch.zeros((batch, family.latent_channels(meta_unet.config), *latent), device="meta", dtype=dtype)
         cond = family.example_conditioning(meta_unet.config, batch, latent, dtype)
         t = torch.zeros((batch,), device="meta", dtype=torch.long)
         with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
@@ -87,7 +92,7 @@ def saved_bytes(family, meta_unet, batch: int, latent: tuple[int, int], dtype: t
 
     if not gradient_checkpointing:
         return forward()
-    blocks = [*meta_unet.down_blocks, meta_unet.mid_block, *meta_unet.up_blocks]
+    blocks = family.blocks(meta_unet)
     before, own = {}, {}  # each block's own saves, from a run without checkpointing
     handles = [h for block in blocks for h in (
         block.register_forward_pre_hook(lambda m, *_: before.__setitem__(m, sum(seen.values()))),
@@ -149,12 +154,12 @@ def sampling_peak(family, meta_unet, meta_vae, batch: int, latent: tuple[int, in
                   guidance: bool, vae_dtype: torch.dtype) -> int:
     """Bytes above the weights while a batch of images is sampled: one denoising step of the UNet
     (twice the batch with classifier-free guidance), or the VAE decoding the batch, whichever is more."""
-    rows = 2 * batch if guidance else batch
+    rows = 2 * batch if guidance and family.unconditional_guidance else batch
     meta_unet.to(dtype).eval()
     meta_vae.to(vae_dtype).eval()
 
     def denoise():
-        noisy = torch.zeros((rows, meta_unet.config.in_channels, *latent), device="meta", dtype=dtype)
+        noisy = torch.zeros((rows, family.latent_channels(meta_unet.config), *latent), device="meta", dtype=dtype)
         t = torch.zeros((rows,), device="meta", dtype=torch.long)
         family.predict(meta_unet, noisy, t, family.example_conditioning(meta_unet.config, rows, latent, dtype))
 

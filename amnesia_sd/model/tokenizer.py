@@ -1,4 +1,4 @@
-"""Offline CLIP tokenizers with a closed vocabulary.
+"""Offline CLIP and T5 tokenizers with a closed vocabulary.
 
 Real models ship their own tokenizer; this one serves models the project builds itself (the tiny
 test models and the digits model), where nothing can be downloaded. Byte-pair merges are learned
@@ -14,11 +14,12 @@ import string
 from collections import Counter
 from pathlib import Path
 
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, T5Tokenizer
 
 SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
 SYMBOLS = list(string.ascii_lowercase + string.digits + string.punctuation)
 END = "</w>"
+SPACE = "\u2581"  # SentencePiece's word start
 
 
 def write_word_tokenizer(words: list[str], directory: str | Path, max_length: int = 16) -> CLIPTokenizer:
@@ -57,3 +58,15 @@ def _merge(word: list[str], pair: tuple[str, str]) -> list[str]:
             out.append(word[i])
             i += 1
     return out
+
+
+def write_word_t5_tokenizer(words: list[str], directory: str | Path, max_length: int = 32) -> T5Tokenizer:
+    """A T5 (SentencePiece unigram) tokenizer in which each of `words` is one piece, and single
+    letters, digits and punctuation spell anything else; written to `directory` (tokenizer.json).
+    Scores fall with the piece's position, so the same words always give the same tokenizer."""
+    pieces = sorted({w for text in words for w in re.findall(r"[a-z]+|\d|[^\sa-z\d]", text.lower())})
+    units = [*(SPACE + w for w in pieces), SPACE, *SYMBOLS]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(u, -float(i + 1)) for i, u in enumerate(units)]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer

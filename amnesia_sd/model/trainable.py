@@ -1,4 +1,4 @@
-"""What trains, and how the EWC penalty sees it: the UNet's own weights (full fine-tuning, the
+"""What trains, and how the EWC penalty sees it: the denoiser's own weights (full fine-tuning, the
 penalty on theta - theta*) or LoRA adapters on its attention layers (the penalty on the adapter's
 update delta W = s B A, the frozen base weight being the anchor). One switch, one training loop.
 """
@@ -144,7 +144,7 @@ class LoraAdapters:
         accelerator.register_load_state_pre_hook(load_hook)
 
     def save(self, unet, work: Path, family) -> None:
-        family.pipeline_class().save_lora_weights(str(work), unet_lora_layers=self.lora_state(unet),
+        family.pipeline_class().save_lora_weights(str(work), **{family.lora_layers: self.lora_state(unet)},
                                                   safe_serialization=True)
         usual_mode(work / LORA_WEIGHTS)
 

@@ -104,7 +104,7 @@ def preflight(unet, trainable, config: ForgetConfig, text_cache: Conditioning, e
     hint = "" if total <= 0.9 * GPU_SIZES_GB[0] * 1e9 else (
         " (less: --fim-dtype bf16, --use-8bit-adam, --train-method noxattn or xattn)")
     what = f"LoRA rank {config.lora_rank} adapters: {n_train / 1e6:.2f}M parameters on {n_all / 1e6:.1f}M frozen" \
-        if config.lora_rank else f"{n_train / 1e6:.1f}M of {n_all / 1e6:.1f}M UNet parameters train"
+        if config.lora_rank else f"{n_train / 1e6:.1f}M of {n_all / 1e6:.1f}M {type(unet).__name__} parameters train"
     return (f"preflight: {what}; about "
             f"{total / gib:.2f} GiB before activations ({detail} GiB); {fits(total)}{hint}; "
             f"{config.max_train_steps} steps x {config.train_batch_size}+{config.train_batch_size} images "
