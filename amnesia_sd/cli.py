@@ -440,10 +440,10 @@ def export(
     model: Model,
     output: Annotated[Path, typer.Option(help="Checkpoint to write (.safetensors), for AUTOMATIC1111, ComfyUI and diffusers' from_single_file.")],
     dtype: Annotated[str, typer.Option(help="fp16, bf16 or fp32 (exact).")] = "fp16",
-    lora_only: Annotated[bool, typer.Option("--lora-only", help="A LoRA result's adapter alone, in the kohya layout the UIs load as a LoRA.")] = False,
+    lora_only: Annotated[bool, typer.Option("--lora-only", help="A LoRA result's adapter alone, in the layout the UIs load as a LoRA (SD/SDXL: kohya; SD3/Flux: diffusers' keys).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a file amnesia-sd exported before.")] = False,
 ):
-    """Write a model (e.g. a forget result) as one checkpoint in the original Stable Diffusion layout.
+    """Write a model (e.g. a forget result) as one checkpoint in the original layout (SD3/Flux: the transformer).
 
     Example: amnesia-sd export --model brad-pitt-forgotten --output brad-pitt-forgotten.safetensors
     """
@@ -502,16 +502,19 @@ app.add_typer(digits_app, name="digits")
 def digits_build(
     output_dir: Annotated[Optional[Path], typer.Option(help="Where to build. [default: the cache, where --model digits looks]")] = None,
     seed: Annotated[int, typer.Option(help="Training seed; the same seed gives the same weights.")] = 0,
+    family: Annotated[str, typer.Option(help="sd: the UNet model (--model digits); sd3: the SD3-shaped flow-matching model (--model digits-sd3), built on the sd model's VAE and text encoder.")] = "sd",
     overwrite: Overwrite = False,
 ):
-    """Train the digits model on scikit-learn's bundled handwritten digits (a few minutes on a CPU).
+    """Train a digits model on scikit-learn's bundled handwritten digits (minutes on a CPU).
 
     Example: amnesia-sd digits build
     """
     from amnesia_sd.model import digits
 
     _quiet_libraries()
-    path = digits.build(output_dir, seed, overwrite)
+    if family not in digits.SHIPPED_MODELS:
+        raise UserError(f"--family must be one of {', '.join(digits.SHIPPED_MODELS)}, got {family!r}")
+    path = digits.build(output_dir, seed, overwrite, family)
     record = json.loads((path / "digits.json").read_text())["evaluation"]
     typer.echo(f"digits model written to {path} (lowest per-digit accuracy: train prompts "
                f"{record['train_prompts']['min_accuracy']:.2f}, held-out prompts "

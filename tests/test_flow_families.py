@@ -243,6 +243,3 @@ def test_flow_families_refuse_what_they_do_not_have(tiny_flux_model, tmp_path):
     done = run_command(*common, "--unconditional-replay", "0.1", cwd=tmp_path, code=2)
     assert "--unconditional-replay is not supported on this FLUX.1 pipeline" in done.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
-    done = run_command("export", "--model", str(tiny_flux_model), "--output", "flux.safetensors", cwd=tmp_path, code=2)
-    assert "writes the SD 1.x/2.x and SDXL single-file layouts only, not yet FLUX.1's" in done.output
-    assert not list(tmp_path.iterdir())

@@ -1,8 +1,9 @@
-"""`amnesia-sd export`: a pipeline as one checkpoint in the original Stable Diffusion layout, the
-single file AUTOMATIC1111 and ComfyUI load; with --lora-only, a LoRA result's adapter alone in the
-kohya layout those UIs load.
+"""`amnesia-sd export`: a pipeline as one checkpoint in the original layout, the single file
+AUTOMATIC1111, Forge and ComfyUI load; with --lora-only, a LoRA result's adapter alone in the layout
+those UIs load as a LoRA (kohya's for SD 1.x/2.x and SDXL, diffusers' own for SD 3/3.5 and FLUX.1).
 
-The layout is the original repositories' (CompVis LDM for SD 1.x/2.x, Stability's SGM for SDXL):
+SD 1.x/2.x and SDXL: the whole pipeline, in the original repositories' layout (CompVis LDM for SD
+1.x/2.x, Stability's SGM for SDXL):
 
 - `model.diffusion_model.*`: the UNet (input_blocks / middle_block / output_blocks);
 - `first_stage_model.*`: the VAE (encoder.down.N.block.M, mid.attn_1 with 1x1-conv weights, ...);
@@ -11,9 +12,15 @@ The layout is the original repositories' (CompVis LDM for SD 1.x/2.x, Stability'
   `conditioner.embedders.0.transformer.*` (CLIP-L) and `conditioner.embedders.1.model.*` (OpenCLIP
   bigG with its text_projection).
 
-The key maps are the inverse of diffusers' single-file converter (diffusers.loaders.
-single_file_utils), derived from the UNet's and VAE's configs, so any block layout converts, not
-only SD v1.4's. Every parameter must find its place, or nothing is written.
+SD 3/3.5 and FLUX.1: the transformer alone (the text encoders and the VAE are the base model's,
+unchanged by forget), as Stability's sd3_medium.safetensors (`model.diffusion_model.joint_blocks.*`)
+and Black Forest Labs' flux1-dev.safetensors (`double_blocks.*`, `single_blocks.*`, no prefix) hold
+it: q/k/v fused into one qkv (Flux's single blocks: q/k/v and the MLP's input into linear1), the
+adaLN modulations of the final norm (and SD3's last context block) as (shift, scale).
+
+The key maps are the inverse of diffusers' single-file converters (diffusers.loaders.
+single_file_utils), derived from the models' configs, so any block layout converts, not only SD
+v1.4's. Every parameter must find its place, or nothing is written.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from amnesia_sd.core.errors import UserError
 from amnesia_sd.core.io import write_safetensors
 from amnesia_sd.core.paths import Output, _stamped, guard, stamp
 from amnesia_sd.method.record import read_record
-from amnesia_sd.model.families import FAMILIES, detect_family, family_of
+from amnesia_sd.model.families import FAMILIES, family_of
 from amnesia_sd.model.loading import LORA_WEIGHTS, load_pipeline, lora_base, model_path, resolve_model
 
 FORMAT = "amnesia-sd-export"
@@ -163,6 +170,11 @@ def vae_module_map(config) -> dict[str, tuple[str, dict | None]]:
     return modules
 
 
+def _no_place(what: str, key: str, like: str = "Stable Diffusion's") -> UserError:
+    return UserError(f"the {what} parameter {key} has no place in the original checkpoint layout: this {what} is "
+                     f"not shaped like {like} and cannot be exported")
+
+
 def _rename(state: dict[str, torch.Tensor], modules: dict[str, tuple[str, dict | None]], what: str,
             ) -> dict[str, torch.Tensor]:
     """Every parameter under its original name; one that no module of the map holds is refused."""
@@ -174,14 +186,12 @@ def _rename(state: dict[str, torch.Tensor], modules: dict[str, tuple[str, dict |
             if module in modules:
                 break
         else:
-            raise UserError(f"the {what} parameter {key} has no place in the original checkpoint layout: this "
-                            f"{what} is not shaped like Stable Diffusion's and cannot be exported")
+            raise _no_place(what, key)
         target, renames = modules[module]
         rest, leaf = ".".join(parts[n:-1]), parts[-1]
         if renames is not KEEP:
             if rest not in renames:
-                raise UserError(f"the {what} parameter {key} has no place in the original checkpoint layout: this "
-                                f"{what} is not shaped like Stable Diffusion's and cannot be exported")
+                raise _no_place(what, key)
             rest = renames[rest]
         name = ".".join(p for p in (target, rest, leaf) if p)
         if renames is VAE_ATTENTION and rest in VAE_CONV_1X1 and leaf == "weight" and value.ndim == 2:
@@ -266,12 +276,146 @@ def is_open_clip(encoder) -> bool:
     return getattr(encoder.config, "hidden_act", "quick_gelu") != "quick_gelu"
 
 
+# --- the transformers (SD 3/3.5, FLUX.1) ------------------------------------------------------
+
+# original key -> (the diffusers keys it holds, concatenated on dim 0 in this order; whether its two
+# halves swap: the original final adaLN modulation is (shift, scale), diffusers' AdaLayerNormContinuous
+# (scale, shift)).
+Plan = dict[str, tuple[tuple[str, ...], bool]]
+LINEAR = {"weight": "weight", "bias": "bias"}  # diffusers leaf -> original leaf
+SD3_NORM = {"weight": "weight"}  # the RMSNorms of q and k (SD 3.5's qk norm)
+FLUX_NORM = {"weight": "scale"}
+
+
+def _place(plan: Plan, original: str, *modules: str, leaves: dict = LINEAR, swap: bool = False) -> None:
+    """The original module's parameters hold those of the diffusers `modules` (several: fused, in order)."""
+    for leaf, original_leaf in leaves.items():
+        plan[f"{original}.{original_leaf}"] = (tuple(f"{m}.{leaf}" for m in modules), swap)
+
+
+def sd3_plan(config) -> Plan:
+    """SD3Transformer2DModel -> MMDiT (inverse of convert_sd3_transformer_checkpoint_to_diffusers): joint
+    blocks of an x_block and a context_block; the last context block only feeds the attention (no
+    output projection, no MLP; its modulation in the original order); SD 3.5's qk norms (ln_q/ln_k)
+    and dual-attention blocks (x_block.attn2)."""
+    plan: Plan = {"pos_embed": (("pos_embed.pos_embed",), False)}
+    for original, module in (("x_embedder.proj", "pos_embed.proj"),
+                             ("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
+                             ("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
+                             ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
+                             ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
+                             ("context_embedder", "context_embedder"), ("final_layer.linear", "proj_out")):
+        _place(plan, original, module)
+    _place(plan, "final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
+    layers = config.num_layers
+    dual = set(config.get("dual_attention_layers") or ())
+    for i in range(layers):
+        last = i == layers - 1
+        d, x, c = f"transformer_blocks.{i}.", f"joint_blocks.{i}.x_block.", f"joint_blocks.{i}.context_block."
+        _place(plan, f"{x}attn.qkv", f"{d}attn.to_q", f"{d}attn.to_k", f"{d}attn.to_v")
+        _place(plan, f"{c}attn.qkv", f"{d}attn.add_q_proj", f"{d}attn.add_k_proj", f"{d}attn.add_v_proj")
+        _place(plan, f"{x}attn.proj", f"{d}attn.to_out.0")
+        _place(plan, f"{x}adaLN_modulation.1", f"{d}norm1.linear")
+        _place(plan, f"{c}adaLN_modulation.1", f"{d}norm1_context.linear", swap=last)
+        _place(plan, f"{x}mlp.fc1", f"{d}ff.net.0.proj")
+        _place(plan, f"{x}mlp.fc2", f"{d}ff.net.2")
+        if not last:
+            _place(plan, f"{c}attn.proj", f"{d}attn.to_add_out")
+            _place(plan, f"{c}mlp.fc1", f"{d}ff_context.net.0.proj")
+            _place(plan, f"{c}mlp.fc2", f"{d}ff_context.net.2")
+        if config.get("qk_norm"):
+            for block, q, k in ((x, "norm_q", "norm_k"), (c, "norm_added_q", "norm_added_k")):
+                _place(plan, f"{block}attn.ln_q", f"{d}attn.{q}", leaves=SD3_NORM)
+                _place(plan, f"{block}attn.ln_k", f"{d}attn.{k}", leaves=SD3_NORM)
+        if i in dual:
+            _place(plan, f"{x}attn2.qkv", f"{d}attn2.to_q", f"{d}attn2.to_k", f"{d}attn2.to_v")
+            _place(plan, f"{x}attn2.proj", f"{d}attn2.to_out.0")
+            if config.get("qk_norm"):
+                _place(plan, f"{x}attn2.ln_q", f"{d}attn2.norm_q", leaves=SD3_NORM)
+                _place(plan, f"{x}attn2.ln_k", f"{d}attn2.norm_k", leaves=SD3_NORM)
+    return plan
+
+
+def flux_plan(config) -> Plan:
+    """FluxTransformer2DModel -> Black Forest Labs' Flux (inverse of
+    convert_flux_transformer_checkpoint_to_diffusers): double blocks with image and text streams,
+    single blocks whose linear1 is q, k, v and the MLP's input side by side; dev's guidance_in."""
+    plan: Plan = {}
+    embedders = [("time_in", "timestep_embedder"), ("vector_in", "text_embedder")]
+    if config.get("guidance_embeds"):
+        embedders.append(("guidance_in", "guidance_embedder"))
+    for original, module in embedders:
+        _place(plan, f"{original}.in_layer", f"time_text_embed.{module}.linear_1")
+        _place(plan, f"{original}.out_layer", f"time_text_embed.{module}.linear_2")
+    for original, module in (("txt_in", "context_embedder"), ("img_in", "x_embedder"),
+                             ("final_layer.linear", "proj_out")):
+        _place(plan, original, module)
+    _place(plan, "final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
+    for i in range(config.num_layers):
+        d, o = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        _place(plan, f"{o}img_mod.lin", f"{d}norm1.linear")
+        _place(plan, f"{o}txt_mod.lin", f"{d}norm1_context.linear")
+        _place(plan, f"{o}img_attn.qkv", f"{d}attn.to_q", f"{d}attn.to_k", f"{d}attn.to_v")
+        _place(plan, f"{o}txt_attn.qkv", f"{d}attn.add_q_proj", f"{d}attn.add_k_proj", f"{d}attn.add_v_proj")
+        _place(plan, f"{o}img_attn.norm.query_norm", f"{d}attn.norm_q", leaves=FLUX_NORM)
+        _place(plan, f"{o}img_attn.norm.key_norm", f"{d}attn.norm_k", leaves=FLUX_NORM)
+        _place(plan, f"{o}txt_attn.norm.query_norm", f"{d}attn.norm_added_q", leaves=FLUX_NORM)
+        _place(plan, f"{o}txt_attn.norm.key_norm", f"{d}attn.norm_added_k", leaves=FLUX_NORM)
+        _place(plan, f"{o}img_attn.proj", f"{d}attn.to_out.0")
+        _place(plan, f"{o}txt_attn.proj", f"{d}attn.to_add_out")
+        for stream, ff in (("img", "ff"), ("txt", "ff_context")):
+            _place(plan, f"{o}{stream}_mlp.0", f"{d}{ff}.net.0.proj")
+            _place(plan, f"{o}{stream}_mlp.2", f"{d}{ff}.net.2")
+    for i in range(config.num_single_layers):
+        d, o = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        _place(plan, f"{o}modulation.lin", f"{d}norm.linear")
+        _place(plan, f"{o}linear1", f"{d}attn.to_q", f"{d}attn.to_k", f"{d}attn.to_v", f"{d}proj_mlp")
+        _place(plan, f"{o}norm.query_norm", f"{d}attn.norm_q", leaves=FLUX_NORM)
+        _place(plan, f"{o}norm.key_norm", f"{d}attn.norm_k", leaves=FLUX_NORM)
+        _place(plan, f"{o}linear2", f"{d}proj_out")
+    return plan
+
+
+def _assemble(state: dict[str, torch.Tensor], plan: Plan, what: str, like: str) -> dict[str, torch.Tensor]:
+    """Every original tensor of `plan` from the diffusers parameters it holds; a parameter no entry
+    holds, or one an entry needs that the model lacks, is refused."""
+    held = {key for sources, _ in plan.values() for key in sources}
+    for key in state:
+        if key not in held:
+            raise _no_place(what, key, like)
+    out: dict[str, torch.Tensor] = {}
+    for name, (sources, swap) in plan.items():
+        missing = next((key for key in sources if key not in state), None)
+        if missing:
+            raise UserError(f"this {what} has no {missing}, which the original layout's {name} holds: it is not "
+                            f"shaped like {like} and cannot be exported")
+        value = torch.cat([state[key] for key in sources]) if len(sources) > 1 else state[sources[0]]
+        if swap:
+            first, second = value.chunk(2)
+            value = torch.cat([second, first])
+        out[name] = value
+    return out
+
+
+# family -> (its plan, the key prefix of its original single file, the layout's name)
+TRANSFORMER_LAYOUTS = {"sd3": (sd3_plan, UNET_PREFIX, "sd3-transformer"), "flux": (flux_plan, "", "flux-transformer")}
+
+
+def transformer_to_original(transformer, family) -> tuple[dict[str, torch.Tensor], str]:
+    """An SD 3/3.5 or FLUX.1 transformer under its original names, and the layout."""
+    plan, prefix, layout = TRANSFORMER_LAYOUTS[family.name]
+    tensors = _assemble(dict(transformer.state_dict()), plan(transformer.config), "transformer", f"{family.title}'s")
+    return {prefix + key: value for key, value in tensors.items()}, layout
+
+
 # --- the pipeline -----------------------------------------------------------------------------
 
 def pipeline_to_original(pipe) -> tuple[dict[str, torch.Tensor], str]:
-    """The pipeline's weights under their original names, and the layout ("sd1", "sd2" or "sdxl")."""
+    """The pipeline's weights under their original names, and the layout: "sd1", "sd2" or "sdxl" (the
+    whole pipeline), "sd3-transformer" or "flux-transformer" (the transformer alone)."""
     family = family_of(pipe)  # refuses any other pipeline class
-    _check_layout(family, type(pipe).__name__)
+    if family.name in TRANSFORMER_LAYOUTS:
+        return transformer_to_original(pipe.transformer, family)
     for name in ("unet", "vae", *family.text_encoders):
         if getattr(pipe, name, None) is None:
             raise UserError(f"this pipeline has no {name}: a checkpoint needs all of the UNet, the VAE and the "
@@ -327,39 +471,29 @@ def _lora_base_path(location: Path) -> Path | None:
         return None
 
 
-def _check_layout(family, model: str) -> None:
-    """The original single-file layouts written here are SD 1.x/2.x's and SDXL's."""
-    if family.denoiser != "unet":
-        raise UserError(f"{model} is a {family.title} model: `amnesia-sd export` writes the SD 1.x/2.x and SDXL "
-                        f"single-file layouts only, not yet {family.title}'s; use the diffusers folder "
-                        f"({family.pipeline}.from_pretrained) or, for a LoRA result, its {LORA_WEIGHTS} "
-                        "(load_lora_weights)")
-
-
 def export(config: ExportConfig) -> Path:
     """`amnesia-sd export`: the model (a forget result, a LoRA result merged into its base, or any
-    SD 1.x/2.x/SDXL pipeline) as one original-layout .safetensors checkpoint."""
+    supported pipeline) as one original-layout .safetensors checkpoint: the whole pipeline for SD
+    1.x/2.x and SDXL, the transformer alone for SD 3/3.5 and FLUX.1."""
     if config.lora_only:
         return export_lora(config)
 
     ref = resolve_model(config.model)
     location = Path(ref.location) if ref.kind in ("folder", "lora") else None
-    if ref.kind in ("folder", "file"):  # before loading anything (a hub id: once loaded)
-        _check_layout(detect_family(ref.kind, ref.location), config.model)
-    elif ref.kind == "lora":
-        _check_layout(FAMILIES.get(str((_amnesia_record(location) or {}).get("architecture")), FAMILIES["sd"]),
-                      config.model)
     output = _guard(config, {"--model": model_path(config.model),
                              "the LoRA's base model": _lora_base_path(location) if ref.kind == "lora" else None})
-    pipe = load_pipeline(ref)  # fp32: a LoRA is merged at full precision, then rounded once
-    tensors, layout = pipeline_to_original(pipe)
     dtype = EXPORT_DTYPES[config.dtype]
+    # A LoRA is merged at full precision, then rounded once; other weights load straight in the
+    # export's dtype (the same rounding as after an fp32 load, in half the memory: FLUX.1 is 12B).
+    pipe = load_pipeline(ref, torch.float32 if ref.kind == "lora" else dtype)
+    family = family_of(pipe)
+    tensors, layout = pipeline_to_original(pipe)
     tensors = {k: (v.detach().to(dtype) if v.is_floating_point() and k != V_PRED_MARKER else v).contiguous()
                for k, v in tensors.items()}
     record = _amnesia_record(location) if location else None
 
-    metadata = {**stamp(), "format": FORMAT, "architecture": family_of(pipe).name, "layout": layout,
-                "prediction_type": str(pipe.scheduler.config.get("prediction_type", "epsilon")),
+    metadata = {**stamp(), "format": FORMAT, "architecture": family.name, "layout": layout,
+                "prediction_type": family.prediction_type(pipe),
                 "dtype": config.dtype, "model": ref.identity, **_result_metadata(record)}
 
     write_safetensors(output, tensors, metadata)
@@ -372,26 +506,35 @@ LORA_DOWN = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight")
 LORA_UP = (".lora_B.weight", ".lora.up.weight", ".lora_up.weight")
 
 
-def lora_to_kohya(state: dict[str, torch.Tensor], alpha: float | None) -> dict[str, torch.Tensor]:
-    """diffusers' LoRA layout (unet.<module>.lora_A/lora_B) as kohya's: lora_unet_<module with _>
-    .lora_down/.lora_up and .alpha (the scale is alpha / rank; `alpha` None: the rank, scale 1)."""
+def lora_pairs(state: dict[str, torch.Tensor], denoiser: str) -> dict[str, dict[str, torch.Tensor]]:
+    """A diffusers LoRA file (<denoiser>.<module>.lora_A/lora_B.weight, or the older lora.down/up names)
+    as module -> {"down": A, "up": B}; anything else in it is refused."""
+    prefix = denoiser + "."
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
-        if not key.startswith("unet."):
-            raise UserError(f"the LoRA file holds {key}, not a UNet adapter: only UNet LoRAs (what forget trains) "
+        if not key.startswith(prefix):
+            what = {"unet": "UNet"}.get(denoiser, denoiser)
+            raise UserError(f"the LoRA file holds {key}, not a {what} adapter: only {what} LoRAs (what forget trains) "
                             "can be exported with --lora-only")
         for side, endings in (("down", LORA_DOWN), ("up", LORA_UP)):
             ending = next((e for e in endings if key.endswith(e)), None)
             if ending:
-                pairs.setdefault(key[len("unet."):-len(ending)], {})[side] = value
+                pairs.setdefault(key[len(prefix):-len(ending)], {})[side] = value
                 break
         else:
             raise UserError(f"the LoRA file holds {key}, which is neither a LoRA down nor up weight: it cannot be "
-                            "exported in the kohya layout")
-    out: dict[str, torch.Tensor] = {}
-    for module, parts in sorted(pairs.items()):
+                            "exported")
+    for module, parts in pairs.items():
         if set(parts) != {"down", "up"}:
             raise UserError(f"the LoRA of {module} lacks its {'up' if 'down' in parts else 'down'} weight")
+    return dict(sorted(pairs.items()))
+
+
+def lora_to_kohya(state: dict[str, torch.Tensor], alpha: float | None) -> dict[str, torch.Tensor]:
+    """diffusers' LoRA layout (unet.<module>.lora_A/lora_B) as kohya's: lora_unet_<module with _>
+    .lora_down/.lora_up and .alpha (the scale is alpha / rank; `alpha` None: the rank, scale 1)."""
+    out: dict[str, torch.Tensor] = {}
+    for module, parts in lora_pairs(state, "unet").items():
         name = "lora_unet_" + module.replace(".", "_")
         rank = parts["down"].shape[0]
         out[f"{name}.lora_down.weight"] = parts["down"]
@@ -400,10 +543,19 @@ def lora_to_kohya(state: dict[str, torch.Tensor], alpha: float | None) -> dict[s
     return out
 
 
-def export_lora(config: ExportConfig) -> Path:
-    """`amnesia-sd export --lora-only`: a LoRA result's adapter alone, in the kohya layout."""
-    from safetensors.torch import load_file
+def lora_to_diffusers(state: dict[str, torch.Tensor], denoiser: str) -> dict[str, torch.Tensor]:
+    """An SD 3/3.5 or FLUX.1 LoRA in diffusers' layout (transformer.<module>.lora_A/lora_B.weight, no
+    alpha: scale 1, forget folds its scale into B), which ComfyUI and Forge load for these models as
+    diffusers' own loader does: they map each diffusers module onto their fused qkv / linear1 rows,
+    which kohya's names have no way to say."""
+    return {f"{denoiser}.{module}.lora_{'A' if side == 'down' else 'B'}.weight": value
+            for module, parts in lora_pairs(state, denoiser).items() for side, value in sorted(parts.items())}
 
+
+def export_lora(config: ExportConfig) -> Path:
+    """`amnesia-sd export --lora-only`: a LoRA result's adapter alone, in the kohya layout (SD 1.x/2.x,
+    SDXL) or diffusers' (SD 3/3.5, FLUX.1)."""
+    from safetensors.torch import load_file
 
     location = Path(config.model).expanduser()
     record = _amnesia_record(location) if location.is_dir() else None
@@ -411,19 +563,24 @@ def export_lora(config: ExportConfig) -> Path:
         raise UserError(f"--lora-only needs a LoRA result of `amnesia-sd forget --lora-rank N`, and {config.model} "
                         f"is not one (no amnesia.json with a lora entry and {LORA_WEIGHTS}): export the whole "
                         "checkpoint without --lora-only")
-    _check_layout(FAMILIES.get(str(record.get("architecture")), FAMILIES["sd"]), config.model)
+    family = FAMILIES.get(str(record.get("architecture")), FAMILIES["sd"])
     output = _guard(config, {"--model": location, "the LoRA's base model": _lora_base_path(location)})
     lora = record["lora"] if isinstance(record["lora"], dict) else {}
     alpha = lora.get("alpha")
     dtype = EXPORT_DTYPES[config.dtype]
-    tensors = lora_to_kohya(load_file(str(location / LORA_WEIGHTS)), alpha)
+    state = load_file(str(location / LORA_WEIGHTS))
+    if family.denoiser == "unet":
+        layout, tensors = "kohya", lora_to_kohya(state, alpha)
+    else:
+        layout, tensors = "diffusers", lora_to_diffusers(state, family.denoiser)
     tensors = {k: (v if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in tensors.items()}
-    ranks = sorted({v.shape[0] for k, v in tensors.items() if k.endswith(".lora_down.weight")})
+    ranks = sorted({v.shape[0] for k, v in tensors.items() if k.endswith(LORA_DOWN)})
     metadata = {**stamp(), "format": LORA_FORMAT, "architecture": str(record.get("architecture", "")),
-                "dtype": config.dtype, "model": str(location.resolve()), **_result_metadata(record),
+                "layout": layout, "dtype": config.dtype, "model": str(location.resolve()), **_result_metadata(record),
                 "lora": json.dumps(lora, default=str),
                 # what kohya's scripts write, and the UIs show
-                "ss_network_module": "networks.lora", "ss_network_dim": str(ranks[0] if len(ranks) == 1 else ranks),
+                **({"ss_network_module": "networks.lora"} if layout == "kohya" else {}),
+                "ss_network_dim": str(ranks[0] if len(ranks) == 1 else ranks),
                 "ss_network_alpha": str(alpha if alpha is not None else ranks[0] if len(ranks) == 1 else "rank")}
     write_safetensors(output, tensors, metadata)
     return output

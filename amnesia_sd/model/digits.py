@@ -31,7 +31,9 @@ from amnesia_sd.core.cache import cache_dir
 from amnesia_sd.core.config import SEED_LIMIT
 from amnesia_sd.core.errors import UserError
 from amnesia_sd.core.paths import Output, guard, publish, stamp
-from amnesia_sd.model.tokenizer import write_word_tokenizer
+from amnesia_sd.model.diffusion import corrupt
+from amnesia_sd.model.families import FAMILIES, family_of
+from amnesia_sd.model.tokenizer import write_word_t5_tokenizer, write_word_tokenizer
 
 VERSION = 1
 
@@ -103,6 +105,12 @@ DENOISER_STEPS = 400
 DENOISER_BATCH = 64
 DENOISER_LR = 2e-3
 WARMUP_STEPS = 20
+# The SD3-shaped digits model (`--model digits-sd3`): a flow-matching MMDiT trained around the
+# digits model's own VAE and text encoder. Its text is 32 CLIP rows and 256 T5 rows (what
+# StableDiffusion3Pipeline reads by default): each step costs more than the UNet's, so smaller batches.
+SD3_DENOISER_STEPS = 1500
+SD3_DENOISER_BATCH = 32
+SD3_SHIFT = 1.0  # 16-pixel images need no shift towards noise (SD3's 3.0 is for 1024 pixels)
 # One thread: the build's tensors are small, so a second thread gains little on an idle machine,
 # and while another process kept a core busy two threads ran ten times slower. A fixed count
 # also keeps the arithmetic, hence the weights, independent of the number of cores.
@@ -127,23 +135,28 @@ def _fill(templates: tuple[str, ...], digit: int) -> list[str]:
     return [t.format(name) for name in (DIGIT_WORDS[digit], str(digit)) for t in templates]
 
 
-def default_model_path() -> Path:
-    return cache_dir() / f"digits-v{VERSION}"
+# --model names of the digits models: the UNet (SD 1.x-shaped) and the SD3-shaped flow-matching one.
+SPECS = {"digits": "sd", "digits-sd3": "sd3"}
 
 
-# The build of seed 0, shipped so that nobody waits for it; `amnesia-sd digits build` reproduces it.
+def default_model_path(family: str = "sd") -> Path:
+    return cache_dir() / (f"digits-v{VERSION}" if family == "sd" else f"digits-{family}-v{VERSION}")
+
+
+# The builds of seed 0, shipped so that nobody waits for them; `amnesia-sd digits build` reproduces them.
 SHIPPED_MODEL = Path(__file__).parent.parent / "digits_model"
+SHIPPED_MODELS = {"sd": SHIPPED_MODEL, "sd3": Path(__file__).parent.parent / "digits_sd3_model"}
 
 
-def ensure_digits_model(progress: bool = True) -> Path:
-    """The digits model: a build in the cache (`amnesia-sd digits build`) if there is one, else the
-    shipped build; with neither, build it into the cache now."""
-    path = default_model_path()
-    if not (path / "digits.json").is_file() and (SHIPPED_MODEL / "digits.json").is_file():
-        return SHIPPED_MODEL
+def ensure_digits_model(progress: bool = True, family: str = "sd") -> Path:
+    """The digits model of `family`: a build in the cache (`amnesia-sd digits build`) if there is
+    one, else the shipped build; with neither, build it into the cache now."""
+    path, shipped = default_model_path(family), SHIPPED_MODELS[family]
+    if not (path / "digits.json").is_file() and (shipped / "digits.json").is_file():
+        return shipped
     if not (path / "digits.json").is_file():
         try:
-            build_digits_model(path, progress=progress)
+            build_digits_model(path, progress=progress, family=family)
         except FileExistsError:
             # Another process finished the same build first; its folder is just as good.
             if not (path / "digits.json").is_file():
@@ -294,6 +307,7 @@ def evaluate_digits(
     """
     if classifier is None:
         classifier = load_digit_classifier()
+    window = family_of(pipe).pipeline_kwargs()
     per_digit = [prompts_for(d) for d in range(10)]
     prompts = [per_digit[d][i % len(per_digit[d])] for d in range(10) for i in range(samples_per_digit)]
     probs = []
@@ -305,6 +319,7 @@ def evaluate_digits(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=torch.Generator().manual_seed(seed * 100_003 + start),  # own noise per batch
+            **window,
         ).images
         probs.append(classify(images, classifier))
         bar.update(len(batch))
@@ -457,30 +472,33 @@ def _train_vae(vae, pixels: torch.Tensor, generator: torch.Generator, progress: 
         schedule.step()
 
 
-def _train_denoiser(unet, scheduler, latents, labels, embeddings, generator, progress) -> None:
-    """Standard latent-diffusion training with epsilon prediction.
+def _train_denoiser(family, denoiser, scheduler, latents, labels, embeddings, generator, progress,
+                    steps: int = DENOISER_STEPS, batch: int = DENOISER_BATCH) -> None:
+    """Standard latent-diffusion training with the family's own objective and timestep draw
+    (diffusion.py: epsilon prediction for the UNet, flow matching for the SD3 transformer).
 
     `latents` holds each image's scaled posterior mean and std, from which a fresh sample is drawn
-    every time, as Stable Diffusion does. `embeddings` [11, prompts, tokens, width] holds the
-    frozen text encoder's output for each digit's train prompts, the last row for "".
+    every time, as Stable Diffusion does. `embeddings` holds the frozen text encoders' conditioning
+    (families.py), each entry [11, prompts, ...]: each digit's train prompts, the last row "".
     """
     mean, std = latents
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=DENOISER_LR, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(DENOISER_STEPS))
-    for _step in tqdm(range(DENOISER_STEPS), desc="denoiser", unit="step", disable=not progress):
-        index = torch.randint(0, len(mean), (DENOISER_BATCH,), generator=generator)
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=DENOISER_LR, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps))
+    prompts = next(iter(embeddings.values())).shape[1]
+    for _step in tqdm(range(steps), desc="denoiser", unit="step", disable=not progress):
+        index = torch.randint(0, len(mean), (batch,), generator=generator)
         clean = mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)
         noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (DENOISER_BATCH,), generator=generator
-        )
-        prompt = torch.randint(0, embeddings.shape[1], (DENOISER_BATCH,), generator=generator)
-        dropped = torch.rand(DENOISER_BATCH, generator=generator) < CFG_DROPOUT
-        condition = torch.where(
-            dropped[:, None, None], embeddings[-1, 0], embeddings[labels[index], prompt]
-        )
-        prediction = unet(scheduler.add_noise(clean, noise, timesteps), timesteps, condition).sample
-        loss = F.mse_loss(prediction, noise)
+        timesteps = family.draw_timesteps(scheduler, batch, generator)
+        prompt = torch.randint(0, prompts, (batch,), generator=generator)
+        dropped = torch.rand(batch, generator=generator) < CFG_DROPOUT
+        condition = {k: torch.where(dropped.view(-1, *[1] * (v.ndim - 2)), v[-1, 0], v[labels[index], prompt])
+                     for k, v in embeddings.items()}
+        noisy, model_timesteps, target, weights = corrupt(family, scheduler, clean, noise, timesteps)
+        prediction = family.predict(denoiser, noisy, model_timesteps, condition)
+        # (the UNet build's loss as it always was: its weights reproduce the shipped model bit for bit)
+        loss = F.mse_loss(prediction, target) if weights is None else \
+            (weights.view(-1, 1, 1, 1) * F.mse_loss(prediction, target, reduction="none")).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -506,10 +524,7 @@ def _train_pipeline(seed: int, progress: bool):
     _train_text_encoder(text_encoder, tokenizer, seed, progress)
     text_encoder.eval().requires_grad_(False)
 
-    digits, labels = load_real_digits()
-    # Gray in [-1, 1], 2x2 blocks per pixel, three identical channels: an RGB image like SD's.
-    pixels = F.interpolate(digits, scale_factor=IMAGE_SIZE // 8, mode="nearest") * 2 - 1
-    pixels = pixels.repeat(1, 3, 1, 1)
+    pixels, labels = _pixels()
     _train_vae(vae, pixels, generator, progress)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
@@ -518,10 +533,7 @@ def _train_pipeline(seed: int, progress: bool):
     scaling = 1.0 / posterior.mean.std().item()
     vae.register_to_config(scaling_factor=scaling)
 
-    # The text encoder is frozen, so every train prompt is encoded once up front: one row per
-    # digit and a last row of "" (repeated only to keep the table rectangular).
-    prompts = [train_prompts(d) for d in range(10)]
-    prompts.append([UNCONDITIONAL_PROMPT] * len(prompts[0]))
+    prompts = _prompt_table()
     ids = tokenizer(
         [p for group in prompts for p in group], padding="max_length", max_length=MAX_PROMPT_TOKENS,
         truncation=True, return_tensors="pt",
@@ -529,7 +541,8 @@ def _train_pipeline(seed: int, progress: bool):
     with torch.no_grad():
         embeddings = text_encoder(ids)[0].view(len(prompts), len(prompts[0]), MAX_PROMPT_TOKENS, -1)
     latents = (posterior.mean * scaling, posterior.std * scaling)
-    _train_denoiser(unet, scheduler, latents, labels, embeddings, generator, progress)
+    _train_denoiser(FAMILIES["sd"], unet, scheduler, latents, labels, {"encoder_hidden_states": embeddings},
+                    generator, progress)
 
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
@@ -537,19 +550,96 @@ def _train_pipeline(seed: int, progress: bool):
     )
 
 
-def build(output_dir: Path | None = None, seed: int = 0, overwrite: bool = False) -> Path:
+def _pixels() -> tuple[torch.Tensor, torch.Tensor]:
+    """The real digits as 16x16 RGB images in [-1, 1] (gray, 2x2 blocks per pixel, three identical
+    channels: an image like SD's), and their labels."""
+    digits, labels = load_real_digits()
+    pixels = F.interpolate(digits, scale_factor=IMAGE_SIZE // 8, mode="nearest") * 2 - 1
+    return pixels.repeat(1, 3, 1, 1), labels
+
+
+def _prompt_table() -> list[list[str]]:
+    """Every train prompt, one row per digit and a last row of "" (repeated only to keep the table
+    rectangular): the text encoders are frozen, so each is encoded once up front."""
+    prompts = [train_prompts(d) for d in range(10)]
+    return prompts + [[UNCONDITIONAL_PROMPT] * len(prompts[0])]
+
+
+def _train_sd3_pipeline(seed: int, progress: bool):
+    """The SD3-shaped digits model: the digits model's VAE (shift 0) and its CLIP text encoder as
+    both of SD3's CLIP encoders (an identity projection: the pooled text is the encoder's own), a
+    small T5 encoder left at its random initialisation and frozen (a fixed function of the prompt,
+    so the pipeline is whole: diffusers loads SD3 without T5 only when told), and an
+    SD3Transformer2DModel trained from scratch by flow matching with the SD3 family's own loss and
+    logit-normal timesteps. Returns the unsaved pipeline."""
+    import copy
+
+    from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                           StableDiffusionPipeline)
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)  # weight initialisation
+    generator = torch.Generator().manual_seed(seed)
+    base = StableDiffusionPipeline.from_pretrained(ensure_digits_model(progress), safety_checker=None,
+                                                   requires_safety_checker=False)
+    width = base.text_encoder.config.hidden_size
+    config = copy.deepcopy(base.text_encoder.config)
+    config.projection_dim = width
+    encoders = []
+    for _ in range(2):
+        encoder = CLIPTextModelWithProjection(config)
+        encoder.text_model.load_state_dict(base.text_encoder.state_dict())
+        with torch.no_grad():
+            encoder.text_projection.weight.copy_(torch.eye(width))
+        encoders.append(encoder.eval().requires_grad_(False))
+    with tempfile.TemporaryDirectory() as words_dir:
+        tokenizer_3 = write_word_t5_tokenizer([*DIGIT_WORDS, *(str(d) for d in range(10)), *CONTEXT_WORDS], words_dir,
+                                              MAX_PROMPT_TOKENS)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=2 * width, d_kv=16, d_ff=64, num_layers=1,
+                                 num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    vae = base.vae.eval().requires_grad_(False)
+    vae.register_to_config(shift_factor=0.0)  # SD3's pipeline shifts latents: by nothing here
+    latent = IMAGE_SIZE // 2
+    transformer = SD3Transformer2DModel(
+        sample_size=latent, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=3,
+        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=2 * width, caption_projection_dim=64,
+        pooled_projection_dim=2 * width, pos_embed_max_size=latent,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SD3_SHIFT)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=encoders[0], tokenizer=base.tokenizer,
+        text_encoder_2=encoders[1], tokenizer_2=base.tokenizer, text_encoder_3=t5.eval().requires_grad_(False),
+        tokenizer_3=tokenizer_3,
+    )
+    family = FAMILIES["sd3"]
+    prompts = _prompt_table()
+    with torch.no_grad():
+        flat = family.encode_text(pipe, [p for group in prompts for p in group])
+        pixels, labels = _pixels()
+        posterior = vae.encode(pixels).latent_dist
+    embeddings = {k: v.view(len(prompts), len(prompts[0]), *v.shape[1:]) for k, v in flat.items()}
+    scaling = vae.config.scaling_factor
+    _train_denoiser(family, transformer, family.training_scheduler(scheduler.config),
+                    (posterior.mean * scaling, posterior.std * scaling), labels, embeddings, generator, progress,
+                    steps=SD3_DENOISER_STEPS, batch=SD3_DENOISER_BATCH)
+    transformer.eval()
+    return pipe
+
+
+def build(output_dir: Path | None = None, seed: int = 0, overwrite: bool = False, family: str = "sd") -> Path:
     """`amnesia-sd digits build`: the digits model trained from `seed` into `output_dir` (default:
     the cache, where `--model digits` looks). An old build there is replaced only with `overwrite`,
     only if it is ours, and only once the new one is complete; the shipped model is never touched."""
     if not 0 <= seed < SEED_LIMIT:
         raise UserError(f"--seed must be in [0, 2**31), got {seed}")
-    target = Path(output_dir) if output_dir else default_model_path()
-    guard([Output("--output-dir", target, "digits.json", "digits model")], {"the shipped digits model": SHIPPED_MODEL},
-          overwrite)
-    return build_digits_model(target, seed=seed, replace=True)
+    target = Path(output_dir) if output_dir else default_model_path(family)
+    guard([Output("--output-dir", target, "digits.json", "digits model")],
+          {f"the shipped digits model ({name})": path for name, path in SHIPPED_MODELS.items()}, overwrite)
+    return build_digits_model(target, seed=seed, replace=True, family=family)
 
 
-def build_digits_model(output_dir: Path, seed: int = 0, progress: bool = True, replace: bool = False) -> Path:
+def build_digits_model(output_dir: Path, seed: int = 0, progress: bool = True, replace: bool = False,
+                       family: str = "sd") -> Path:
     """Train the digits model from `seed`, measure it, and save it as a StableDiffusionPipeline
     folder with a digits.json record inside.
 
@@ -563,16 +653,16 @@ def build_digits_model(output_dir: Path, seed: int = 0, progress: bool = True, r
     threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
     try:
-        return _build(output_dir, seed, progress, replace)
+        return _build(output_dir, seed, progress, replace, FAMILIES[family])
     finally:
         torch.set_num_threads(threads)
 
 
-def _build(output_dir: Path, seed: int, progress: bool, replace: bool) -> Path:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def _build(output_dir: Path, seed: int, progress: bool, replace: bool, family) -> Path:
+    import diffusers
 
     started = time.monotonic()
-    pipeline = _train_pipeline(seed, progress)
+    pipeline = (_train_pipeline if family.name == "sd" else _train_sd3_pipeline)(seed, progress)
     train_seconds = time.monotonic() - started
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -582,8 +672,9 @@ def _build(output_dir: Path, seed: int, progress: bool, replace: bool) -> Path:
     try:
         pipeline.save_pretrained(partial, safe_serialization=True)
         # Measure the saved folder exactly as users will load and sample it.
-        saved = StableDiffusionPipeline.from_pretrained(partial)
-        saved.scheduler = DDIMScheduler.from_config(saved.scheduler.config)
+        saved = family.pipeline_class().from_pretrained(partial)
+        if family.sampler:
+            saved.scheduler = getattr(diffusers, family.sampler).from_config(saved.scheduler.config)
         saved.set_progress_bar_config(disable=True)
         quality = {
             name: evaluate_digits(
@@ -595,17 +686,20 @@ def _build(output_dir: Path, seed: int, progress: bool, replace: bool) -> Path:
             **stamp(),
             "version": VERSION,
             "seed": seed,
-            "steps": {"text_encoder": TEXT_STEPS, "vae": VAE_STEPS, "unet": DENOISER_STEPS},
-            "unet_batch_size": DENOISER_BATCH,
+            **({"steps": {"text_encoder": TEXT_STEPS, "vae": VAE_STEPS, "unet": DENOISER_STEPS},
+                "unet_batch_size": DENOISER_BATCH} if family.name == "sd" else
+               {"architecture": family.name, "built_on": "the digits model's VAE and text encoder",
+                "steps": {"transformer": SD3_DENOISER_STEPS}, "transformer_batch_size": SD3_DENOISER_BATCH,
+                "scheduler_shift": SD3_SHIFT}),
             "image_size": IMAGE_SIZE,
             "parameters": {
                 name: sum(p.numel() for p in getattr(pipeline, name).parameters())
-                for name in ("unet", "vae", "text_encoder")
+                for name in (family.denoiser, "vae", "text_encoder")
             },
             "train_templates": list(TRAIN_TEMPLATES),
             "heldout_templates": list(HELDOUT_TEMPLATES),
             "evaluation": {
-                "scheduler": "DDIMScheduler",
+                "scheduler": family.sampler or type(pipeline.scheduler).__name__,
                 "num_inference_steps": RECOMMENDED_STEPS,
                 "guidance_scale": RECOMMENDED_GUIDANCE,
                 "samples_per_digit": BUILD_EVAL_SAMPLES,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 
 from amnesia_sd.core.errors import UserError
+from amnesia_sd.model.digits import SPECS as DIGITS_SPECS
 from amnesia_sd.model.digits import ensure_digits_model
 from amnesia_sd.model.families import detect_family, family_of
 
@@ -35,8 +35,8 @@ class ModelRef:
 
 def resolve_model(spec: str) -> ModelRef:
     """Decide what `--model` names without loading anything, so bad paths fail fast."""
-    if spec == "digits":
-        return ModelRef(spec, "folder", str(ensure_digits_model()))
+    if spec in DIGITS_SPECS:  # the built-in digits models
+        return ModelRef(spec, "folder", str(ensure_digits_model(family=DIGITS_SPECS[spec])))
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file() and lora_base(path):
