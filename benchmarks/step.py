@@ -20,11 +20,31 @@ at a small latent size:
   memory ratios are therefore over the trained parameters' bytes, and say so in their names
   (..._over_trained_param_bytes), beside trainable_parameters and unet_parameters.
 
-LoRA (the digits and sd14_cpu rows, under their key "lora"; --skip-lora leaves it out): rank
---lora-rank (8) adapters on the library's default targets (to_q,to_k,to_v,to_out.0), alpha = rank,
-fp32 base, adapters and Fisher, the row's optimizer; the penalty is amnesia_sd.model.ewc.LoraPenalty
-(EWC on delta W = s B A, the frozen base weight being the anchor), built by the library's own
-LoraAdapters with a random Fisher. Two more worker processes:
+The flow-matching transformers (amnesia_sd/model/families.py's "sd3" and "flux"), SGD as above (no
+optimizer state: memory is tight), batch 1+1, the family's training scheduler, timesteps and
+per_sample_loss as forget uses them, and the real text lengths (SD3: 77 CLIP + 256 T5 rows; Flux:
+512 T5 rows, guidance 3.5), which dominate attention at these small latents. unet_parameters is
+then the transformer's. Each row's "depth" field says how many of the architecture's blocks it
+builds, and "reduced" where fewer:
+
+- sd3m_cpu: the SD3-medium transformer at full depth (24 joint blocks, 2.03B parameters), --sd3-latent
+  (16: 16x16 latents, 64 image tokens), LoRA only (its "lora" key; --skip-lora leaves the row out):
+  its full-weight SA step (fp32 weights + gradients + F + theta*: 32 GB, 48 GB with AdamW) does not
+  fit in 24 GiB, so the LoRA row has no full SA step to compare with (no lora_peak_over_full_sa_peak).
+- sd3m_reduced_cpu: the same transformer REDUCED to --sd3-layers (4) of its 24 joint blocks, real
+  widths (329M parameters): full weights, all trained, and LoRA, as sd14_cpu.
+- flux_reduced_cpu: the FLUX.1-dev transformer (11.9B parameters: its bf16 weights alone are 23.8
+  GB, of 24 GiB) REDUCED to --flux-layers (1) of its 19 double-stream and --flux-single-layers (2) of its
+  38 single-stream blocks, real widths (687M parameters), --flux-latent (16, even: Flux packs 2x2
+  patches), full weights, all trained, and LoRA, as sd14_cpu.
+
+--smoke builds every architecture row on a tiny UNet or transformer (the code path only).
+
+LoRA (the digits, sd14_cpu and transformer rows, under their key "lora"; --skip-lora leaves it
+out): rank --lora-rank (8) adapters on the library's default targets (to_q,to_k,to_v,to_out.0),
+alpha = rank, fp32 base, adapters and Fisher, the row's optimizer; the penalty is
+amnesia_sd.model.ewc.LoraPenalty (EWC on delta W = s B A, the frozen base weight being the anchor),
+built by the library's own LoraAdapters with a random Fisher. Two more worker processes:
 
 - lora_plain: plain LoRA fine-tuning, b surrogate images a step (no replay, no EWC): its peak;
 - lora_sa: the LoRA SA step (b surrogate + b replay images, the penalty), alternating in one
@@ -42,6 +62,9 @@ lora_time_over_full_sa_time is informative (different processes).
 
     python benchmarks/step.py [--model digits] [--sd14-latent 16] [--sdxl-latent 16]
                               [--skip-model] [--skip-sd14] [--skip-sdxl] [--skip-lora] [--lora-rank 8]
+                              [--sd3-latent 16] [--sd3-layers 4] [--skip-sd3] [--skip-sd3-reduced]
+                              [--flux-latent 16] [--flux-layers 1] [--flux-single-layers 2] [--skip-flux]
+                              [--smoke]
 """
 
 from __future__ import annotations
@@ -59,25 +82,43 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from unets import SD14_UNET, SDXL_UNET, random_conditioning, sd_scheduler  # noqa: E402
+from unets import (FLUX1_TRANSFORMER, SCHEDULERS, SD3_MEDIUM_TRANSFORMER, SD14_UNET, SDXL_UNET,  # noqa: E402
+                   TINY_FLUX_TRANSFORMER, TINY_SD3_TRANSFORMER, TINY_SDXL_UNET, TINY_UNET, random_conditioning)
 
-ARCHITECTURES = {"sd14": ("sd", SD14_UNET), "sdxl": ("sdxl", SDXL_UNET)}
+# name: (family, diffusers class, config). The tiny ones stand in for the others under --smoke.
+ARCHITECTURES = {"sd14": ("sd", "UNet2DConditionModel", SD14_UNET),
+                 "sdxl": ("sdxl", "UNet2DConditionModel", SDXL_UNET),
+                 "sd3m": ("sd3", "SD3Transformer2DModel", SD3_MEDIUM_TRANSFORMER),
+                 "flux1": ("flux", "FluxTransformer2DModel", FLUX1_TRANSFORMER),
+                 "tiny_sd14": ("sd", "UNet2DConditionModel", TINY_UNET),
+                 "tiny_sdxl": ("sdxl", "UNet2DConditionModel", TINY_SDXL_UNET),
+                 "tiny_sd3m": ("sd3", "SD3Transformer2DModel", TINY_SD3_TRANSFORMER),
+                 "tiny_flux1": ("flux", "FluxTransformer2DModel", TINY_FLUX_TRANSFORMER)}
+# The transformer rows' blocks: (config key, what the report calls them), for the "depth" field.
+BLOCKS = {"sd3": (("num_layers", "joint blocks"),),
+          "flux": (("num_layers", "double-stream blocks"), ("num_single_layers", "single-stream blocks"))}
 
 
-def build_unet(model: str):
-    """(family, unet, scheduler, tokens): an architecture with random weights, or a model's UNet."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+def build_denoiser(model: str, depth: dict | None = None):
+    """(family, denoiser, training scheduler, tokens): an architecture with random weights (`depth`:
+    config values that replace its number of blocks), or a model's denoiser (UNet or transformer).
+    The scheduler is the family's training_scheduler, as forget builds it."""
+    import diffusers
 
     from amnesia_sd.model.families import FAMILIES, family_of
 
     if model in ARCHITECTURES:
-        family, config = ARCHITECTURES[model]
+        name, cls, config = ARCHITECTURES[model]
+        family = FAMILIES[name]
         torch.manual_seed(0)
-        return FAMILIES[family], UNet2DConditionModel(**config), sd_scheduler(), 77
+        denoiser = getattr(diffusers, cls)(**{**config, **(depth or {})})
+        return family, denoiser, family.training_scheduler(SCHEDULERS[name]), 77
     from amnesia_sd.model.loading import load_pipeline, resolve_model
 
     pipe = load_pipeline(resolve_model(model))
-    return family_of(pipe), pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), pipe.tokenizer.model_max_length
+    family = family_of(pipe)
+    return (family, family.denoiser_of(pipe), family.training_scheduler(pipe.scheduler.config),
+            pipe.tokenizer.model_max_length)
 
 
 LAMBDA = 50.0
@@ -109,7 +150,9 @@ def worker(args) -> dict:
     from amnesia_sd.model.trainable import trainable_names
 
     torch.set_num_threads(args.threads)
-    family, unet, scheduler, tokens = build_unet(args.model)
+    depth = {k: v for k, v in (("num_layers", args.num_layers), ("num_single_layers", args.num_single_layers))
+             if v is not None}
+    family, unet, scheduler, tokens = build_denoiser(args.model, depth)
     g = torch.Generator().manual_seed(0)
     lora = args.variant.startswith("lora")
     penalty, penalty_state_bytes = None, 0
@@ -124,14 +167,17 @@ def worker(args) -> dict:
             p.requires_grad_(name in trained)
         params = [p for p in unet.parameters() if p.requires_grad]  # all that the optimizer and the penalty see
     unet.train()
-    size = args.latent or unet.config.sample_size
+    size = args.latent or unet.config.get("sample_size", 128)  # Flux's config has none: 1024 px
+    if size % 2 and family.name == "flux":
+        raise SystemExit(f"--latent {size}: Flux packs latents in 2x2 patches, its sides must be even")
     b = args.batch
     # The same 2b batch for every variant: for SA, b surrogate + b replay images; the plain LoRA
-    # step takes the first b (surrogate only).
-    latents = torch.randn((2 * b, 4, size, size), generator=g)
+    # step takes the first b (surrogate only). Timesteps drawn as training draws them (uniform for
+    # DDPM and Flux, logit-normal for SD3).
+    latents = torch.randn((2 * b, family.latent_channels(unet.config), size, size), generator=g)
     noise = torch.randn(latents.shape, generator=g)
-    cond = random_conditioning(dict(unet.config), 2 * b, g, image_size=8 * size, tokens=tokens)
-    timesteps = torch.randint(0, 1000, (2 * b,), generator=g)
+    cond = random_conditioning(dict(unet.config), 2 * b, g, image_size=8 * size, tokens=tokens, family=family.name)
+    timesteps = family.draw_timesteps(scheduler, 2 * b, g)
     optimizer = (torch.optim.SGD(params, lr=1e-6) if args.optimizer == "sgd"
                  else torch.optim.AdamW(params, lr=1e-6))
     if args.variant in ("sa", "sa_fp32", "sa_bf16", "sa_fp16"):
@@ -198,13 +244,29 @@ def run_variant(model, variant, args, **extra) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def compare(model, args, lora=False, **extra) -> dict:
+def depth_of(model: str, extra: dict) -> str:
+    """A transformer row's depth: its blocks of each kind, of the architecture's, "reduced" where fewer."""
+    family, _, config = ARCHITECTURES[model]
+    kinds = [(int(extra.get("--" + key.replace("_", "-"), config[key])), config[key], what)
+             for key, what in BLOCKS[family]]
+    words = " and ".join(f"{n} of {total} {what}" for n, total, what in kinds)
+    reduced = any(n < total for n, total, _ in kinds)
+    return words + (" (reduced; the architecture's widths)" if reduced else " (full depth)")
+
+
+def compare(model, args, lora=False, full=True, **extra) -> dict:
+    """A row: the full-weight SA step against a plain step (`full`), and the LoRA rows (`lora`)."""
+    result = {"depth": depth_of(model, extra)} if ARCHITECTURES.get(model, ("",))[0] in BLOCKS else {}
+    if not full:  # LoRA only: the full-weight steps do not fit in memory (the docstring)
+        result.update({k.lstrip("-").replace("-", "_"): v for k, v in extra.items()})
+        result["lora"] = compare_lora(model, args, None, **extra)
+        return result
     plain = run_variant(model, "plain", args, **extra)
     # Memory is counted against the bytes of the parameters that train (all of them but in the
     # sdxl row): the key names say which when only part of the UNet trains.
     partial = plain["trainable_parameters"] != plain["unet_parameters"]
     basis = "trained_param_bytes" if partial else "param_bytes"
-    result, full_sa = {}, None
+    full_sa = None
     for variant in ("sa", "sa_bf16"):
         sa = run_variant(model, variant, args, **extra)
         full_sa = full_sa or sa  # fp32 Fisher and anchor: the LoRA rows' reference
@@ -237,9 +299,10 @@ def compare_lora(model, args, full_sa, **extra) -> dict:
     plain = run_variant(model, "lora_plain", args, **options)
     sa = run_variant(model, "lora_sa", args, **options)
     seconds = sa["lora_sa_seconds_per_step"]
-    return {
+    result = {
         "rank": args.lora_rank,
         "trainable_parameters": sa["trainable_parameters"],
+        "unet_parameters": sa["unet_parameters"],  # the frozen base denoiser's
         "lora_sa_seconds_per_step": round(seconds, 4),
         "lora_plain_seconds_per_step": round(sa["lora_plain_seconds_per_step"], 4),
         # Includes the replay images' forward and backward: the SA step has 2b images, the plain one b.
@@ -253,12 +316,16 @@ def compare_lora(model, args, full_sa, **extra) -> dict:
             1 + sa["penalty_seconds_per_step"] / sa["lora_plain_same_batch_seconds_per_step"], 3),
         "lora_sa_peak_rss_gb": round(sa["max_rss_bytes"] / 1e9, 2),
         "lora_plain_peak_rss_gb": round(plain["max_rss_bytes"] / 1e9, 2),
-        "full_sa_peak_rss_gb": round(full_sa["max_rss_bytes"] / 1e9, 2),
-        "lora_peak_over_full_sa_peak": round(sa["max_rss_bytes"] / full_sa["max_rss_bytes"], 3),
-        "lora_time_over_full_sa_time": round(seconds / full_sa["sa_seconds_per_step"], 3),
         "lora_penalty_state_bytes": sa["penalty_state_bytes"],  # F of the adapted weights (fp32); no theta*
         "targets": {"lora_peak_over_full_sa_peak": "<= 0.5 (sd14_cpu)", "lora_time_ratio": "<= 1.15"},
     }
+    if full_sa is None:  # a LoRA-only row: no full SA step to compare with
+        result["full_sa"] = "not run: its weights, gradients, Fisher and anchor do not fit in 24 GiB"
+    else:
+        result.update(full_sa_peak_rss_gb=round(full_sa["max_rss_bytes"] / 1e9, 2),
+                      lora_peak_over_full_sa_peak=round(sa["max_rss_bytes"] / full_sa["max_rss_bytes"], 3),
+                      lora_time_over_full_sa_time=round(seconds / full_sa["sa_seconds_per_step"], 3))
+    return result
 
 
 def main() -> None:
@@ -282,28 +349,69 @@ def main() -> None:
     parser.add_argument("--sdxl-batch", type=int, default=1)
     parser.add_argument("--sdxl-steps", type=int, default=3)
     parser.add_argument("--skip-sdxl", action="store_true")
-    parser.add_argument("--skip-lora", action="store_true", help="no LoRA rows (digits and sd14_cpu)")
+    parser.add_argument("--sd3-latent", type=int, default=16, help="the SD3 rows' latent side (16: 128 px)")
+    parser.add_argument("--sd3-batch", type=int, default=1)
+    parser.add_argument("--sd3-steps", type=int, default=3)
+    parser.add_argument("--sd3-layers", type=int, default=4,
+                        help="sd3m_reduced_cpu's joint blocks (SD3-medium has 24; the full-weight row must fit)")
+    parser.add_argument("--skip-sd3", action="store_true", help="no sd3m_cpu (full depth, LoRA only)")
+    parser.add_argument("--skip-sd3-reduced", action="store_true", help="no sd3m_reduced_cpu")
+    parser.add_argument("--flux-latent", type=int, default=16, help="flux_reduced_cpu's latent side (even)")
+    parser.add_argument("--flux-batch", type=int, default=1)
+    parser.add_argument("--flux-steps", type=int, default=3)
+    parser.add_argument("--flux-layers", type=int, default=1, help="flux_reduced_cpu's double-stream blocks (of 19)")
+    parser.add_argument("--flux-single-layers", type=int, default=2,
+                        help="flux_reduced_cpu's single-stream blocks (of 38)")
+    parser.add_argument("--skip-flux", action="store_true")
+    parser.add_argument("--num-layers", type=int, default=None, help=argparse.SUPPRESS)  # the worker's depth
+    parser.add_argument("--num-single-layers", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true",
+                        help="every architecture row on a tiny UNet or transformer: checks the code path only")
+    parser.add_argument("--skip-lora", action="store_true",
+                        help="no LoRA rows (digits, sd14_cpu and the transformer rows'; sd3m_cpu is LoRA only)")
     parser.add_argument("--lora-rank", type=int, default=8, help="the LoRA rows' adapter rank")
     args = parser.parse_args()
+    if args.flux_latent % 2:
+        parser.error("--flux-latent must be even: Flux packs latents in 2x2 patches")
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    report = {"benchmark": "step", "threads": args.threads}
+    report = {"benchmark": "step", "threads": args.threads, **({"smoke": "tiny architectures"} if args.smoke else {})}
+
+    def arch(name: str) -> str:
+        return "tiny_" + name if args.smoke else name
+
     if not args.skip_model:
         report.update(model=args.model, **compare(args.model, args, lora=True, **{
             "--batch": str(args.batch), "--steps": str(args.steps), "--train-method": args.train_method}))
     # AdamW's state for 860M parameters does not fit beside the Fisher in 24 GiB: plain SGD in the
     # architecture rows, the same optimizer for both variants.
     if not args.skip_sd14:
-        report["sd14_cpu"] = compare("sd14", args, lora=True, **{
+        report["sd14_cpu"] = compare(arch("sd14"), args, lora=True, **{
             "--batch": str(args.sd14_batch), "--steps": str(args.sd14_steps), "--latent": str(args.sd14_latent),
             "--optimizer": "sgd"})
     if not args.skip_sdxl:
         # Cross-attention only: the whole 2.57B-parameter UNet's weights, gradients, F and theta*
         # do not fit in 24 GiB (the docstring).
-        report["sdxl_cpu"] = compare("sdxl", args, **{"--batch": str(args.sdxl_batch), "--steps": str(args.sdxl_steps),
-                                                      "--latent": str(args.sdxl_latent), "--optimizer": "sgd",
-                                                      "--train-method": "xattn"})
+        report["sdxl_cpu"] = compare(arch("sdxl"), args, **{
+            "--batch": str(args.sdxl_batch), "--steps": str(args.sdxl_steps), "--latent": str(args.sdxl_latent),
+            "--optimizer": "sgd", "--train-method": "xattn"})
+    # The transformers, SGD as above, their real text lengths (SD3 77 + 256 rows, Flux 512). SD3-medium
+    # (2.03B parameters) at full depth: LoRA only, its full-weight SA step (weights, gradients, F and
+    # theta*: 32 GB) does not fit; at --sd3-layers blocks, full weights and LoRA. FLUX.1 (11.9B: its bf16
+    # weights alone are 23.8 GB) at --flux-layers + --flux-single-layers blocks, full weights and LoRA.
+    sd3 = {"--batch": str(args.sd3_batch), "--steps": str(args.sd3_steps), "--latent": str(args.sd3_latent),
+           "--optimizer": "sgd"}
+    if not args.skip_sd3 and not args.skip_lora:
+        report["sd3m_cpu"] = compare(arch("sd3m"), args, lora=True, full=False, **sd3)
+    if not args.skip_sd3_reduced:
+        report["sd3m_reduced_cpu"] = compare(arch("sd3m"), args, lora=True, **sd3,
+                                             **{"--num-layers": str(args.sd3_layers)})
+    if not args.skip_flux:
+        report["flux_reduced_cpu"] = compare(arch("flux1"), args, lora=True, **{
+            "--batch": str(args.flux_batch), "--steps": str(args.flux_steps), "--latent": str(args.flux_latent),
+            "--optimizer": "sgd", "--num-layers": str(args.flux_layers),
+            "--num-single-layers": str(args.flux_single_layers)})
     print(json.dumps(report, indent=2))
 
 

@@ -60,6 +60,10 @@ def processes(tiny_model) -> dict[str, list]:
             # One worker process (seconds): the LoRA SA step alternating with the plain LoRA steps.
             "step.py", "--worker", "--model", tiny_model, "--variant", "lora_sa", "--lora-rank", "4", "--batch", "2",
             "--steps", "1", "--threads", "1"],
+        "test_step_benchmark_flux_worker_times_the_sa_step": [
+            # A tiny Flux-shaped transformer, one single-stream block fewer (the reduced rows' depth option).
+            "step.py", "--worker", "--model", "tiny_flux1", "--num-single-layers", "1", "--variant", "sa",
+            "--batch", "1", "--steps", "1", "--latent", "8", "--optimizer", "sgd", "--threads", "1"],
     }
 
 
@@ -124,11 +128,30 @@ def test_step_benchmark_lora_worker_times_both_lora_steps(report):
     assert report["penalty_state_bytes"] > 0 and report["penalty_seconds_per_step"] > 0
 
 
+def test_step_benchmark_flux_worker_times_the_sa_step(report):
+    # step.py --worker on TINY_FLUX_TRANSFORMER: packed latents, guidance, the flow-matching loss.
+    assert report["sa_seconds_per_step"] > 0 and report["plain_seconds_per_step"] > 0
+    assert report["trainable_parameters"] == report["unet_parameters"]  # full weights: all of them
+    assert report["penalty_state_bytes"] == 2 * report["param_bytes"]  # fp32 F and theta*
+
+
+def test_step_benchmark_transformer_conditioning_has_the_families_text_lengths():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(ROOT / "benchmarks"))
+        from unets import FLUX1_TRANSFORMER, SD3_MEDIUM_TRANSFORMER, random_conditioning
+    sd3 = random_conditioning(SD3_MEDIUM_TRANSFORMER, 2, torch.Generator().manual_seed(0), 128)
+    assert {k: tuple(v.shape) for k, v in sd3.items()} == {"encoder_hidden_states": (2, 77 + 256, 4096),
+                                                            "pooled_projections": (2, 2048)}
+    flux = random_conditioning(FLUX1_TRANSFORMER, 2, torch.Generator().manual_seed(0), 128)
+    assert tuple(flux["encoder_hidden_states"].shape) == (2, 512, 4096) and flux["guidance"].tolist() == [3.5, 3.5]
+
+
 @pytest.mark.slow
 def test_step_benchmark_reports_ratios(tiny_model):
-    # The architecture rows build the full SD v1.4 and SDXL UNets: minutes and up to ~18 GB each.
-    report = process("step.py", "--model", tiny_model, "--skip-sd14", "--skip-sdxl", "--batch", "2", "--steps", "1",
-                     "--threads", "1")
+    # The architecture rows build the full SD v1.4 and SDXL UNets and the SD3 and Flux transformers:
+    # minutes and up to ~18 GB each.
+    report = process("step.py", "--model", tiny_model, "--skip-sd14", "--skip-sdxl", "--skip-sd3", "--skip-sd3-reduced",
+                     "--skip-flux", "--batch", "2", "--steps", "1", "--threads", "1")
     assert {"time_ratio", "extra_peak_mem_over_param_bytes", "time_ratio_bf16"} <= set(report)
     lora = report["lora"]
     assert lora["rank"] == 8 and 0 < lora["trainable_parameters"] < report["trainable_parameters"]
