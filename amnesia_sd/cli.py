@@ -199,10 +199,11 @@ def fim(
     timestep_batch_size: Annotated[Optional[int], typer.Option(help="Timesteps per forward pass; bounds the activation memory, never changes the Fisher. [default: the largest that fits --max-memory, up to 100]")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Trade compute for memory (large timestep batches at full size).")] = None,
     fim_dtype: Annotated[Optional[str], typer.Option(help="Storage dtype: fp32, bf16 or fp16. [default: fp32]")] = None,
+    lora_targets: Annotated[Optional[str], typer.Option(help="Only the weights of these layers (comma-separated, as forget --lora-targets), on the base in the --mixed-precision dtype: the Fisher of LoRA runs, and what fits one GPU for FLUX.1 or SD3.5 large. [default: every parameter]")] = None,
     num_inference_steps: Steps = None, guidance_scale: Guidance = None, resolution: Resolution = None,
     seed: Seed = None, batch_size: BatchSize = None, max_memory: MaxMemory = None, mixed_precision: Precision = None, overwrite: Overwrite = False,
 ):
-    """Compute the diagonal Fisher information of the base UNet, once per base model.
+    """Compute the diagonal Fisher information of the base denoiser, once per base model.
 
     Example: amnesia-sd fim --model CompVis/stable-diffusion-v1-4 --replay-dir replay --output fim.safetensors
     """
@@ -213,7 +214,7 @@ def fim(
     cli = {"model": model, "output": str(output), "replay_dir": str(replay_dir) if replay_dir else None,
            "prompts_file": str(prompts) if prompts else None, "num_images": num_images,
            "num_timesteps": num_timesteps, "timestep_batch_size": timestep_batch_size,
-           "gradient_checkpointing": gradient_checkpointing, "fim_dtype": fim_dtype,
+           "gradient_checkpointing": gradient_checkpointing, "fim_dtype": fim_dtype, "lora_targets": lora_targets,
            "overwrite": overwrite,
            **_generation(num_inference_steps, guidance_scale, resolution, seed, batch_size, mixed_precision, max_memory)}
     config = FimConfig(**{k: v for k, v in cli.items() if v is not None})
@@ -529,6 +530,7 @@ def demo(
     sequential_fisher: Annotated[str, typer.Option(help="With --sequential: each later run's Fisher and replay set, 'reuse' (the base model's) or 'recompute' (on the model being trained).")] = "reuse",
     surrogate: Annotated[str, typer.Option(help="'noise' (uniform noise images, as the paper) or another digit.")] = "noise",
     output_dir: Annotated[Path, typer.Option(help="Where metrics.json, grid.png, sa/ and naive/ go.")] = Path("demo-output"),
+    model: Annotated[str, typer.Option("--model", help="digits (the UNet model) or digits-sd3 (the SD3-shaped flow-matching model).")] = "digits",
     samples_per_digit: Annotated[int, typer.Option(help="Evaluation samples per digit.")] = 100,
     max_train_steps: Annotated[Optional[int], typer.Option(help="Forgetting steps (SA and naive alike), per run. [default: 400 per digit forgotten in one run; 400 per run with --sequential]")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every step.")] = 0,
@@ -550,7 +552,7 @@ def demo(
 
     _quiet_libraries()
     metrics = run_demo(DemoConfig(digit=digit or [0], sequential=sequential, sequential_fisher=sequential_fisher,
-                                  surrogate=surrogate, output_dir=str(output_dir),
+                                  surrogate=surrogate, output_dir=str(output_dir), model=model,
                                   samples_per_digit=samples_per_digit, max_train_steps=max_train_steps, seed=seed,
                                   lora_rank=lora_rank, overwrite=overwrite, attack=attack,
                                   **{k: v for k, v in (("attack_steps", attack_steps),

@@ -1,7 +1,9 @@
 """Memory plan: what `forget` holds on the GPU before activations, for the SD v1.4 and SDXL base
-UNets, per --train-method and LoRA, with the settings that shrink it. Computed by the same function
-as forget's preflight line (amnesia_sd.model.training_memory.memory_parts) on UNets built on the meta device (no
-weights, no download, a second), so the README's table is the code's.
+UNets per --train-method, the SD3-medium, SD3.5-large and FLUX.1 transformers (--train-method full:
+the UNet's xattn/noxattn have no meaning there), and LoRA, with the settings that shrink it.
+Computed by the same function as forget's preflight line
+(amnesia_sd.model.training_memory.memory_parts) on denoisers built on the meta device (no weights, no
+download, seconds), so the docs' tables are the code's.
 
     python benchmarks/memory.py
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from unets import SD14_UNET, SDXL_UNET
+from unets import FLUX1_TRANSFORMER, SD3_MEDIUM_TRANSFORMER, SD14_UNET, SD35_LARGE_TRANSFORMER, SDXL_UNET
 
 GB = 1e9
 SETTINGS = {  # name -> (--fim-dtype, --use-8bit-adam)
@@ -20,20 +22,20 @@ SETTINGS = {  # name -> (--fim-dtype, --use-8bit-adam)
 }
 
 
-def plan(config: dict, lora_rank: int = 8) -> dict:
+def plan(config: dict, denoiser: str = "UNet2DConditionModel", lora_rank: int = 8) -> dict:
+    import diffusers
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
 
     from amnesia_sd.model.training_memory import fits, memory_parts
     from amnesia_sd.model.trainable import lora_modules, trainable_names
 
     with init_empty_weights():
-        unet = UNet2DConditionModel(**config)
+        unet = getattr(diffusers, denoiser)(**config)
     sizes = {name: p.numel() for name, p in unet.named_parameters()}
     modules = dict(unet.named_modules())
     n_all = sum(sizes.values())
     rows = {}
-    for method in ("full", "noxattn", "xattn"):
+    for method in ("full", "noxattn", "xattn") if denoiser == "UNet2DConditionModel" else ("full",):
         n = sum(sizes[k] for k in trainable_names(unet, method))
         rows[method] = {"trained_parameters": n}
         for name, (fim_dtype, adam8) in SETTINGS.items():
@@ -54,12 +56,14 @@ def plan(config: dict, lora_rank: int = 8) -> dict:
     # --mixed-precision bf16: LoRA keeps the frozen base in bf16
     total = sum(memory_parts(n_all, n_lora, 2 * n_adapted, True, False, weight_bytes=2).values())
     rows[key]["bf16 Fisher, 8-bit AdamW, --mixed-precision bf16"] = {"gb": round(total / GB, 1), "gpu": fits(total)}
-    return {"unet_parameters": n_all, "before_activations": rows}
+    return {"denoiser": denoiser, "unet_parameters": n_all, "before_activations": rows}
 
 
 def main() -> None:
-    print(json.dumps({"benchmark": "memory", "gb": "10^9 bytes", "sd14": plan(SD14_UNET), "sdxl": plan(SDXL_UNET)},
-                     indent=2))
+    print(json.dumps({"benchmark": "memory", "gb": "10^9 bytes", "sd14": plan(SD14_UNET), "sdxl": plan(SDXL_UNET),
+                      "sd3_medium": plan(SD3_MEDIUM_TRANSFORMER, "SD3Transformer2DModel"),
+                      "sd35_large": plan(SD35_LARGE_TRANSFORMER, "SD3Transformer2DModel"),
+                      "flux1_dev": plan(FLUX1_TRANSFORMER, "FluxTransformer2DModel")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,14 @@ SD3_MEDIUM_TRANSFORMER = dict(
     pos_embed_max_size=192,
 )
 
+# The transformer of stabilityai/stable-diffusion-3.5-large (its transformer/config.json): 8.1B
+# parameters, 38 joint blocks 2432 wide, RMS qk-norm.
+SD35_LARGE_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+    num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
+    pos_embed_max_size=192, qk_norm="rms_norm",
+)
+
 # The transformer of black-forest-labs/FLUX.1-dev (its transformer/config.json): 11.9B parameters, 19
 # double-stream and 38 single-stream blocks 3072 wide; latents packed in 2x2 patches (64 = 4 x 16 channels).
 FLUX1_TRANSFORMER = dict(

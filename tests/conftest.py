@@ -101,3 +101,10 @@ def tiny_flux_model(tmp_path_factory):
     from tiny import build_tiny_flux_pipeline
 
     return build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux") / "flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_model(tmp_path_factory):
+    from tiny import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-schnell") / "schnell", guidance=False)

@@ -155,7 +155,8 @@ def test_short_lora_demo(tmp_path):
     assert metrics["settings"]["learning_rate"] == 5e-3 and set(metrics["sa"]) == KEYS
     for name in ("sa", "naive"):
         record = json.loads((out / name / "amnesia.json").read_text())
-        assert record["lora"]["rank"] == 2 and record["settings"]["lora_targets"] == DemoConfig.lora_targets
+        assert record["lora"]["rank"] == 2 and record["settings"]["lora_targets"] == metrics["settings"]["lora_targets"]
+        assert record["settings"]["lora_targets"] == "to_q,to_k,to_v,to_out.0,conv1,conv2"  # the UNet digits model
         assert not (out / name / "unet").exists()
     assert metrics["adapter_bytes"] == (out / "sa" / "pytorch_lora_weights.safetensors").stat().st_size
     assert "LoRA rank 2: the adapter is" in format_table(metrics)

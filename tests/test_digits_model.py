@@ -193,6 +193,26 @@ def test_shipped_model_meets_the_quality_bar_and_is_the_default(classifier):
     assert digits.ensure_digits_model(progress=False) == digits.SHIPPED_MODEL  # nothing to build
 
 
+def test_shipped_sd3_model_is_a_plain_sd3_pipeline_that_draws_the_digits(classifier):
+    """`--model digits-sd3`: StableDiffusion3Pipeline.from_pretrained loads it as it is (its own
+    flow-matching scheduler, the 256 T5 rows by default), and it draws the digit it is asked for."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from amnesia_sd.model.loading import resolve_model
+
+    shipped = digits.SHIPPED_MODELS["sd3"]
+    record = json.loads((shipped / "digits.json").read_text())
+    assert record["seed"] == 0 and record["architecture"] == "sd3"
+    assert min(record["evaluation"][p]["min_accuracy"] for p in ("train_prompts", "heldout_prompts")) >= 0.85
+    assert resolve_model("digits-sd3").location == str(shipped)
+    pipe = StableDiffusion3Pipeline.from_pretrained(shipped)
+    pipe.set_progress_bar_config(disable=True)
+    for prompts_for in (digits.train_prompts, digits.heldout_prompts):
+        result = digits.evaluate_digits(pipe, prompts_for, samples_per_digit=2, num_inference_steps=20,
+                                        classifier=classifier)
+        assert sum(r["accuracy"] for r in result.values()) / 10 >= 0.9, (prompts_for.__name__, result)
+
+
 @pytest.mark.slow
 def test_build_reproduces_the_shipped_model(tmp_path):
     """`amnesia-sd digits build` (seed 0) gives the shipped weights, bit for bit, on this machine kind."""

@@ -27,9 +27,10 @@ PROMPTS = ["", "a photo of a dog in a house", *concept_prompts(["Brad Pitt"], Tr
            "a painting of a tree " * 8]  # the last is longer than CLIP's 16-token window here
 
 
-@pytest.fixture(params=["sd3", "flux"])
-def flow_model(request, tiny_sd3_model, tiny_flux_model):
-    return {"sd3": tiny_sd3_model, "flux": tiny_flux_model}[request.param]
+@pytest.fixture(params=["sd3", "flux", "flux-schnell"])
+def flow_model(request, tiny_sd3_model, tiny_flux_model, tiny_flux_schnell_model):
+    """Tiny SD3, FLUX.1 dev (guidance embedding) and FLUX.1 schnell (none) pipelines."""
+    return {"sd3": tiny_sd3_model, "flux": tiny_flux_model, "flux-schnell": tiny_flux_schnell_model}[request.param]
 
 
 def test_conditioning_is_what_encode_prompt_makes(flow_model):
@@ -51,6 +52,22 @@ def test_conditioning_is_what_encode_prompt_makes(flow_model):
         assert torch.equal(ours["encoder_hidden_states"], embeds) and torch.equal(ours["pooled_projections"], pooled)
 
 
+def test_what_no_text_encoder_reads_is_what_t5s_window_cuts(flow_model):
+    """A phrasing past CLIP's window still reaches the transformer through T5: only what T5 cuts is lost."""
+    pipe = load_pipeline(resolve_model(str(flow_model)))
+    family = family_of(pipe)
+    t5 = getattr(pipe, family.tokenizers[-1])
+    assert family.window(pipe) == family.max_sequence_length
+    within = "a painting of a tree " * 8  # past CLIP's 16 tokens here, inside T5's window
+    assert len(pipe.tokenizer(within).input_ids) > pipe.tokenizer.model_max_length
+    assert family.beyond_window(pipe, within) == ""
+    long = " ".join(f"tree{i % 10}" for i in range(family.max_sequence_length))  # several T5 tokens per word
+    dropped = family.beyond_window(pipe, long)
+    kept = t5(long, max_length=family.max_sequence_length, truncation=True).input_ids[:-1]  # without </s>
+    assert dropped and t5.decode(kept + t5(dropped, add_special_tokens=False).input_ids).replace(" ", "") == \
+        long.replace(" ", "")
+
+
 def _direct_loss(pipe, family, latents, noise, index, text, guidance):
     """The flow-matching loss written out as diffusers' SD3 and Flux training scripts compute it."""
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -65,7 +82,8 @@ def _direct_loss(pipe, family, latents, noise, index, text, guidance):
         packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
         image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", latents.dtype)
         text_ids = torch.zeros(text["encoder_hidden_states"].shape[1], 3)
-        out = pipe.transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+        out = pipe.transformer(hidden_states=packed, timestep=timesteps / 1000,
+                               guidance=guidance if pipe.transformer.config.guidance_embeds else None,
                                pooled_projections=text["pooled_projections"],
                                encoder_hidden_states=text["encoder_hidden_states"], txt_ids=text_ids,
                                img_ids=image_ids).sample
@@ -243,3 +261,43 @@ def test_flow_families_refuse_what_they_do_not_have(tiny_flux_model, tmp_path):
     done = run_command(*common, "--unconditional-replay", "0.1", cwd=tmp_path, code=2)
     assert "--unconditional-replay is not supported on this FLUX.1 pipeline" in done.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_the_fisher_of_a_lora_run_covers_its_adapted_layers_on_a_16_bit_base(tiny_flux_model, tmp_path):
+    """What makes FLUX.1 fit one GPU: `fim --lora-targets` and `forget --lora-rank` without --fim hold
+    the gradient and sum of the adapted weights alone, the base in the mixed-precision dtype; its
+    entries are the full Fisher's (in float32, exactly those values); forget takes it only for LoRA."""
+    model = str(tiny_flux_model)
+    run_command("replay", "--model", model, "--output-dir", "replay", "--num-images", "2", *QUICK, cwd=tmp_path)
+    fim = ["fim", "--model", model, "--replay-dir", "replay", "--num-timesteps", "4", "--timestep-batch-size", "2"]
+    run_command(*fim, "--output", "full.safetensors", cwd=tmp_path)
+    run_command(*fim, "--output", "lora.safetensors", "--lora-targets", "to_q,to_v", cwd=tmp_path)
+    run_command(*fim, "--output", "lora-bf16.safetensors", "--lora-targets", "to_q,to_v", "--mixed-precision", "bf16",
+                cwd=tmp_path)
+    full, lora = load_file(str(tmp_path / "full.safetensors")), load_file(str(tmp_path / "lora.safetensors"))
+    pipe = load_pipeline(resolve_model(model))
+    adapted = {f"{n}.weight" for n, m in pipe.transformer.named_modules() if n.endswith((".to_q", ".to_v"))}
+    assert set(lora) == adapted and len(full) > len(lora)
+    for name, value in lora.items():
+        torch.testing.assert_close(value, full[name], rtol=1e-5, atol=0)
+    with safe_open(str(tmp_path / "lora-bf16.safetensors"), "pt") as f:
+        meta = f.metadata()
+        assert meta["covers"] == "lora" and meta["lora_targets"] == "to_q,to_v" and meta["weights_dtype"] == "bfloat16"
+        assert set(f.keys()) == adapted
+    common = ["forget", "--model", model, "--concept", "Brad Pitt", "--surrogate", "a man", "--replay-dir", "replay",
+              "--max-train-steps", "2", "--train-batch-size", "1", "--num-surrogate-images", "2", *QUICK]
+    done = run_command(*common, "--fim", "lora.safetensors", "--output-dir", "full-out", cwd=tmp_path, code=2)
+    assert "holds only a LoRA run's adapted layers (--lora-targets to_q,to_v)" in done.output
+    done = run_command(*common, "--fim", "lora.safetensors", "--output-dir", "more", "--lora-rank", "2",
+                       "--lora-targets", "to_q,to_k", cwd=tmp_path, code=2)
+    assert "holds only the entries of a LoRA run's adapted layers (--lora-targets to_q,to_v), not " in done.output
+    assert ".attn.to_k.weight" in done.output
+    assert not list(tmp_path.glob("*out*")) and not (tmp_path / "more").exists()
+    # forget --lora-rank under bf16 without --fim: its own Fisher of the adapted layers, on the bf16 base
+    run_command(*common, "--output-dir", "lora-out", "--lora-rank", "2", "--lora-targets", "to_q,to_v",
+                "--mixed-precision", "bf16", "--learning-rate", "1e-2", cwd=tmp_path)
+    record = json.loads((tmp_path / "lora-out" / "amnesia.json").read_text())
+    meta = record["fim"]["metadata"]
+    assert meta["covers"] == "lora" and meta["weights_dtype"] == "bfloat16" and meta["lora_layers"] == str(len(adapted))
+    adapter = load_file(str(tmp_path / "lora-out" / "pytorch_lora_weights.safetensors"))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in adapter.values())

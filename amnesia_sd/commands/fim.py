@@ -1,5 +1,6 @@
-"""`amnesia-sd fim`: the diagonal Fisher of a model's UNet over its replay set, written once per base
-model and reused for every concept."""
+"""`amnesia-sd fim`: the diagonal Fisher of a model's denoiser over its replay set, written once per
+base model and reused for every concept (with --lora-targets: of the layers LoRA adapts, for LoRA
+runs)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from amnesia_sd.core.paths import Output, check_output, check_overlap
 from amnesia_sd.data.imageset import MANIFEST, generate_image_set, is_cached, is_finished, load_image_set, set_record
 from amnesia_sd.data.prompts import repeat_to, replay_prompts
 from amnesia_sd.method.fisher import FORMAT, fisher_cost, replay_cost, timestep_set, write_fisher_of_set
+from amnesia_sd.model.families import family_of
 from amnesia_sd.model.loading import load_on_device, make_accelerator, model_path
+from amnesia_sd.model.trainable import base_dtype, lora_modules
 
 
 def compute_fim(config) -> Path:
@@ -29,7 +32,10 @@ def compute_fim(config) -> Path:
     if config.replay_dir:
         load_image_set(config.replay_dir)  # a bad set fails before the model loads
     accelerator = make_accelerator(config.mixed_precision)
-    ref, pipe = load_on_device(config.model, accelerator)
+    ref, pipe = load_on_device(config.model, accelerator, base_dtype(bool(config.lora_targets), config.mixed_precision))
+    # --lora-targets: only the layers they adapt (anywhere in the denoiser: --train-method full)
+    lora = (config.lora_targets, lora_modules(family_of(pipe).denoiser_of(pipe), "full", config.lora_target_list())) \
+        if config.lora_targets else None
     steps = len(timestep_set(pipe.scheduler.config.num_train_timesteps, config.num_timesteps))
     if config.replay_dir:
         replay = load_image_set(config.replay_dir, pipe)
@@ -43,5 +49,5 @@ def compute_fim(config) -> Path:
         raise UserError(f"--num-images {config.num_images} is more than the {len(replay.latents)} images of {replay.path}")
     write_fisher_of_set(pipe, ref, replay, config.num_images or len(replay.latents), config.num_timesteps, config.seed,
                         config.timestep_batch_size, config.gradient_checkpointing, accelerator, output,
-                        config.fim_dtype, config.max_memory)
+                        config.fim_dtype, config.max_memory, lora)
     return output

@@ -41,12 +41,12 @@ from amnesia_sd.method.checkpoints import (broken_run, check_digest, check_paths
                                            training_settings, weights_finite)
 from amnesia_sd.method.fisher import fisher_plan, load_fisher, timestep_set
 from amnesia_sd.method.record import FINISHED, recorded_path, write_result
-from amnesia_sd.method.sources import Plan, check_origins, check_sequence, earlier_sets, preserved
+from amnesia_sd.method.sources import Plan, check_origins, check_sequence, earlier_sets, lora_layers, preserved
 from amnesia_sd.model.diffusion import per_sample_loss
 from amnesia_sd.model.families import Conditioning, check_unconditional_replay, family_of, join, take, to_device
 from amnesia_sd.model.loading import DTYPES, ModelRef, latent_size, load_on_device, make_accelerator
 from amnesia_sd.model.memory import budget, out_of_memory_error, plan_line
-from amnesia_sd.model.trainable import check_rank, lora_modules, make_trainable
+from amnesia_sd.model.trainable import base_dtype, check_rank, lora_modules, make_trainable
 from amnesia_sd.model.training_memory import check_training_memory, preflight
 
 ADVERSARY_EMBEDDINGS = "adversary_embeds.safetensors"  # forget --adversarial: its last token
@@ -130,7 +130,9 @@ def check(config: ForgetConfig) -> Run:
         check_digest(checkpoint)  # before anything in it is read
         check_resume(checkpoint, settings)
     set_seed(config.seed)
-    ref, pipe = load_on_device(config.model, accelerator)  # the UNet trains in float32
+    # Full weights train in float32; a LoRA run under mixed precision keeps its frozen base in 16 bits
+    # from the start (as diffusers' LoRA scripts load it): Flux's 12B in float32 would not fit first.
+    ref, pipe = load_on_device(config.model, accelerator, base_dtype(bool(config.lora_rank), config.mixed_precision))
     family = family_of(pipe)
     config, fisher_meta = check_model(config, ref, pipe, family, given, inherited, ancestors)
     peak = plan_memory(config, pipe, family, accelerator)
@@ -149,7 +151,13 @@ def check_model(config: ForgetConfig, ref: ModelRef, pipe, family, given: dict[s
     whole now; the entries training needs are loaded when it starts) and the given sets fit it and
     come from it; the adapters' layers exist and take the rank; the adversary's initializer is one
     token. Returns the settings (the initializer filled in) and the given Fisher's metadata."""
-    fisher_meta = load_fisher(config.fim, pipe, names=())[1] if config.fim else {}
+    lora = lora_layers(pipe, config)
+    fisher_meta = load_fisher(config.fim, pipe, names=(), require=[f"{m}.weight" for m in lora[1]] if lora else [])[1] \
+        if config.fim else {}
+    if fisher_meta.get("covers") == "lora" and not config.lora_rank:
+        raise UserError(f"Fisher file {config.fim} holds only a LoRA run's adapted layers (--lora-targets "
+                        f"{fisher_meta.get('lora_targets')}): full-weight forgetting needs every parameter's entry; "
+                        "compute it with `amnesia-sd fim` without --lora-targets, or train with --lora-rank")
     for image_set in [*given.values(), *(pair["set"] for pair in inherited)]:
         check_fits(image_set, pipe)
     check_origins(config, ref, pipe, fisher_meta, given, ancestors)
@@ -175,7 +183,7 @@ def check_model(config: ForgetConfig, ref: ModelRef, pipe, family, given: dict[s
         cut = [(p, dropped) for p, dropped in cut if dropped]
         if cut:
             say(f"{len(cut)} prompt(s) of the concept {pair['concept']!r} are longer than the text encoder reads "
-                f"({getattr(pipe, family.tokenizers[-1]).model_max_length} tokens): e.g. {cut[0][1]!r} is dropped "
+                f"({family.window(pipe)} tokens): e.g. {cut[0][1]!r} is dropped "
                 f"from {cut[0][0]!r}")
     return config, fisher_meta
 
@@ -188,8 +196,9 @@ def plan_memory(config: ForgetConfig, pipe, family, accelerator) -> int:
     if not config.fim:
         fim_steps = len(timestep_set(pipe.scheduler.config.num_train_timesteps,
                                      config.fim_num_timesteps or DEFAULT_FIM_TIMESTEPS))
+        lora = lora_layers(pipe, config)
         say(fisher_plan(pipe, latent, fim_steps, None, config.gradient_checkpointing, accelerator.mixed_precision,
-                        config.max_memory, accelerator.device)[1])
+                        config.max_memory, accelerator.device, {f"{m}.weight" for m in lora[1]} if lora else None)[1])
     planned_sampling(pipe, config, accelerator)  # refused now if one image does not fit
     adversary_bytes = 4 * sum(p.numel() for encoder in family.loaded_text_encoders(pipe)
                               for p in encoder.parameters()) if config.adversarial else 0
@@ -327,13 +336,6 @@ class Trainer:
                                         accelerator.device)
         self.params, self.penalty = self.trainable.params, self.trainable.penalty
         self.started_at = fingerprint(self.params)  # a result identical to its start is no result
-        weight_dtype = DTYPES[config.mixed_precision]
-        if config.lora_rank and weight_dtype != torch.float32:
-            # The frozen base in the mixed-precision dtype, as diffusers' LoRA training does: half the
-            # memory; the adapters (and their optimizer) stay fp32.
-            for p in unet.parameters():
-                if not p.requires_grad:
-                    p.data = p.data.to(weight_dtype)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if config.enable_xformers:

@@ -190,6 +190,11 @@ class SetConfig(GenerationSettings):
                "--unconditional-replay is for replay sets; a surrogate set holds its prompt's images only")
 
 
+def comma_list(text: str | None) -> list[str]:
+    """Names given as one comma-separated flag (--lora-targets)."""
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
 @dataclass
 class FimConfig(GenerationSettings):
     """`amnesia-sd fim`: the diagonal Fisher of the base UNet over a replay set."""
@@ -203,12 +208,17 @@ class FimConfig(GenerationSettings):
     timestep_batch_size: int | None = None  # None: the largest that fits the memory budget, up to 100
     gradient_checkpointing: bool = False
     fim_dtype: str = "fp32"
+    # Only the weights of the layers LoRA adapts (a LoRA run reads no other entry), on the base in
+    # the mixed-precision dtype: what makes the Fisher of FLUX.1 or SD3.5 large fit one GPU.
+    lora_targets: str | None = None
     overwrite: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(bool(self.model), "--model is required (a hub id, a diffusers folder or a .safetensors/.ckpt file)")
         _check(bool(self.output), "--output is required (the Fisher's .safetensors file)")
+        _check(self.lora_targets is None or bool(self.lora_target_list()),
+               "--lora-targets is empty: give layer names separated by commas, e.g. to_q,to_k,to_v,to_out.0")
         _check(self.output.endswith(".safetensors"), f"--output must end in .safetensors, got {self.output!r}")
         _check_positive("num_images", self.num_images)
         _check_positive("num_timesteps", self.num_timesteps)
@@ -219,6 +229,9 @@ class FimConfig(GenerationSettings):
         _check(not (self.replay_dir and self.prompts_file),
                "--prompts and --replay-dir cannot be combined: --prompts is for generating a replay set, "
                "--replay-dir uses a finished one")
+
+    def lora_target_list(self) -> list[str]:
+        return comma_list(self.lora_targets)
 
 
 @dataclass
@@ -370,7 +383,7 @@ class ForgetConfig(GenerationSettings):
         return [c for p in self.concepts for c in split_concepts(p["concept"])]
 
     def lora_target_list(self) -> list[str]:
-        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        return comma_list(self.lora_targets)
 
     def lora_alpha_value(self) -> float:
         return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)

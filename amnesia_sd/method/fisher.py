@@ -132,9 +132,10 @@ def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], dtype: str, m
     write_safetensors(path, tensors, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
 
 
-def load_fisher(path: str | Path, pipe, names=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Check a Fisher file was made for this pipeline's architecture, covers exactly its UNet's
-    parameters, shape for shape, and holds valid values (finite, >= 0, floating point); return the
+def load_fisher(path: str | Path, pipe, names=None, require=()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Check a Fisher file was made for this pipeline's architecture, covers exactly its denoiser's
+    parameters (a LoRA run's Fisher: the adapted layers' weights, and at least `require` and
+    `names`), shape for shape, and holds valid values (finite, >= 0, floating point); return the
     entries of `names` (default: all). Entries are read one at a time: the others are never held."""
     path = Path(path)
     if not path.is_file():
@@ -154,8 +155,18 @@ def load_fisher(path: str | Path, pipe, names=None) -> tuple[dict[str, torch.Ten
                                 f"({metadata.get('base_model', 'unknown')}), this model is {family.title}: "
                                 "run `amnesia-sd fim` for this one")
             expected = {name: tuple(p.shape) for name, p in family.denoiser_of(pipe).named_parameters()}
-            missing = sorted(set(expected) - set(shapes))
             extra = sorted(set(shapes) - set(expected))
+            missing = sorted(set(expected) - set(shapes))
+            if metadata.get("covers") == "lora" and not extra:  # the adapted layers' entries only
+                needed = set(require) | set(names or ())
+                absent = sorted(needed - set(shapes))
+                if absent:
+                    raise UserError(
+                        f"Fisher file {path} holds only the entries of a LoRA run's adapted layers (--lora-targets "
+                        f"{metadata.get('lora_targets')}), not {absent[0]} ({len(absent)} missing), which this run "
+                        "trains: compute it with `amnesia-sd fim` with this run's --lora-targets, or without "
+                        "--lora-targets for every parameter")
+                missing = []
             if missing or extra:
                 example = (missing or extra)[0]
                 raise UserError(
@@ -203,6 +214,7 @@ def fisher_metadata(pipe, scheduler, base_model: str, num_samples: int, timestep
     return {
         # The precision of its forward and backward passes ('no': float32; 'fp16' with loss scaling).
         "mixed_precision": mixed_precision,
+        "weights_dtype": str(family.denoiser_of(pipe).dtype).removeprefix("torch."),
         "base_model": base_model,
         "architecture": family.name,
         "unet_config_hash": unet_config_hash(family.denoiser_of(pipe)),
@@ -227,27 +239,39 @@ def replay_cost(images: int, settings, cached: bool) -> tuple[str, int | None]:
 
 def fisher_plan(pipe, latent: tuple[int, int], num_timesteps: int, timestep_batch_size: int | None,
                 gradient_checkpointing: bool, mixed_precision: str, max_memory: str | None,
-                device) -> tuple[int, str, int]:
+                device, covered: set[str] | None = None) -> tuple[int, str, int]:
     """The Fisher's timestep batch (the largest that fits the budget unless given) and its plan in
-    words and its predicted peak: what it holds besides activations is the UNet, the text encoders,
-    the gradient and the float32 sum of squares."""
+    words and its predicted peak: what it holds besides activations is the denoiser, the text
+    encoders, and the gradient and the float32 sum of squares of what it covers (`covered`: a LoRA
+    run's adapted weights; None: every parameter)."""
     family = family_of(pipe)
     unet = family.denoiser_of(pipe)
-    n = sum(p.numel() for p in unet.parameters())
-    resident = weight_bytes(unet, *family.loaded_text_encoders(pipe)) + 8 * n
+    n = sum(p.numel() for name, p in unet.named_parameters() if covered is None or name in covered)
+    # the gradient in the weights' dtype, its float32 copy when that is 16-bit, the float32 sum
+    grad = unet.dtype.itemsize + (4 if unet.dtype != torch.float32 else 0)
+    resident = weight_bytes(unet, *family.loaded_text_encoders(pipe)) + (grad + 4) * n
     limit = budget(max_memory, device)
     chunk, peak = fisher_chunk(family, unet, latent, num_timesteps, mixed_precision, gradient_checkpointing,
                                resident, limit, timestep_batch_size, DEFAULT_TIMESTEP_BATCH)
-    detail = f"{chunk} timestep(s) per pass (UNet, text encoders, gradient and sum {gib(resident)})"
+    detail = (f"{chunk} timestep(s) per pass ({type(unet).__name__}, text encoders, gradient and sum of "
+              f"{'every parameter' if covered is None else 'the adapted layers'} {gib(resident)})")
     return chunk, plan_line("the Fisher", detail, peak, limit), peak
 
 
 def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None, seed: int,
                         timestep_batch_size: int | None, gradient_checkpointing: bool, accelerator, output: Path,
-                        dtype: str = "fp32", max_memory: str | None = None) -> None:
-    """The Fisher of the loaded base UNet over the first `count` images of a replay set, written
-    to `output` by the first process (processes share the samples)."""
+                        dtype: str = "fp32", max_memory: str | None = None, lora: tuple[str, list[str]] | None = None,
+                        ) -> None:
+    """The Fisher of the loaded base denoiser over the first `count` images of a replay set, written
+    to `output` by the first process (processes share the samples). With `lora` (--lora-targets as
+    given, the layers they adapt), only those layers' weights, what a LoRA run's penalty reads: the
+    gradient and the sum of squares of those alone."""
     family = family_of(pipe)
+    denoiser = family.denoiser_of(pipe)
+    covered = {f"{m}.weight" for m in lora[1]} if lora else None
+    if covered is not None:
+        for name, p in denoiser.named_parameters():
+            p.requires_grad_(name in covered)
     scheduler = family.training_scheduler(pipe.scheduler.config)
     timesteps = timestep_set(scheduler.config.num_train_timesteps, num_timesteps)
     for encoder in family.loaded_text_encoders(pipe):
@@ -255,7 +279,7 @@ def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None
     pipe.vae.to("cpu")  # latents are cached: the VAE has nothing to do here
     timestep_batch_size, said, predicted = fisher_plan(
         pipe, tuple(replay.latents.shape[2:]), len(timesteps), timestep_batch_size, gradient_checkpointing,
-        accelerator.mixed_precision, max_memory, accelerator.device)
+        accelerator.mixed_precision, max_memory, accelerator.device, covered)
     say(said)
     if gradient_checkpointing:  # activations of a whole timestep batch: trade compute for memory
         family.denoiser_of(pipe).enable_gradient_checkpointing()
@@ -279,5 +303,8 @@ def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None
     if accelerator.is_main_process:
         meta = fisher_metadata(pipe, scheduler, ref.identity, count, timesteps, seed, str(replay.path),
                                accelerator.mixed_precision)
+        if covered is not None:
+            meta.update(covers="lora", lora_targets=lora[0], lora_layers=str(len(lora[1])))
         save_fisher(output, fisher, dtype, meta)
+    denoiser.requires_grad_(True)
     accelerator.wait_for_everyone()

@@ -25,6 +25,7 @@ from amnesia_sd.method.checkpoints import result_output
 from amnesia_sd.method.fisher import fisher_cost, replay_cost, timestep_set, write_fisher_of_set
 from amnesia_sd.model.families import family_of
 from amnesia_sd.model.loading import ModelRef, model_path, origin, origin_mismatches
+from amnesia_sd.model.trainable import lora_modules
 
 
 def same_set(copy: Path, source: Path) -> bool:
@@ -172,19 +173,40 @@ class Plan:
                                   "concept", accelerator, reuse=True)
 
     def fisher(self, replay: ImageSet, accelerator) -> Path:
-        """The cached Fisher over `replay`: reused when its recorded settings match, else made now."""
+        """The cached Fisher over `replay`: reused when its recorded settings match, else made now. A
+        LoRA run reads only its adapted layers' entries: a cached Fisher of every parameter serves it
+        too; else it makes one of those layers alone, on its base as loaded (16-bit under mixed precision)."""
         config = self.config
         wanted = {"num_samples": str(self.fim_count), "num_timesteps": str(self.fim_steps), "seed": str(config.seed),
                   "replay_set": str(replay.path), "mixed_precision": accelerator.mixed_precision}
-        path = self.entry / f"fim-{digest(wanted)}.safetensors"
-        if path.is_file():
-            with safe_open(str(path), framework="pt") as f:
-                if all((f.metadata() or {}).get(k) == v for k, v in wanted.items()):
+        lora = lora_layers(self.pipe, config)
+        candidates = [wanted]
+        if lora is not None:
+            candidates.append({**wanted, "covers": "lora", "lora_targets": lora[0], "lora_layers": str(len(lora[1])),
+                               "weights_dtype": str(family_of(self.pipe).denoiser_of(self.pipe).dtype).removeprefix(
+                                   "torch.")})
+        for settings in candidates:
+            path = self.entry / f"fim-{digest(settings)}.safetensors"
+            if path.is_file():
+                with safe_open(str(path), framework="pt") as f:
+                    metadata = f.metadata() or {}
+                if all(metadata.get(k) == v for k, v in settings.items()) and metadata.get("covers") == settings.get(
+                        "covers"):
                     return path
+        path = self.entry / f"fim-{digest(candidates[-1])}.safetensors"  # the run's own kind
         self.fim_made = True
         write_fisher_of_set(self.pipe, self.ref, replay, self.fim_count, self.fim_steps, config.seed,
-                            None, config.gradient_checkpointing, accelerator, path, max_memory=config.max_memory)
+                            None, config.gradient_checkpointing, accelerator, path, max_memory=config.max_memory,
+                            lora=lora)
         return path
+
+
+def lora_layers(pipe, config: ForgetConfig) -> tuple[str, list[str]] | None:
+    """A LoRA run's --lora-targets and the layers they adapt (what its Fisher covers); None otherwise."""
+    if not config.lora_rank:
+        return None
+    return config.lora_targets, lora_modules(family_of(pipe).denoiser_of(pipe), config.train_method,
+                                             config.lora_target_list())
 
 
 def check_origins(config: ForgetConfig, ref: ModelRef, pipe, fisher_meta: dict, sets: dict[str, ImageSet],

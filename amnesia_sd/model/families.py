@@ -57,11 +57,17 @@ class StableDiffusion:
         """The pipeline's unconditional branch encodes "" (what --unconditional-replay trains)."""
         return True
 
+    def window(self, pipe) -> int:
+        """The most tokens of a prompt any text encoder reads (CLIP: 77; with T5: max_sequence_length)."""
+        return self.max_sequence_length or getattr(pipe, self.tokenizers[-1]).model_max_length
+
     def beyond_window(self, pipe, prompt: str) -> str:
-        """The end of `prompt` that the text encoders never see (CLIP reads 77 tokens), or ''."""
-        tokenizer = getattr(pipe, self.tokenizers[-1])
-        ids = tokenizer(prompt, truncation=False).input_ids  # with the start and end tokens
-        limit = tokenizer.model_max_length
+        """The end of `prompt` that no text encoder sees, or ''."""
+        tokenizer, limit = getattr(pipe, self.tokenizers[-1], None), self.window(pipe)
+        if tokenizer is None:  # SD3 without T5: CLIP's window
+            tokenizer = pipe.tokenizer
+            limit = tokenizer.model_max_length
+        ids = tokenizer(prompt, truncation=False).input_ids  # with the start and end tokens (T5: the end)
         return tokenizer.decode(ids[limit - 1 : -1]).strip() if len(ids) > limit else ""
 
     def pipeline_class(self):
@@ -283,15 +289,6 @@ class FlowMatching(StableDiffusion):
         ids = tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
                         add_special_tokens=True, return_tensors="pt").input_ids
         return encoder(ids.to(encoder.device))[0]
-
-    def beyond_window(self, pipe, prompt: str) -> str:
-        """What CLIP drops (77 tokens) when T5 (max_sequence_length) still reads it is not lost: the
-        end of the prompt that no text encoder reads."""
-        t5 = getattr(pipe, self.tokenizers[-1], None)
-        if t5 is None:
-            return super().beyond_window(pipe, prompt)
-        ids = t5(prompt, truncation=False).input_ids  # with the end token
-        return t5.decode(ids[self.max_sequence_length - 1 : -1]).strip() if len(ids) > self.max_sequence_length else ""
 
 
 class StableDiffusion3(FlowMatching):

@@ -112,6 +112,9 @@ class LoraAdapters:
             a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             entries.append((a, b, fisher.pop(f"{name}.weight").to(device, fisher_dtype), self.scale))
         self.params = [p for entry in entries for p in entry[:2]]
+        with torch.no_grad():  # adapters (and their optimizer) in float32 on a 16-bit frozen base (base_dtype)
+            for p in self.params:
+                p.data = p.data.float()
         self.penalty = LoraPenalty(entries, config.lambda_ewc)
         self.penalty_bytes = (2 if config.fim_dtype != "fp32" else 4) * sum(e[2].numel() for e in entries)
 
@@ -147,6 +150,13 @@ class LoraAdapters:
         family.pipeline_class().save_lora_weights(str(work), **{family.lora_layers: self.lora_state(unet)},
                                                   safe_serialization=True)
         usual_mode(work / LORA_WEIGHTS)
+
+
+def base_dtype(lora: bool, mixed_precision: str) -> torch.dtype:
+    """The dtype the base model loads in: float32 when its weights train (and their Fisher is the
+    float32 model's); under LoRA, the frozen base (and the Fisher of its adapted layers) in the
+    mixed-precision dtype, as diffusers' LoRA scripts load it: FLUX.1's 12B would not fit in float32."""
+    return DTYPES[mixed_precision] if lora else torch.float32
 
 
 def make_trainable(unet, config, load_fisher, device):

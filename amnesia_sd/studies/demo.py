@@ -58,6 +58,7 @@ class DemoConfig:
     sequential_fisher: str = "reuse"
     surrogate: str = "noise"  # uniform noise images (the paper), or another digit "0".."9"
     output_dir: str = "demo-output"
+    model: str = "digits"  # the UNet digits model, or "digits-sd3": the SD3-shaped flow-matching one
     samples_per_digit: int = SAMPLES_PER_DIGIT
     replay_per_digit: int = 50
     surrogate_images: int = 500
@@ -73,7 +74,7 @@ class DemoConfig:
     learning_rate: float | None = None
     lr_warmup_steps: int = 0
     lora_rank: int | None = None  # SA and naive train LoRA adapters of this rank instead of the UNet
-    lora_targets: str = "to_q,to_k,to_v,to_out.0,conv1,conv2"
+    lora_targets: str | None = None  # None: the attention layers, and the UNet's convolutions (conv1, conv2)
     # The paper's lambda = 50 is for SD v1.4. This 1M-parameter model's Fisher is orders of magnitude
     # larger per parameter: at lambda >= 0.01 EWC holds it too close to theta* to forget in 400 steps.
     lambda_ewc: float = 1e-4
@@ -115,6 +116,12 @@ class DemoConfig:
         _check(not self.sequential or len(self.digit) > 1, "--sequential forgets several digits one after another: "
                                                            "give --digit more than once")
         _check_choice("sequential_fisher", self.sequential_fisher, ("reuse", "recompute"))
+        _check_choice("model", self.model, tuple(digits.SPECS))
+        _check(not self.attack or digits.SPECS[self.model] == "sd",
+               f"--attack also trains --train-method xattn, a UNet's cross-attention, which --model {self.model}'s "
+               "transformer does not have: leave out --attack, or use --model digits")
+        if self.lora_targets is None:
+            self.lora_targets = "to_q,to_k,to_v,to_out.0" + (",conv1,conv2" if digits.SPECS[self.model] == "sd" else "")
         _check(
             self.surrogate == "noise" or (self.surrogate.isdigit() and len(self.surrogate) == 1),
             f"--surrogate must be 'noise' or a digit 0..9, got {self.surrogate!r}",
@@ -355,7 +362,7 @@ def measure_models(context: DemoContext, models: dict[str, str], classifier, wor
 
 def demo_context(config: DemoConfig, accelerator) -> DemoContext:
     """The demo's sampling settings and where its cached sets live, for the digits model."""
-    base = digits.ensure_digits_model()
+    base = digits.ensure_digits_model(family=digits.SPECS[config.model])
     settings = GenerationSettings(num_inference_steps=config.num_inference_steps,
                                   guidance_scale=config.guidance_scale, seed=config.seed, batch_size=config.batch_size)
     cache = digits.cache_dir() / "demo"
@@ -369,9 +376,8 @@ def demo(config: DemoConfig) -> dict:
     Fisher are caches of the base model (in the amnesia-sd cache), reused by later demos."""
     started = time.time()
     out = Path(config.output_dir)
-    guard([Output("--output-dir", out, "metrics.json", "demo")], {"the digits model": digits.ensure_digits_model()},
-          config.overwrite)
     context = demo_context(config, make_accelerator())
+    guard([Output("--output-dir", out, "metrics.json", "demo")], {"the digits model": context.base}, config.overwrite)
     base, accelerator = context.base, context.accelerator
     ref, pipe = load_on_device(str(base), accelerator)
     sets = base_sets(context, ref, pipe)
