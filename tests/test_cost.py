@@ -30,14 +30,14 @@ def said_after_first_batch(capsys, monkeypatch, total, done, seconds, passes_per
 def test_first_batch_of_a_one_image_job_says_it_finished_at_a_readable_rate(capsys, monkeypatch):
     # one image x 50 timesteps in 3 minutes: 0.28 passes/s would print as "0.3" (or "0.0" when slower)
     assert said_after_first_batch(capsys, monkeypatch, 1, 1, 180, 50) == [
-        "Fisher: finished in 03:00 at 3.6 s per UNet pass"]
+        "Fisher: finished in 03:00 at 3.6 s per denoiser pass"]
 
 
 def test_first_batch_gives_rate_and_time_left(capsys, monkeypatch):
     assert said_after_first_batch(capsys, monkeypatch, 5, 1, 10, 50) == [
-        "Fisher: 5.0 UNet passes/s after the first batch; about 00:40 to go"]
+        "Fisher: 5.0 denoiser passes/s after the first batch; about 00:40 to go"]
     assert said_after_first_batch(capsys, monkeypatch, 5, 1, 100, 10) == [
-        "Fisher: 10.0 s per UNet pass after the first batch; about 06:40 to go"]
+        "Fisher: 10.0 s per denoiser pass after the first batch; about 06:40 to go"]
 
 
 def test_replay_fim_and_eval_announce_their_cost(tiny_model, tmp_path):
@@ -49,19 +49,19 @@ def test_replay_fim_and_eval_announce_their_cost(tiny_model, tmp_path):
     said = run("replay", "--model", tiny_model, "--output-dir", tmp_path / "r", "--num-images", "3",
                "--num-inference-steps", "2", "--batch-size", "2")
     lines = said.splitlines()
-    cost = lines.index("cost of the replay set: 3 images x 2 steps: 12 passes; 12 UNet passes in all (a "
+    cost = lines.index("cost of the replay set: 3 images x 2 steps: 12 passes; 12 denoiser passes in all (a "
                        "forward+backward pass costs about 3 forward passes); rate and ETA follow the first batch")
-    rate = [i for i, line in enumerate(lines) if "UNet passes/s after the first batch" in line]
+    rate = [i for i, line in enumerate(lines) if "denoiser passes/s after the first batch" in line]
     assert len(rate) == 1 and rate[0] > cost and lines[rate[0]].startswith("replay images: ")
     said = run("fim", "--model", tiny_model, "--replay-dir", tmp_path / "r", "--output", tmp_path / "f.safetensors",
                "--num-timesteps", "4", "--timestep-batch-size", "2")
     assert "cost of fim: Fisher (3 samples x 4 timesteps, forward+backward): 12 passes;" in said
-    assert "Fisher: " in said and "UNet passes/s after the first batch" in said
+    assert "Fisher: " in said and "denoiser passes/s after the first batch" in said
     said = run("forget", "--model", tiny_model, "--concept", "brad pitt", "--surrogate-dir", tmp_path / "r",
                "--replay-dir", tmp_path / "r", "--fim", tmp_path / "f.safetensors", "--output-dir", tmp_path / "o",
                "--max-train-steps", "2", "--train-batch-size", "1")
     assert ("cost of forget: training (2 steps x 2 images x 1 accumulation, forward+backward): 4 passes; "
-            "4 UNet passes in all") in said
+            "4 denoiser passes in all") in said
     said = run("eval", "--model", tmp_path / "o", "--output-dir", tmp_path / "e", "--num-images", "1",
                "--num-inference-steps", "2", "--detector", "clip", "--clip-model", tmp_path / "no-clip")
     assert "cost of eval: base (4 images x 2 steps): 16 passes; forgotten (4 images x 2 steps): 16 passes;" in said

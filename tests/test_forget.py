@@ -360,8 +360,8 @@ def test_one_command_makes_the_replay_set_and_fisher_once_per_base_model(tiny_mo
     said = capsys.readouterr().out
     assert ("cost of forget: replay set (8 images x 2 steps): 32 passes; surrogate set (2 images x 2 steps): 8 passes; "
             "Fisher (2 samples x 5 timesteps, forward+backward): 10 passes; training (2 steps x 4 images x 1 "
-            "accumulation, forward+backward): 8 passes; 58 UNet passes in all") in said
-    assert "replay images:" in said and "UNet passes/s after the first batch" in said
+            "accumulation, forward+backward): 8 passes; 58 denoiser passes in all") in said
+    assert "replay images:" in said and "denoiser passes/s after the first batch" in said
     record = json.loads((first / "amnesia.json").read_text())
     fim = Path(record["fim"]["path"])
     assert record["fim"]["cached"] and record["fim"]["made_now"] and fim.parent == Path(record["replay_set"]).parent
