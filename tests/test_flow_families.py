@@ -260,6 +260,10 @@ def test_flow_families_refuse_what_they_do_not_have(tiny_flux_model, tmp_path):
     assert "--train-method xattn names a UNet's cross-attention (attn2)" in done.output
     done = run_command(*common, "--unconditional-replay", "0.1", cwd=tmp_path, code=2)
     assert "--unconditional-replay is not supported on this FLUX.1 pipeline" in done.output
+    # the memory plan measures the transformer (packed latents, both kinds of blocks) and refuses before work
+    done = run_command(*common, "--max-memory", "4MB", "--gradient-checkpointing", cwd=tmp_path, code=2)
+    [error] = [line for line in done.output.splitlines() if line.startswith("error:")]
+    assert "training needs about" in error and "the budget is 3.8 MiB" in error and "--lora-rank 8 (" in error
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
