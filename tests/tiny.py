@@ -44,6 +44,15 @@ def build_tiny_pipeline(path: str | Path, prediction_type: str = "epsilon", seed
     return path
 
 
+def _two_clip_tokenizers(path: Path):
+    """The two CLIP tokenizers of SDXL- and SD3-shaped pipelines, and their text encoders' shared config."""
+    tokenizer = write_word_tokenizer(WORDS, path.with_name(path.name + "-vocab"), max_length=16)
+    tokenizer_2 = write_word_tokenizer(WORDS, path.with_name(path.name + "-vocab-2"), max_length=16)
+    common = dict(vocab_size=len(tokenizer), intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return tokenizer, tokenizer_2, common
+
+
 def build_tiny_sdxl_pipeline(path: str | Path, seed: int = 0) -> Path:
     """Same classes and layout as SDXL base: two CLIP text encoders (the second with a projection),
     a UNet with text_time added conditioning, a VAE that asks to be upcast in fp16."""
@@ -52,10 +61,7 @@ def build_tiny_sdxl_pipeline(path: str | Path, seed: int = 0) -> Path:
 
     path = Path(path)
     torch.manual_seed(seed)
-    tokenizer = write_word_tokenizer(WORDS, path.with_name(path.name + "-vocab"), max_length=16)
-    tokenizer_2 = write_word_tokenizer(WORDS, path.with_name(path.name + "-vocab-2"), max_length=16)
-    common = dict(vocab_size=len(tokenizer), intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    tokenizer, tokenizer_2, common = _two_clip_tokenizers(path)
     text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, **common))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=24, **common))
     time_dim = 8
@@ -113,10 +119,7 @@ def build_tiny_sd3_pipeline(path: str | Path, seed: int = 0) -> Path:
 
     path = Path(path)
     torch.manual_seed(seed)
-    tokenizer = write_word_tokenizer(WORDS, path.with_name(path.name + "-vocab"), max_length=16)
-    tokenizer_2 = write_word_tokenizer(WORDS, path.with_name(path.name + "-vocab-2"), max_length=16)
-    common = dict(vocab_size=len(tokenizer), intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    tokenizer, tokenizer_2, common = _two_clip_tokenizers(path)
     text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=16, **common))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=16, **common))
     tokenizer_3, text_encoder_3 = _tiny_t5(path, "t5", d_model=64)  # as wide as the two CLIPs side by side
