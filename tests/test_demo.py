@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from amnesia_sd.cli import app
@@ -160,6 +161,29 @@ def test_short_lora_demo(tmp_path):
         assert not (out / name / "unet").exists()
     assert metrics["adapter_bytes"] == (out / "sa" / "pytorch_lora_weights.safetensors").stat().st_size
     assert "LoRA rank 2: the adapter is" in format_table(metrics)
+
+
+def test_short_demo_of_the_sd3_digits_model(tmp_path):
+    """--model digits-sd3: the same experiment on the SD3-shaped flow-matching model; only the
+    transformer changes (full weights and LoRA, whose default targets are the attention layers
+    alone: a transformer has no conv1/conv2); --attack, which trains xattn variants, is refused."""
+    shipped = digits.SHIPPED_MODELS["sd3"]
+    quick = dict(samples_per_digit=2, replay_per_digit=2, surrogate_images=4, fim_per_digit=1, fim_timesteps=4,
+                 max_train_steps=2, train_batch_size=2, num_inference_steps=2, batch_size=64, model="digits-sd3")
+    metrics = demo(DemoConfig(output_dir=str(tmp_path / "full"), **quick))
+    assert metrics["base_model_path"] == str(shipped) and set(metrics["sa"]) == KEYS
+    base = load_file(str(shipped / "transformer" / "diffusion_pytorch_model.safetensors"))
+    for name in ("sa", "naive"):
+        moved = load_file(str(tmp_path / "full" / name / "transformer" / "diffusion_pytorch_model.safetensors"))
+        assert moved.keys() == base.keys() and any(not torch.equal(moved[k], base[k]) for k in base), name
+        assert (tmp_path / "full" / name / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+            (shipped / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    lora = demo(DemoConfig(output_dir=str(tmp_path / "lora"), lora_rank=2, **quick))
+    assert lora["settings"]["lora_targets"] == "to_q,to_k,to_v,to_out.0" and lora["adapter_bytes"] > 0
+    with pytest.raises(UserError, match="--attack also trains --train-method xattn"):
+        DemoConfig(model="digits-sd3", attack=True)
+    with pytest.raises(UserError, match="model"):
+        DemoConfig(model="digits-xl")
 
 
 def test_every_command_takes_model_digits(tmp_path):
