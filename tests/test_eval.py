@@ -167,7 +167,7 @@ def test_report_on_tiny_model_with_clip_and_csv(forgotten_tiny, tiny_model, tiny
     assert report["detectors"]["clip"] == {"loaded": True, "model": str(tiny_clip), "headline": ["p_concept", "clip_score"]}
     s = report["settings"]
     assert (s["num_images"], s["seed"], s["num_inference_steps"], s["guidance_scale"], s["resolution"],
-            s["batch_size"]) == (2, 0, 2, 7.5, 16, 8)
+            s["batch_size"], s["scheduler"]) == (2, 0, 2, 7.5, 16, 8, "DDIMScheduler")
     assert "a middle aged man" in s["distractors"] and "a person" in s["distractors"]
     base, forgotten = report["models"]["base"], report["models"]["forgotten"]
     assert base["identity"] == str(Path(tiny_model).resolve()) and forgotten["spec"] == str(forgotten_tiny)

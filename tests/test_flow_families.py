@@ -235,6 +235,7 @@ def test_commands_on_tiny_sd3_and_flux(flow_model, tiny_clip, tmp_path, early_py
                 "--clip-model", str(tiny_clip), *QUICK, cwd=tmp_path)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["models"]["base"]["identity"] == str(flow_model.resolve()) and report["detector"] == "clip"
+    assert report["settings"]["scheduler"] == "FlowMatchEulerDiscreteScheduler"  # what sampled, not DDIM
     run_command("attack", "--model", "out", "--output-dir", "attack", "--concept", "Brad Pitt", "--initializer", "dog",
                 "--steps", "2", "--num-images", "2", "--strength", "0.5", "--prompt-words", "2", "--prompt-steps", "2",
                 "--clip-model", str(tiny_clip), *QUICK, cwd=tmp_path)

@@ -285,9 +285,11 @@ def _sample_model(spec: str, role: str, plan: Plan, settings: GenerationSettings
                     image.save(tmp, format="PNG")
                 bar.update(accelerator.num_processes)
     bar.close()
-    denoiser = family_of(pipe).denoiser_of(pipe)
+    family = family_of(pipe)
+    denoiser = family.denoiser_of(pipe)
     identity = {"spec": spec, "identity": ref.identity, "dtype": str(denoiser.dtype).replace("torch.", ""),
-                "resolution": size, "batch_size": settings.batch_size}  # the memory plan's, when not given
+                "resolution": size, "batch_size": settings.batch_size,  # the memory plan's, when not given
+                "scheduler": type(pipe.scheduler).__name__}  # what sampled (generate: DDIM, or the family's own)
     if accelerator.is_main_process:
         identity["unet_sha256"] = unet_digest(denoiser)
     del pipe
@@ -448,7 +450,7 @@ def _build_report(config, plan, n, detector, detectors, status, clip, models, co
             "seed": settings.seed, "num_inference_steps": settings.num_inference_steps,
             "guidance_scale": settings.guidance_scale, "resolution": models["base"]["resolution"],
             "batch_size": models["base"]["batch_size"], "mixed_precision": settings.mixed_precision,
-            "scheduler": "DDIMScheduler", "clip_model": config.clip_model,
+            "scheduler": models["base"]["scheduler"], "clip_model": config.clip_model,
             "nudenet_threshold": config.nudenet_threshold, "distractors": distractors,
             "prompts_csv": config.prompts_csv,
         },

@@ -100,7 +100,8 @@ def concept_title(report: dict) -> str:
 def _headline(report: dict) -> str:
     s = report["settings"]
     unit = "per digit" if "digits" in report else "per prompt set"
-    return (f"{s['num_images']} images {unit}, seed {s['seed']}, {s['num_inference_steps']} DDIM steps, guidance "
+    return (f"{s['num_images']} images {unit}, seed {s['seed']}, {s['num_inference_steps']} steps of "
+            f"{s['scheduler'].removesuffix('Scheduler')}, guidance "
             f"{s['guidance_scale']}, {s['resolution']} px; detector: {report['detector']}")
 
 
