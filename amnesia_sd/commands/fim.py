@@ -14,7 +14,7 @@ from amnesia_sd.data.prompts import repeat_to, replay_prompts
 from amnesia_sd.method.fisher import FORMAT, fisher_cost, replay_cost, timestep_set, write_fisher_of_set
 from amnesia_sd.model.families import family_of
 from amnesia_sd.model.loading import load_on_device, make_accelerator, model_path
-from amnesia_sd.model.trainable import base_dtype, lora_modules
+from amnesia_sd.model.trainable import base_dtype, lora_weights
 
 
 def compute_fim(config) -> Path:
@@ -34,7 +34,7 @@ def compute_fim(config) -> Path:
     accelerator = make_accelerator(config.mixed_precision)
     ref, pipe = load_on_device(config.model, accelerator, base_dtype(bool(config.lora_targets), config.mixed_precision))
     # --lora-targets: only the layers they adapt (anywhere in the denoiser: --train-method full)
-    lora = (config.lora_targets, lora_modules(family_of(pipe).denoiser_of(pipe), "full", config.lora_target_list())) \
+    lora = (config.lora_targets, lora_weights(family_of(pipe).denoiser_of(pipe), "full", config.lora_target_list())) \
         if config.lora_targets else None
     steps = len(timestep_set(pipe.scheduler.config.num_train_timesteps, config.num_timesteps))
     if config.replay_dir:

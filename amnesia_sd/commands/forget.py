@@ -152,8 +152,7 @@ def check_model(config: ForgetConfig, ref: ModelRef, pipe, family, given: dict[s
     come from it; the adapters' layers exist and take the rank; the adversary's initializer is one
     token. Returns the settings (the initializer filled in) and the given Fisher's metadata."""
     lora = lora_layers(pipe, config)
-    fisher_meta = load_fisher(config.fim, pipe, names=(), require=[f"{m}.weight" for m in lora[1]] if lora else [])[1] \
-        if config.fim else {}
+    fisher_meta = load_fisher(config.fim, pipe, names=(), require=lora[1] if lora else ())[1] if config.fim else {}
     if fisher_meta.get("covers") == "lora" and not config.lora_rank:
         raise UserError(f"Fisher file {config.fim} holds only a LoRA run's adapted layers (--lora-targets "
                         f"{fisher_meta.get('lora_targets')}): full-weight forgetting needs every parameter's entry; "
@@ -198,7 +197,7 @@ def plan_memory(config: ForgetConfig, pipe, family, accelerator) -> int:
                                      config.fim_num_timesteps or DEFAULT_FIM_TIMESTEPS))
         lora = lora_layers(pipe, config)
         say(fisher_plan(pipe, latent, fim_steps, None, config.gradient_checkpointing, accelerator.mixed_precision,
-                        config.max_memory, accelerator.device, {f"{m}.weight" for m in lora[1]} if lora else None)[1])
+                        config.max_memory, accelerator.device, set(lora[1]) if lora else None)[1])
     planned_sampling(pipe, config, accelerator)  # refused now if one image does not fit
     adversary_bytes = 4 * sum(p.numel() for encoder in family.loaded_text_encoders(pipe)
                               for p in encoder.parameters()) if config.adversarial else 0

@@ -264,11 +264,11 @@ def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None
                         ) -> None:
     """The Fisher of the loaded base denoiser over the first `count` images of a replay set, written
     to `output` by the first process (processes share the samples). With `lora` (--lora-targets as
-    given, the layers they adapt), only those layers' weights, what a LoRA run's penalty reads: the
-    gradient and the sum of squares of those alone."""
+    given, the weights of the layers they adapt), only those weights, what a LoRA run's penalty
+    reads: the gradient and the sum of squares of those alone."""
     family = family_of(pipe)
     denoiser = family.denoiser_of(pipe)
-    covered = {f"{m}.weight" for m in lora[1]} if lora else None
+    covered = set(lora[1]) if lora else None
     if covered is not None:
         for name, p in denoiser.named_parameters():
             p.requires_grad_(name in covered)

@@ -25,7 +25,7 @@ from amnesia_sd.method.checkpoints import result_output
 from amnesia_sd.method.fisher import fisher_cost, replay_cost, timestep_set, write_fisher_of_set
 from amnesia_sd.model.families import family_of
 from amnesia_sd.model.loading import ModelRef, model_path, origin, origin_mismatches
-from amnesia_sd.model.trainable import lora_modules
+from amnesia_sd.model.trainable import lora_weights
 
 
 def same_set(copy: Path, source: Path) -> bool:
@@ -190,8 +190,7 @@ class Plan:
             if path.is_file():
                 with safe_open(str(path), framework="pt") as f:
                     metadata = f.metadata() or {}
-                if all(metadata.get(k) == v for k, v in settings.items()) and metadata.get("covers") == settings.get(
-                        "covers"):
+                if all(metadata.get(k) == v for k, v in settings.items()):
                     return path
         path = self.entry / f"fim-{digest(candidates[-1])}.safetensors"  # the run's own kind
         self.fim_made = True
@@ -202,10 +201,11 @@ class Plan:
 
 
 def lora_layers(pipe, config: ForgetConfig) -> tuple[str, list[str]] | None:
-    """A LoRA run's --lora-targets and the layers they adapt (what its Fisher covers); None otherwise."""
+    """A LoRA run's --lora-targets and the weights of the layers they adapt (what its Fisher
+    covers); None otherwise."""
     if not config.lora_rank:
         return None
-    return config.lora_targets, lora_modules(family_of(pipe).denoiser_of(pipe), config.train_method,
+    return config.lora_targets, lora_weights(family_of(pipe).denoiser_of(pipe), config.train_method,
                                              config.lora_target_list())
 
 

@@ -51,6 +51,12 @@ def lora_modules(unet, method: str, targets: list[str]) -> list[str]:
     return sorted({n for names in found.values() for n in names})
 
 
+def lora_weights(unet, method: str, targets: list[str]) -> list[str]:
+    """The weights of the layers LoRA adapts, named as in the UNet without adapters: the Fisher
+    entries a LoRA run reads (and all that a LoRA run's own Fisher computes)."""
+    return [f"{m}.weight" for m in lora_modules(unet, method, targets)]
+
+
 def check_rank(unet, modules: list[str], rank: int) -> None:
     """A rank above a layer's smaller side adds parameters and memory without adding anything an
     update of full rank could not hold."""
