@@ -110,13 +110,10 @@ def generate(
     The latent is the denoised, scaled latent that decodes to the image; training reuses it, so
     the VAE never has to encode generated images again.
     """
-    import diffusers
-
     family = family_of(pipe)
     # DDIM as in the paper (flow-matching families: their own sampler); generators live on the CPU so
     # noise is identical on any device.
-    if family.sampler:
-        pipe.scheduler = getattr(diffusers, family.sampler).from_config(pipe.scheduler.config)
+    family.sample_with(pipe)
     size = image_size(pipe, settings.resolution)
     micro = family.micro_conditioning(size)  # recorded with image sets: training matches it
     size_of_batch = settings.batch_size or DEFAULT_SAMPLING_BATCH
@@ -156,7 +153,7 @@ def encode(vae, pixels: torch.Tensor) -> torch.Tensor:
         shape = (1, -1, 1, 1)
         return (latents - torch.tensor(mean).view(shape).to(latents)) * vae.config.scaling_factor \
             / torch.tensor(std).view(shape).to(latents)
-    return (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+    return (latents - _shift(vae)) * vae.config.scaling_factor
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -167,11 +164,16 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
         shape = (1, -1, 1, 1)
         latents = latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor \
             + torch.tensor(mean).view(shape).to(latents)
-    else:  # SD3's and Flux's VAEs shift as well as scale
-        latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+    else:
+        latents = latents / vae.config.scaling_factor + _shift(vae)
     # In the VAE's own dtype even inside an autocast region (SDXL's VAE overflows in fp16).
     with torch.autocast(latents.device.type, enabled=False):
         return _in_dtype(vae, dtype).decode(latents.to(dtype)).sample
+
+
+def _shift(vae) -> float:
+    """SD3's and Flux's VAEs shift the latents as well as scale them (none: 0)."""
+    return getattr(vae.config, "shift_factor", None) or 0.0
 
 
 def _in_dtype(vae, dtype: torch.dtype):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import diffusers
 import torch
 from PIL import Image
 
@@ -35,8 +34,7 @@ def partial_denoise(pipe, images: list[Image.Image], prompts: list[str], seeds: 
     (StableDiffusionImg2ImgPipeline, ...) gives a user with the same arguments and batches."""
     family = family_of(pipe)
     img2img = family.img2img(pipe)
-    if family.sampler:
-        img2img.scheduler = getattr(diffusers, family.sampler).from_config(pipe.scheduler.config)
+    family.sample_with(img2img)  # its scheduler is pipe's: the same config
     img2img.set_progress_bar_config(disable=True)
     batch = settings.batch_size or DEFAULT_SAMPLING_BATCH
     for start in range(0, len(prompts), batch):

@@ -659,8 +659,6 @@ def build_digits_model(output_dir: Path, seed: int = 0, progress: bool = True, r
 
 
 def _build(output_dir: Path, seed: int, progress: bool, replace: bool, family) -> Path:
-    import diffusers
-
     started = time.monotonic()
     pipeline = (_train_pipeline if family.name == "sd" else _train_sd3_pipeline)(seed, progress)
     train_seconds = time.monotonic() - started
@@ -673,8 +671,7 @@ def _build(output_dir: Path, seed: int, progress: bool, replace: bool, family) -
         pipeline.save_pretrained(partial, safe_serialization=True)
         # Measure the saved folder exactly as users will load and sample it.
         saved = family.pipeline_class().from_pretrained(partial)
-        if family.sampler:
-            saved.scheduler = getattr(diffusers, family.sampler).from_config(saved.scheduler.config)
+        family.sample_with(saved)
         saved.set_progress_bar_config(disable=True)
         quality = {
             name: evaluate_digits(

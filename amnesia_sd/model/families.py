@@ -29,6 +29,12 @@ from amnesia_sd.core.errors import UserError
 Conditioning = dict[str, torch.Tensor]
 
 
+def padded(tokenizer, prompts: list[str], length: int):
+    """The prompts' token ids (with the special tokens) as every pipeline's encode_prompt makes them:
+    cut or padded to `length`."""
+    return tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+
+
 class StableDiffusion:
     """SD 1.x and 2.x: one CLIP text encoder, its last hidden state; epsilon or v-prediction."""
 
@@ -74,6 +80,13 @@ class StableDiffusion:
         import diffusers
 
         return getattr(diffusers, self.pipeline)
+
+    def sample_with(self, pipe) -> None:
+        """Give `pipe` the scheduler image sets are sampled with (DDIM; flow matching: keep its own)."""
+        if self.sampler:
+            import diffusers
+
+            pipe.scheduler = getattr(diffusers, self.sampler).from_config(pipe.scheduler.config)
 
     def training_scheduler(self, config):
         """The noise scheduler training, the Fisher and the attacks corrupt latents with (a fresh one:
@@ -146,8 +159,7 @@ class StableDiffusion:
     def text_conditioning(self, pipe, prompts: list[str]) -> Conditioning:
         """As StableDiffusionPipeline.encode_prompt: last hidden state, padded to max length.
         Differentiable: `attack` trains a token's embedding through it."""
-        ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
+        ids = padded(pipe.tokenizer, prompts, pipe.tokenizer.model_max_length)
         encoder = pipe.text_encoder
         mask = ids.attention_mask.to(encoder.device) if getattr(encoder.config, "use_attention_mask", False) else None
         return {"encoder_hidden_states": encoder(ids.input_ids.to(encoder.device), attention_mask=mask)[0]}
@@ -214,8 +226,7 @@ class StableDiffusionXL(StableDiffusion):
         for tokenizer, encoder in pairs:
             if encoder is None:  # a pipeline without the first encoder runs on the second alone
                 continue
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
+            ids = padded(tokenizer, prompts, tokenizer.model_max_length).input_ids
             out = encoder(ids.to(encoder.device), output_hidden_states=True)
             if pooled is None and out[0].ndim == 2:  # the projected pooled output (text_encoder_2)
                 pooled = out[0]
@@ -286,8 +297,7 @@ class FlowMatching(StableDiffusion):
     def t5_conditioning(self, text, tokenizer: str, encoder: str, prompts: list[str]) -> torch.Tensor:
         """T5's last hidden state over max_sequence_length tokens, as the pipelines' _get_t5_prompt_embeds."""
         tokenizer, encoder = getattr(text, tokenizer), getattr(text, encoder)
-        ids = tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
-                        add_special_tokens=True, return_tensors="pt").input_ids
+        ids = padded(tokenizer, prompts, self.max_sequence_length).input_ids
         return encoder(ids.to(encoder.device))[0]
 
 
@@ -318,8 +328,7 @@ class StableDiffusion3(FlowMatching):
         hidden, pooled = [], []
         for tokenizer, encoder in list(self.text_parts())[:2]:
             tokenizer, encoder = getattr(pipe, tokenizer), getattr(pipe, encoder)
-            ids = tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
+            ids = padded(tokenizer, prompts, pipe.tokenizer.model_max_length).input_ids  # the first's, for both
             out = encoder(ids.to(encoder.device), output_hidden_states=True)
             pooled.append(out[0])
             hidden.append(out.hidden_states[-2])
@@ -383,8 +392,7 @@ class Flux(FlowMatching):
 
     def text_conditioning(self, pipe, prompts: list[str]) -> Conditioning:
         """As FluxPipeline.encode_prompt (one prompt for both encoders)."""
-        ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = padded(pipe.tokenizer, prompts, pipe.tokenizer.model_max_length).input_ids
         pooled = pipe.text_encoder(ids.to(pipe.text_encoder.device), output_hidden_states=False).pooler_output
         return {"encoder_hidden_states": self.t5_conditioning(pipe, "tokenizer_2", "text_encoder_2", prompts),
                 "pooled_projections": pooled}
