@@ -39,10 +39,19 @@ class _Commands(typer.core.TyperGroup):
         except typer.Abort:
             _say("interrupted")
             code = 130
+        _release_processes()
         code = code if isinstance(code, int) else 0
         if standalone_mode:
             sys.exit(code)
         return code
+
+def _release_processes() -> None:
+    """End the process group a launched command formed: left to the interpreter's exit, gloo's
+    threads can abort a process (SIGABRT) after its work is saved, and the launcher reports a failure."""
+    torch = sys.modules.get("torch")  # a command that never loaded torch formed no group
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
 
 app = typer.Typer(
     cls=_Commands,
