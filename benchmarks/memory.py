@@ -5,7 +5,12 @@ Computed by the same function as forget's preflight line
 (amnesia_sd.model.training_memory.memory_parts) on denoisers built on the meta device (no weights, no
 download, seconds), so the docs' tables are the code's.
 
-    python benchmarks/memory.py
+And, under "fsdp", the per-GPU predicted peak of full-weight forgetting on SDXL and FLUX.1 under
+FSDP (full shard, accelerate's transformer-based wrap) at 1, 2, 4 and 8 GPUs: forget's planner
+(training_peak with shards=N) at native 1024 px, train batch 1 (+1 replay) per GPU, fp32 weights,
+AdamW, --mixed-precision bf16, --gradient-checkpointing, an fp32 and a bf16 Fisher and anchor.
+
+    python benchmarks/memory.py > benchmarks/memory-result.json    # about a minute
 """
 
 from __future__ import annotations
@@ -59,11 +64,37 @@ def plan(config: dict, denoiser: str = "UNet2DConditionModel", lora_rank: int = 
     return {"denoiser": denoiser, "unet_parameters": n_all, "before_activations": rows}
 
 
+def fsdp(config: dict, denoiser: str, family: str, image: int = 1024) -> dict:
+    import diffusers
+    from accelerate import init_empty_weights
+
+    from amnesia_sd.core.config import ForgetConfig
+    from amnesia_sd.model.families import FAMILIES
+    from amnesia_sd.model.training_memory import fsdp_units, training_peak
+
+    with init_empty_weights():
+        unet = getattr(diffusers, denoiser)(**config)
+    largest, root = fsdp_units(unet)
+    latent = (image // 8, image // 8)
+    rows = {}
+    for fim_dtype in ("fp32", "bf16"):
+        settings = ForgetConfig(model="m", concept="c", surrogate="s", output_dir="o", train_method="full",
+                                train_batch_size=1, fim_dtype=fim_dtype, gradient_checkpointing=True,
+                                mixed_precision="bf16")
+        rows[f"{fim_dtype} Fisher, AdamW"] = {
+            gpus: round(training_peak(FAMILIES[family], unet, settings, latent, "bf16", shards=gpus) / GB, 1)
+            for gpus in (1, 2, 4, 8)}
+    return {"denoiser": denoiser, "image": image, "largest_unit_parameters": largest, "root_parameters": root,
+            "per_gpu_peak_gb": rows}
+
+
 def main() -> None:
     print(json.dumps({"benchmark": "memory", "gb": "10^9 bytes", "sd14": plan(SD14_UNET), "sdxl": plan(SDXL_UNET),
                       "sd3_medium": plan(SD3_MEDIUM_TRANSFORMER, "SD3Transformer2DModel"),
                       "sd35_large": plan(SD35_LARGE_TRANSFORMER, "SD3Transformer2DModel"),
-                      "flux1_dev": plan(FLUX1_TRANSFORMER, "FluxTransformer2DModel")}, indent=2))
+                      "flux1_dev": plan(FLUX1_TRANSFORMER, "FluxTransformer2DModel"),
+                      "fsdp": {"sdxl": fsdp(SDXL_UNET, "UNet2DConditionModel", "sdxl"),
+                               "flux1_dev": fsdp(FLUX1_TRANSFORMER, "FluxTransformer2DModel", "flux")}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -186,6 +186,41 @@ def test_the_inner_attack_counts_in_forgets_plan(tiny_model):
     assert plain <= small < large  # a large inner batch is what the peak follows
 
 
+def test_fsdp_shards_what_is_resident_and_adds_the_gathered_units(tiny_model):
+    """Under FSDP over 2 processes each holds half of the weights, gradients, optimizer state, Fisher,
+    anchor and EMA, plus the units it all-gathers; a budget the 2-process plan fits is refused to
+    one process, and under it the refusal says per process."""
+    from amnesia_sd.core.config import ForgetConfig
+    from amnesia_sd.core.errors import UserError
+    from amnesia_sd.model.training_memory import (check_training_memory, fsdp_units, memory_parts, training_peak,
+                                                  unsharded_bytes)
+
+    unet = load_parts(tiny_model)[0].unet
+    n = sum(p.numel() for p in unet.parameters())
+    one, two = (memory_parts(n, n, 8 * n, False, True, shards=s) for s in (1, 2))
+    assert two == {k: (v + 1) // 2 for k, v in one.items()} and all(one.values())
+    # The units, counted another way: a unit's own parameters are those in no unit nested in it.
+    names = set(type(unet)._no_split_modules)
+    units = [m for m in unet.modules() if type(m).__name__ in names]
+    inner = lambda u: {id(p) for v in u.modules() if v is not u and v in units for p in v.parameters()}  # noqa: E731
+    in_units = {id(p) for u in units for p in u.parameters()}
+    largest, root = fsdp_units(unet)
+    assert largest == max(sum(p.numel() for p in u.parameters() if id(p) not in inner(u)) for u in units) > 0
+    assert root == sum(p.numel() for p in unet.parameters() if id(p) not in in_units) > 0
+    gathered = unsharded_bytes(unet, "no")
+    assert 0 < gathered < 8 * n  # less than the whole model in fp32 with its gradient
+
+    config = ForgetConfig(model="m", concept="brad pitt", surrogate="a man", output_dir="o", train_batch_size=1)
+    peak1, peak2 = (training_peak(FAMILIES["sd"], unet, config, (8, 8), "no", shards=s) for s in (1, 2))
+    resident = [sum(memory_parts(n, n, 2 * 4 * n, False, False, shards=s).values()) for s in (1, 2)]  # no EMA
+    assert peak2 == peak1 - resident[0] + resident[1] + gathered < peak1
+    assert check_training_memory(FAMILIES["sd"], unet, config, (8, 8), "no", peak2, shards=2) == peak2
+    with pytest.raises(UserError, match="training needs about .* on the device at its peak"):
+        check_training_memory(FAMILIES["sd"], unet, config, (8, 8), "no", peak2)
+    with pytest.raises(UserError, match=r"per process \(FSDP over 2 processes\) at its peak.*--lora-rank 8 \("):
+        check_training_memory(FAMILIES["sd"], unet, config, (8, 8), "no", peak2 - 1, shards=2)
+
+
 def test_out_of_memory_in_training_is_one_line_and_a_rerun_picks_up_what_was_made(tiny_model, tmp_path, monkeypatch):
     """A CUDA out-of-memory (raised here by hand: this machine has no GPU) mid-training: exit 2, the
     phase, the plan's prediction and what to change in one line; the sets made stay, and the rerun
