@@ -93,8 +93,9 @@ def main() -> None:
                                       lora_alpha_value=lambda: float(args.lora_rank),
                                       lora_target_list=lambda: lora_targets, fim_dtype="bf16", lambda_ewc=50.0)
         shapes = {n: p.shape for n, p in unet.named_parameters()}
-        trainable = LoraAdapters(unet, lora_config, lambda names: {
-            n: torch.rand(shapes[n], device=device, dtype=torch.bfloat16) for n in names}, device)
+        trainable = LoraAdapters(unet, lora_config)
+        trainable.anchor(unet, lambda rows: {n: torch.rand(shapes[n], device=device, dtype=torch.bfloat16)
+                                             for n in rows}, device)
         for p in unet.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)

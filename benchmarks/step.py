@@ -137,8 +137,9 @@ def add_lora(unet, args, generator):
                              lora_alpha_value=lambda: float(args.lora_rank), lora_target_list=lambda: targets,
                              fim_dtype="fp32", lambda_ewc=LAMBDA)
     shapes = {name: p.shape for name, p in unet.named_parameters()}
-    return LoraAdapters(unet, config, lambda names: {n: torch.rand(shapes[n], generator=generator) for n in names},
-                        "cpu")
+    adapters = LoraAdapters(unet, config)
+    adapters.anchor(unet, lambda rows: {n: torch.rand(shapes[n], generator=generator) for n in rows}, "cpu")
+    return adapters
 
 
 def worker(args) -> dict:

@@ -2,74 +2,19 @@
 torchrun): results must equal a single process's."""
 
 import json
-import re
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ENV, EXE, run_command, unet_weights
-
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
-QUICK = ["--num-inference-steps", "2", "--batch-size", "2"]
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def command(launcher: str, processes: int, *args) -> list[str]:
-    if launcher == "single":
-        return [EXE, *args]
-    if launcher == "accelerate":
-        # --multi_gpu picks accelerate's multi-process launcher; without CUDA it runs on the CPU over gloo.
-        return [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(), EXE, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-            "--master_port", free_port(), "-m", "amnesia_sd.cli", *args]
-
-
-def worker_exit_codes(stderr: str) -> tuple[int, list[int]]:
-    """From torchrun's failure report (torchrun itself exits with 1 when a worker fails): the exit code
-    of the first failed worker, and those of all the failed workers it lists."""
-    report = stderr[stderr.rindex("Failures:"):]
-    codes = r"exitcode\s*:\s*(-?\d+)"
-    first = int(re.search(codes, report[report.index("Root Cause"):]).group(1))
-    return first, [int(c) for c in re.findall(codes, report)]
-
-
-def launch(launcher: str, processes: int, *args, cwd, check: bool = True):
-    done = subprocess.run(command(launcher, processes, *args), cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=300)
-    if check:
-        assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
+from helpers import ENV, run_command, unet_weights
+from launching import QUICK, assert_same_update, command, forget_args, launch, shared_sets, worker_exit_codes
 
 @pytest.fixture(scope="module")
 def work(tiny_model, tmp_path_factory):
-    """A replay set, its Fisher and a surrogate set, made by one process (in this one)."""
-    from amnesia_sd.core.config import FimConfig, SetConfig
-    from amnesia_sd.commands.fim import compute_fim
-    from amnesia_sd.commands.sets import make_image_set
-    from amnesia_sd.data.prompts import replay_prompts
-
-    root = tmp_path_factory.mktemp("dist")
-    quick = {"model": str(tiny_model), "num_inference_steps": 2, "batch_size": 2}
-    make_image_set(SetConfig(output_dir=str(root / "replay"), kind="replay", prompts=replay_prompts(), num_images=5,
-                             **quick))
-    make_image_set(SetConfig(output_dir=str(root / "surrogate"), kind="surrogate", prompts=["a middle aged man"],
-                             num_images=4, **quick))
-    compute_fim(FimConfig(model=str(tiny_model), output=str(root / "fim.safetensors"), replay_dir=str(root / "replay"),
-                          num_timesteps=8, timestep_batch_size=4))
-    return root
+    return shared_sets(tiny_model, tmp_path_factory.mktemp("dist"))
 
 
 def test_replay_with_two_processes_equals_one_file_by_file(tiny_model, work):
@@ -100,12 +45,6 @@ def test_fim_with_two_processes_equals_one(tiny_model, work):
     assert sum(v.sum().item() for v in one.values()) > 0
 
 
-def forget_args(model, out, batch, *extra):
-    return ["forget", "--model", model, "--concept", "Brad Pitt", "--surrogate-dir", "surrogate",
-            "--replay-dir", "replay", "--fim", "fim.safetensors", "--output-dir", out, "--train-batch-size",
-            str(batch), "--learning-rate", "1e-3", "--lambda-ewc", "1e3", *extra]
-
-
 ADVERSARIAL = ["--adversarial", "--adversarial-steps", "2", "--adversarial-images", "3", "--adversarial-initializer",
                "man", "--adversarial-batch-size", "2", "--num-inference-steps", "2"]
 
@@ -119,22 +58,6 @@ MODES = {
     "bf16-fisher-accumulation": ["--fim-dtype", "bf16", "--gradient-accumulation-steps", "2"],
     "lora-accumulation": ["--lora-rank", "2", "--gradient-accumulation-steps", "2"],
 }
-
-
-def trained_weights(folder: Path) -> dict[str, torch.Tensor]:
-    lora = folder / "pytorch_lora_weights.safetensors"
-    return load_file(str(lora)) if lora.is_file() else unet_weights(folder)
-
-
-def assert_same_update(one: Path, two: Path, base: dict[str, torch.Tensor] | None):
-    """Two runs made the same update (relative to `base`, or to zero for LoRA adapters)."""
-    a, b = trained_weights(one), trained_weights(two)
-    assert a.keys() == b.keys()
-    update_one = torch.cat([(a[k] - (base[k] if base else 0)).flatten() for k in a])
-    update_two = torch.cat([(b[k] - (base[k] if base else 0)).flatten() for k in a])
-    assert update_one.abs().max() > 1e-4
-    # Adam's first steps are about lr * sign(g), so an element whose gradient is ~1e-8 may differ.
-    assert (update_two - update_one).norm() <= 1e-3 * update_one.norm()
 
 
 @pytest.mark.parametrize("mode", MODES)

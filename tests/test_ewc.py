@@ -128,7 +128,8 @@ def test_lora_penalty_is_ewc_on_the_adapted_weights_of_a_unet(tiny_model):
                              lora_target_list=lambda: ["attn2.to_q", "attn2.to_v", "conv1"], fim_dtype="fp32",
                              lambda_ewc=50.0)
     asked = []
-    adapters = LoraAdapters(unet, config, lambda names: asked.extend(names) or {n: fisher[n] for n in names}, "cpu")
+    adapters = LoraAdapters(unet, config)
+    adapters.anchor(unet, lambda rows: asked.extend(rows) or {n: fisher[n] for n in rows}, "cpu")
     assert sorted(asked) == sorted(f"{m}.weight" for m in adapters.modules)  # only the adapted weights' entries
     assert {m.rsplit(".", 1)[-1] for m in adapters.modules} == {"to_q", "to_v", "conv1"}
     assert all(".attn2." in m for m in adapters.modules if not m.endswith("conv1"))

@@ -13,7 +13,7 @@ from amnesia_sd.data.imageset import MANIFEST, generate_image_set, is_cached, is
 from amnesia_sd.data.prompts import repeat_to, replay_prompts
 from amnesia_sd.method.fisher import FORMAT, fisher_cost, replay_cost, timestep_set, write_fisher_of_set
 from amnesia_sd.model.families import family_of
-from amnesia_sd.model.loading import load_on_device, make_accelerator, model_path
+from amnesia_sd.model.loading import check_sharding, load_on_device, make_accelerator, model_path
 from amnesia_sd.model.trainable import base_dtype, lora_weights
 
 
@@ -32,6 +32,7 @@ def compute_fim(config) -> Path:
     if config.replay_dir:
         load_image_set(config.replay_dir)  # a bad set fails before the model loads
     accelerator = make_accelerator(config.mixed_precision)
+    check_sharding(accelerator, "fim")
     ref, pipe = load_on_device(config.model, accelerator, base_dtype(bool(config.lora_targets), config.mixed_precision))
     # --lora-targets: only the layers they adapt (anywhere in the denoiser: --train-method full)
     lora = (config.lora_targets, lora_weights(family_of(pipe).denoiser_of(pipe), "full", config.lora_target_list())) \

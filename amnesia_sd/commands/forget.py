@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -36,16 +36,18 @@ from amnesia_sd.data.generate import image_seed, planned_sampling
 from amnesia_sd.data.imageset import ImageSet, check_fits, load_image_set
 from amnesia_sd.data.prompts import concept_prompts
 from amnesia_sd.method.adversary import Adversary, check_adversarial
-from amnesia_sd.method.checkpoints import (broken_run, check_digest, check_paths, check_resume, checkpoint_step,
-                                           earlier_run, find_checkpoint, load_state, open_run, save_checkpoint,
-                                           training_settings, weights_finite)
-from amnesia_sd.method.fisher import fisher_plan, load_fisher, timestep_set
+from amnesia_sd.method.checkpoints import (broken_run, check_digest, check_paths, check_resume, check_sharded_index,
+                                           checkpoint_step, earlier_run, find_checkpoint, load_state, open_run,
+                                           save_checkpoint, training_settings, weights_finite)
+from amnesia_sd.method.fisher import fisher_plan, load_fisher, read_fisher, timestep_set
 from amnesia_sd.method.record import FINISHED, recorded_path, write_result
 from amnesia_sd.method.sources import Plan, check_origins, check_sequence, earlier_sets, lora_layers, preserved
 from amnesia_sd.model.diffusion import per_sample_loss
 from amnesia_sd.model.families import Conditioning, check_unconditional_replay, family_of, join, take, to_device
-from amnesia_sd.model.loading import DTYPES, ModelRef, latent_size, load_on_device, make_accelerator
+from amnesia_sd.model.loading import (DTYPES, ModelRef, check_sharding, latent_size, load_on_device,
+                                      make_accelerator, sharded)
 from amnesia_sd.model.memory import budget, out_of_memory_error, plan_line
+from amnesia_sd.model.shards import local
 from amnesia_sd.model.trainable import base_dtype, check_rank, lora_modules, make_trainable
 from amnesia_sd.model.training_memory import check_training_memory, preflight
 
@@ -119,15 +121,14 @@ def check(config: ForgetConfig) -> Run:
     accelerator = make_accelerator(
         config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=str(work), logging_dir=str(work / "logs")))
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        raise UserError(
-            f"forget runs under DDP (multi-GPU or multi-node), not {accelerator.distributed_type.value}: the EWC "
-            "gradient is added to each parameter's .grad, which DeepSpeed and FSDP shard away; "
-            "use an accelerate config with distributed_type: MULTI_GPU")
+    check_sharding(accelerator, "forget")
+    if sharded(accelerator):
+        check_fsdp(config)
     settings = training_settings(config, accelerator.num_processes)
     checkpoint = find_checkpoint(work, config.resume_from_checkpoint)
     if checkpoint is not None:
         check_digest(checkpoint)  # before anything in it is read
+        check_sharded_index(checkpoint)
         check_resume(checkpoint, settings)
     set_seed(config.seed)
     # Full weights train in float32; a LoRA run under mixed precision keeps its frozen base in 16 bits
@@ -143,6 +144,20 @@ def check(config: ForgetConfig) -> Run:
     accelerator.wait_for_everyone()
     return Run(config, out, work, started, earlier, inherited, preserve, ancestors, accelerator, settings, checkpoint,
                ref, pipe, family, fisher_meta, peak, plan)
+
+
+def check_fsdp(config: ForgetConfig) -> None:
+    """Under FSDP every process holds rows of the weights: what needs them whole on one process is
+    refused before any work, with what to do instead."""
+    refused = [
+        (not config.fim, "without --fim", "computing the Fisher inside forget would shard the model before what "
+         "trains is chosen; compute it first under the same accelerate config with `amnesia-sd fim` and pass --fim"),
+        (config.adversarial, "with --adversarial", "its inner attack trains a token through the whole model between "
+         "steps; run it under DDP (distributed_type: MULTI_GPU)"),
+        (config.ema_decay, "with --ema-decay", "the EMA is kept of whole weights; leave it out or run under DDP")]
+    for given, flag, why in refused:
+        if given:
+            raise UserError(f"forget under FSDP {flag}: {why}")
 
 
 def check_model(config: ForgetConfig, ref: ModelRef, pipe, family, given: dict[str, ImageSet],
@@ -201,9 +216,11 @@ def plan_memory(config: ForgetConfig, pipe, family, accelerator) -> int:
     planned_sampling(pipe, config, accelerator)  # refused now if one image does not fit
     adversary_bytes = 4 * sum(p.numel() for encoder in family.loaded_text_encoders(pipe)
                               for p in encoder.parameters()) if config.adversarial else 0
+    shards = accelerator.num_processes if sharded(accelerator) else 1  # FSDP: each process holds its rows
     peak = check_training_memory(family, family.denoiser_of(pipe), config, latent, accelerator.mixed_precision, limit,
-                                 adversary_bytes)
-    say(plan_line("training", "", peak, limit) + f"; mixed precision {accelerator.mixed_precision} (per process)")
+                                 adversary_bytes, shards)
+    say(plan_line("training", "", peak, limit) + f"; mixed precision {accelerator.mixed_precision} (per process"
+        + (f", FSDP over {shards})" if shards > 1 else ")"))
     return peak
 
 
@@ -330,11 +347,7 @@ class Trainer:
         config, accelerator, unet = run.config, run.accelerator, run.family.denoiser_of(run.pipe)
         self.run, self.data, self.adversary = run, data, adversary
         self.noise_scheduler = run.family.training_scheduler(run.pipe.scheduler.config)
-        # The penalty gets the Fisher entries it needs, kept on the training device.
-        self.trainable = make_trainable(unet, config, lambda names: load_fisher(fim.path, run.pipe, names)[0],
-                                        accelerator.device)
-        self.params, self.penalty = self.trainable.params, self.trainable.penalty
-        self.started_at = fingerprint(self.params)  # a result identical to its start is no result
+        self.trainable = make_trainable(unet, config)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if config.enable_xformers:
@@ -342,19 +355,27 @@ class Trainer:
         # Never scaled silently by the number of processes (the reference code's pitfall); --scale-lr
         # opts in to the linear scaling rule for the larger global batch.
         self.learning_rate = config.learning_rate * (accelerator.num_processes if config.scale_lr else 1)
-        optimizer = make_optimizer(self.params, config, self.learning_rate)
+        optimizer = make_optimizer(self.trainable.params, config, self.learning_rate)
         # Linear warm-up: a fresh AdamW's first steps move every weight by about the learning rate.
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / (config.lr_warmup_steps + 1)))
+        self.sharded = sharded(accelerator)
+        if accelerator.is_main_process:
+            print(preflight(unet, self.trainable, config, data.replay_text, bool(config.ema_decay),
+                            adversary.parameter_bytes if adversary else 0,
+                            accelerator.num_processes if self.sharded else 1), flush=True)
+        # Under FSDP, prepare shards the denoiser in place and points the optimizer at the shards.
+        self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
+        # The penalty of the weights as they train (their shards under FSDP): F of the same rows,
+        # read from the file straight onto the training device, and theta* copied from them.
+        self.trainable.anchor(accelerator.unwrap_model(self.unet), lambda rows: read_fisher(fim.path, rows),
+                              accelerator.device)
+        self.params, self.penalty = self.trainable.params, self.trainable.penalty
+        self.started_at = fingerprint(self.params)  # a result identical to its start is no result
+        self.trainable.register_checkpointing(accelerator, self.unet)
         ema = None
         if config.ema_decay:  # of what trains
             ema = (EMAModel if config.ema_warmup else ConstantDecayEMA)(self.params, decay=config.ema_decay)
-        if accelerator.is_main_process:
-            print(preflight(unet, self.trainable, config, data.replay_text, ema is not None,
-                            adversary.parameter_bytes if adversary else 0), flush=True)
-        self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
-        self.trainable.register_checkpointing(accelerator, self.unet)
-        if ema is not None:
             ema.to(accelerator.device)
         self.carried = Carried(schedule, ema, adversary)
         self.global_step = 0
@@ -420,11 +441,11 @@ class Trainer:
                             * config.gradient_accumulation_steps, "training")
                 if self.global_step % config.checkpointing_steps == 0 and self.global_step < config.max_train_steps:
                     # Only finite weights are ever saved, so the last checkpoint is always a good one.
-                    if not weights_finite(self.params + (self.carried.ema.shadow_params if self.carried.ema else [])):
+                    if not on_every_process(accelerator, weights_finite(
+                            self.params + (self.carried.ema.shadow_params if self.carried.ema else []))):
                         raise broken_run("the weights became non-finite (NaN or inf)", self.global_step, run.work,
                                          config)
-                    if accelerator.is_main_process:
-                        self.carried.save(run, self.global_step)
+                    self.carried.save(run, self.global_step)  # every process: under FSDP each saves its shards
         except torch.OutOfMemoryError:
             kept = find_checkpoint(run.work, "latest")
             raise out_of_memory_error(
@@ -488,6 +509,8 @@ class Trainer:
                 value = self.penalty.add_grad_(with_value=step % LOG_EVERY == 0 or step == config.max_train_steps
                                                or not self.last)  # the value's .item() syncs: not every step
                 if value is not None:
+                    if self.sharded:  # each process's rows hold a part of the sum
+                        value = accelerator.reduce(value, reduction="sum")
                     self.ewc = value.item()
                     if not math.isfinite(self.ewc):  # the whole objective is checked, EWC included
                         raise broken_run(f"the EWC penalty became {self.ewc}", step, run.work, config)
@@ -504,9 +527,9 @@ def write(run: Run, sets: Sets, fim: Fisher, trainer: Trainer) -> Path:
     """The result, only when it is one: finite weights that moved from where they started. The main
     process writes the pipeline folder and amnesia.json (last) into the work folder, then publishes it."""
     config, accelerator, work, params = run.config, run.accelerator, run.work, trainer.params
-    if not weights_finite(params):
+    if not on_every_process(accelerator, weights_finite(params)):
         raise broken_run("the trained weights are non-finite (NaN or inf)", trainer.global_step, work, config)
-    if torch.equal(fingerprint(params), trainer.started_at):
+    if on_every_process(accelerator, torch.equal(fingerprint(params), trainer.started_at)):
         raise UserError("training changed nothing: the weights that train are exactly where they started, so the "
                         f"result would be the base model. Likely cause: --learning-rate {config.learning_rate:g} too "
                         "small for float32 to move them" + (f", or --lora-alpha {config.lora_alpha_value():g}"
@@ -514,6 +537,9 @@ def write(run: Run, sets: Sets, fim: Fisher, trainer: Trainer) -> Path:
     adversary = trainer.adversary
     if adversary is not None and not weights_finite(adversary.rows):  # saved with the result
         raise broken_run("the adversary's token is non-finite (NaN or inf)", trainer.global_step, work, config)
+    # Under FSDP every process takes part in gathering the whole denoiser; the first keeps it (on the CPU).
+    state = accelerator.get_state_dict(trainer.unet) if trainer.sharded else None
+    held = accelerator.gather(torch.tensor([trainer.trainable.held_bytes], device=accelerator.device)).tolist()
     if accelerator.is_main_process:
         replay = sets.replay
         summary = {
@@ -524,6 +550,9 @@ def write(run: Run, sets: Sets, fim: Fisher, trainer: Trainer) -> Path:
             "final_losses": trainer.last,
             "trainable_parameters": sum(p.numel() for p in params),
             "num_processes": accelerator.num_processes,
+            "distributed": accelerator.distributed_type.value,
+            # the Fisher and theta* each process held (FSDP: its rows of them)
+            "penalty_bytes_per_process": held,
             "global_batch_size": config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
             "learning_rate": trainer.learning_rate,
             "mixed_precision": accelerator.mixed_precision,
@@ -555,7 +584,7 @@ def write(run: Run, sets: Sets, fim: Fisher, trainer: Trainer) -> Path:
         if run.earlier:  # the whole sequence, oldest first; each entry is that run's own record
             summary["history"] = [*run.earlier.get("history", []),
                                   {k: v for k, v in run.earlier.items() if k != "history"}]
-        write_result(work, run.ref, accelerator.unwrap_model(trainer.unet), trainer.trainable, config, summary)
+        write_result(work, run.ref, accelerator.unwrap_model(trainer.unet), trainer.trainable, config, summary, state)
         publish(work, run.out, FINISHED)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -644,5 +673,13 @@ def enable_xformers(unet) -> None:
 
 @torch.no_grad()
 def fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
-    """Two float64 sums per tensor: any update changes them."""
-    return torch.stack([torch.stack([p.double().sum(), p.double().abs().sum()]) for p in params]).cpu()
+    """Two float64 sums per tensor (of this process's rows under FSDP): any update changes them."""
+    return torch.stack([torch.stack([local(p).double().sum(), local(p).double().abs().sum()]) for p in params]).cpu()
+
+
+def on_every_process(accelerator, flag: bool) -> bool:
+    """A check each process makes of what it holds, agreed by all, so that all stop together."""
+    if accelerator.num_processes == 1:
+        return flag
+    ones = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum")
+    return int(ones.item()) == accelerator.num_processes

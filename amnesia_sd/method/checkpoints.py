@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +27,7 @@ from amnesia_sd.core.paths import Output, check_output, check_overlap, diff_sett
 from amnesia_sd.data.imageset import is_finished, link_set
 from amnesia_sd.method.record import FINISHED
 from amnesia_sd.model.loading import model_path
+from amnesia_sd.model.shards import local
 
 # Settings a resumed run may change: how long it runs, how often it saves, and where from.
 RESUMABLE_CHANGES = ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
@@ -151,6 +153,33 @@ def check_digest(checkpoint: Path) -> None:
                         "from another checkpoint or start again with --overwrite")
 
 
+# What the index files of sharded (FSDP) checkpoints may name: torch.distributed.checkpoint reads
+# them with plain pickle, so before it does, they are read here by an unpickler that builds nothing
+# else (as torch.load's weights_only does for the shards themselves).
+INDEX_CLASSES = {("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("torch", "Size"),
+                 ("torch.serialization", "_get_layout")}
+INDEX_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in INDEX_CLASSES or module in INDEX_MODULES or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def check_sharded_index(checkpoint: Path) -> None:
+    """The .metadata files of a sharded checkpoint hold only checkpoint metadata."""
+    for index in sorted(checkpoint.rglob(".metadata")):
+        try:
+            with index.open("rb") as f:
+                _IndexUnpickler(f).load()
+        except Exception as exc:  # anything that is not plain checkpoint metadata is refused unread
+            raise UserError(f"{index} is not a torch.distributed.checkpoint index ({type(exc).__name__}: {exc}): "
+                            "it is not loaded; resume from another checkpoint or start again with --overwrite") from None
+
+
 def _flatten(value, tensors: dict):
     """A state_dict as JSON, its tensors set aside (by key) for a safetensors file."""
     if isinstance(value, torch.Tensor):
@@ -203,20 +232,31 @@ def check_resume(checkpoint: Path, settings: dict) -> None:
 
 
 def weights_finite(params: list[torch.Tensor]) -> bool:
-    """One fused pass: the norm of a tensor with NaN or inf is not finite."""
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()) if params else True
+    """One fused pass (over this process's rows under FSDP): the norm of a tensor with NaN or inf is
+    not finite."""
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm([local(p) for p in params]))).all()) if params else True
 
 
 def save_checkpoint(accelerator, work: Path, step: int, keep: int | None, settings: dict, objects: dict) -> None:
     """Written under a temporary name and renamed, so a half-written checkpoint is never 'latest'.
-    `objects` (name -> object with state_dict) are saved as safetensors + JSON; the digest last."""
+    Called by every process (under FSDP each writes its shards); the first writes `objects` (name ->
+    object with state_dict) as safetensors + JSON, the digest last, and renames."""
+    root = work / "checkpoints"
+    tmp, final = root / f".tmp-checkpoint-{step}", root / f"checkpoint-{step}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _finish_checkpoint(tmp, final, root, keep, settings, objects)
+    accelerator.wait_for_everyone()
+
+
+def _finish_checkpoint(tmp: Path, final: Path, root: Path, keep: int | None, settings: dict, objects: dict) -> None:
     from safetensors.torch import save_file
 
-    root = work / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp, final = root / f".tmp-checkpoint-{step}", root / f"checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp))
     tensors: dict = {}
     states = {name: _flatten(obj.state_dict(), tensors) for name, obj in objects.items()}
     save_file(tensors, str(tmp / STATE_TENSORS))

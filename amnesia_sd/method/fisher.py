@@ -10,11 +10,18 @@ x_n are latents the base model generated from the replay prompts c_n. The sum ov
 in batched chunks of timesteps of one sample: the gradient of the sum is the sum of the chunks'
 gradients, so chunking changes speed, never the result. Each sample's noise comes from a generator
 seeded by the run's seed and the sample's index, so neither batching nor sharding changes F.
+
+Under DDP each process takes its own samples and the sums are added at the end. Under FSDP a
+process holds only its rows of each gradient, after a reduce-scatter that would mix samples before
+they are squared; so every process works on the same sample, each on its share of the timestep
+chunks, and the reduce-scatter adds the shares into the sample's whole gradient, of which each
+process squares its rows.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -29,8 +36,10 @@ from amnesia_sd.core.paths import stamp
 from amnesia_sd.data.generate import image_seed
 from amnesia_sd.model.diffusion import per_sample_loss
 from amnesia_sd.model.families import FAMILIES, expand, family_of, take, to_device
-from amnesia_sd.model.loading import DTYPES, unet_config_hash
+from amnesia_sd.model.loading import DTYPES, sharded, unet_config_hash
 from amnesia_sd.model.memory import budget, fisher_chunk, gib, out_of_memory, plan_line, weight_bytes
+from amnesia_sd.model.shards import local, whole
+from amnesia_sd.model.training_memory import unsharded_bytes
 
 FORMAT = FISHER_FORMAT
 DEFAULT_TIMESTEP_BATCH = 100  # timesteps per pass when memory allows (no budget: always)
@@ -60,7 +69,7 @@ GROWTH_INTERVAL = 100
 def fisher_diagonal(
     family, unet, scheduler, latents: torch.Tensor, embed, timesteps: torch.Tensor, seed: int,
     timestep_batch_size: int, indices: list[int] | None = None, autocast=None, progress: bool = True,
-    loss_scale: float | None = None,
+    loss_scale: float | None = None, shared: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sum over `indices` (default: all samples) of the squared per-sample gradients, divided by N.
 
@@ -70,14 +79,24 @@ def fisher_diagonal(
     estimates the full sum.
     With `indices` a subset, the result is this process's share: shares add up to F.
     `loss_scale` (fp16: FP16_LOSS_SCALE) is the starting dynamic loss scale; None: no scaling.
+    `shared` (process, processes): FSDP, each sample's timestep chunks shared out (module docstring);
+    the result is this process's rows of F.
     """
     import contextlib
 
     device = next(unet.parameters()).device
     params = [p for p in unet.parameters() if p.requires_grad]
-    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    fisher = [torch.zeros_like(local(p), dtype=torch.float32) for p in params]
     indices = list(range(len(latents))) if indices is None else indices
     scale = scheduler.config.num_train_timesteps / len(timesteps)
+    chunks = list(range(0, len(timesteps), timestep_batch_size))
+    if shared is not None:
+        # Chunk k to process k mod N; every process makes as many passes (each is a collective): one
+        # past the end redoes chunk 0 at weight 0. The reduce-scatter averages: times N, it adds.
+        rank, world = shared
+        chunks = [chunks[k] if k < len(chunks) else None for k in range(rank, world * math.ceil(len(chunks) / world),
+                                                                         world)]
+        scale *= world
     weights = family.timestep_weights(scheduler)[timesteps].to(device)
     weights = None if bool((weights == 1).all()) else weights  # uniform: a plain sum
     loss_scale_now, clean = loss_scale or 1.0, 0
@@ -89,7 +108,9 @@ def fisher_diagonal(
         cond = embed(n)
         while True:
             unet.zero_grad(set_to_none=True)
-            for start in range(0, len(timesteps), timestep_batch_size):
+            for start in chunks:
+                used = 0.0 if start is None else 1.0
+                start = start or 0
                 t = timesteps[start : start + timestep_batch_size].to(device)
                 with autocast() if autocast else contextlib.nullcontext():
                     losses = per_sample_loss(
@@ -97,8 +118,8 @@ def fisher_diagonal(
                         noise[start : start + len(t)].to(device), t, expand(cond, len(t)),
                     )
                 total = losses.sum() if weights is None else losses @ weights[start : start + len(t)]
-                (total * (scale * loss_scale_now)).backward()
-            grads = [p.grad.float() if p.grad is not None else torch.zeros_like(f) for p, f in zip(params, fisher)]
+                (total * (scale * loss_scale_now * used)).backward()
+            grads = [local(p.grad).float() if p.grad is not None else torch.zeros_like(f) for p, f in zip(params, fisher)]
             if loss_scale is None:
                 break
             if torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
@@ -118,6 +139,14 @@ def fisher_diagonal(
     torch._foreach_div_(fisher, len(latents))
     names = [name for name, p in unet.named_parameters() if p.requires_grad]
     return dict(zip(names, fisher))
+
+
+def read_fisher(path: str | Path, rows: dict[str, slice | None]) -> dict[str, torch.Tensor]:
+    """Entries of a Fisher file that load_fisher checked whole when the run began: each whole
+    (None) or only the rows given (a process's FSDP shard); nothing else is read."""
+    with safe_open(str(path), framework="pt") as f:
+        return {name: f.get_tensor(name) if r is None else f.get_slice(name)[r.start : r.stop]
+                for name, r in rows.items()}
 
 
 def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], dtype: str, metadata: dict) -> None:
@@ -239,17 +268,20 @@ def replay_cost(images: int, settings, cached: bool) -> tuple[str, int | None]:
 
 def fisher_plan(pipe, latent: tuple[int, int], num_timesteps: int, timestep_batch_size: int | None,
                 gradient_checkpointing: bool, mixed_precision: str, max_memory: str | None,
-                device, covered: set[str] | None = None) -> tuple[int, str, int]:
+                device, covered: set[str] | None = None, shards: int = 1) -> tuple[int, str, int]:
     """The Fisher's timestep batch (the largest that fits the budget unless given) and its plan in
     words and its predicted peak: what it holds besides activations is the denoiser, the text
     encoders, and the gradient and the float32 sum of squares of what it covers (`covered`: a LoRA
-    run's adapted weights; None: every parameter)."""
+    run's adapted weights; None: every parameter); under FSDP over `shards` processes, a slice of
+    the denoiser and of those, and the units gathered whole."""
     family = family_of(pipe)
     unet = family.denoiser_of(pipe)
     n = sum(p.numel() for name, p in unet.named_parameters() if covered is None or name in covered)
     # the gradient in the weights' dtype, its float32 copy when that is 16-bit, the float32 sum
     grad = unet.dtype.itemsize + (4 if unet.dtype != torch.float32 else 0)
-    resident = weight_bytes(unet, *family.loaded_text_encoders(pipe)) + (grad + 4) * n
+    resident = (weight_bytes(unet) + (grad + 4) * n) // shards + weight_bytes(*family.loaded_text_encoders(pipe))
+    if shards > 1:
+        resident += unsharded_bytes(unet, mixed_precision)
     limit = budget(max_memory, device)
     chunk, peak = fisher_chunk(family, unet, latent, num_timesteps, mixed_precision, gradient_checkpointing,
                                resident, limit, timestep_batch_size, DEFAULT_TIMESTEP_BATCH)
@@ -277,13 +309,16 @@ def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None
     for encoder in family.loaded_text_encoders(pipe):
         encoder.requires_grad_(False)
     pipe.vae.to("cpu")  # latents are cached: the VAE has nothing to do here
+    shared = (accelerator.process_index, accelerator.num_processes) if sharded(accelerator) else None
     timestep_batch_size, said, predicted = fisher_plan(
         pipe, tuple(replay.latents.shape[2:]), len(timesteps), timestep_batch_size, gradient_checkpointing,
-        accelerator.mixed_precision, max_memory, accelerator.device, covered)
+        accelerator.mixed_precision, max_memory, accelerator.device, covered, shared[1] if shared else 1)
     say(said)
     if gradient_checkpointing:  # activations of a whole timestep batch: trade compute for memory
         family.denoiser_of(pipe).enable_gradient_checkpointing()
-    indices = list(range(accelerator.process_index, count, accelerator.num_processes))
+    indices = None if shared else list(range(accelerator.process_index, count, accelerator.num_processes))
+    if shared:
+        denoiser = accelerator.prepare(denoiser)  # in place: every process keeps its rows of each weight
     images = to_device({k: replay.conditioning[k] for k in family.image_keys}, accelerator.device)
 
     def embed(n: int):
@@ -296,9 +331,16 @@ def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None
             family, family.denoiser_of(pipe), scheduler, replay.latents[:count], embed,
             timesteps, seed, timestep_batch_size, indices, autocast=accelerator.autocast,
             progress=accelerator.is_main_process,
-            loss_scale=FP16_LOSS_SCALE if accelerator.mixed_precision == "fp16" else None,
+            loss_scale=FP16_LOSS_SCALE if accelerator.mixed_precision == "fp16" else None, shared=shared,
         )
-    if accelerator.num_processes > 1:
+    if shared:  # gathered one entry at a time, kept by the first process in the stored dtype
+        params, gathered = dict(denoiser.named_parameters()), {}
+        for name, rows in fisher.items():
+            entry = whole(rows, params[name])
+            if accelerator.is_main_process:
+                gathered[name] = entry.to("cpu", DTYPES[dtype])
+        fisher = gathered
+    elif accelerator.num_processes > 1:
         fisher = {k: accelerator.reduce(v, reduction="sum") for k, v in fisher.items()}
     if accelerator.is_main_process:
         meta = fisher_metadata(pipe, scheduler, ref.identity, count, timesteps, seed, str(replay.path),

@@ -35,10 +35,12 @@ def surrogate_of(pair: dict) -> tuple[str, str]:
     return pair["maps_to"], {"surrogate": "prompt"}.get(kind, kind)
 
 
-def write_result(work: Path, ref: ModelRef, unet, trainable, config: ForgetConfig, summary: dict) -> None:
+def write_result(work: Path, ref: ModelRef, unet, trainable, config: ForgetConfig, summary: dict,
+                 state: dict | None = None) -> None:
     """Save the result into the work folder: the pipeline with the new UNet and the base's other
     components, or the LoRA adapters (and with --fuse, the pipeline with them merged);
-    amnesia.json, written last, marks the result finished."""
+    amnesia.json, written last, marks the result finished. `state`: the whole denoiser's state dict
+    when `unet` holds only this process's shards (FSDP)."""
     import accelerate
     import diffusers
     import transformers
@@ -48,7 +50,7 @@ def write_result(work: Path, ref: ModelRef, unet, trainable, config: ForgetConfi
     base = load_pipeline(ref, safety_checker=ref.kind != "file")
     family = family_of(base)
     if config.lora_rank:
-        trainable.save(unet, work, family)
+        trainable.save(unet, work, family, state)
         lora_file = work / LORA_WEIGHTS
         summary["lora"] = {"rank": config.lora_rank, "alpha": config.lora_rank, "trained_alpha": config.lora_alpha_value(),
                            "targets": config.lora_target_list(), "adapted_layers": len(trainable.modules),
@@ -56,7 +58,10 @@ def write_result(work: Path, ref: ModelRef, unet, trainable, config: ForgetConfi
         if config.fuse:  # merged from the file just written
             merge_lora(base, work)
     else:
-        base.register_modules(**{family.denoiser: unet.to("cpu")})  # fp32 master weights
+        if state is None:
+            base.register_modules(**{family.denoiser: unet.to("cpu")})  # fp32 master weights
+        else:
+            family.denoiser_of(base).load_state_dict(state)
     if not config.lora_rank or config.fuse:
         base.save_pretrained(str(work), safe_serialization=True)
     pairs = summary["pairs"]

@@ -10,11 +10,16 @@ The penalty is memory-bound: each step streams theta, theta*, F and the gradient
 in groups so the float32 temporaries (theta - theta*, upcast F) of a group stay small; on the CPU,
 tensors are also cut into flat pieces so a group's temporaries stay in the cache instead of
 making another round trip through memory.
+
+Under FSDP each process holds its rows of every weight, gradient, F and theta*, and the penalty,
+being elementwise, works on those rows alone; its value is this process's part of the sum.
 """
 
 from __future__ import annotations
 
 import torch
+
+from amnesia_sd.model.shards import local, rows
 
 # (piece elements, group elements) per device type. Small on the CPU for the cache; on a GPU the
 # kernels are fast and each group costs launches, so groups are large and tensors stay whole.
@@ -44,9 +49,9 @@ def _groups(sizes: list[int], limit: int) -> list[slice]:
 class EWCPenalty:
     def __init__(self, params: list[torch.Tensor], fisher: list[torch.Tensor], anchors: list[torch.Tensor], lam: float):
         self.params, self.fisher, self.anchors, self.lam = params, fisher, anchors, lam
-        device = params[0].device.type if params else "cpu"
+        device = local(params[0]).device.type if params else "cpu"
         self.piece, group_elements = LAYOUT.get(device, LAYOUT["cuda"])
-        self.split = [p.is_contiguous() and f.is_contiguous() and a.is_contiguous()
+        self.split = [local(p).is_contiguous() and f.is_contiguous() and a.is_contiguous()
                       for p, f, a in zip(params, fisher, anchors)]
         # Pieces of F and theta* are fixed views of tensors the penalty owns. Those of theta and its
         # gradient are made at each call: `accelerator.prepare` may re-point a parameter's storage
@@ -67,7 +72,7 @@ class EWCPenalty:
         total = self._zero()
         if self.lam == 0:
             return total
-        params = _pieces([p.detach() for p in self.params], self.split, self.piece)
+        params = _pieces([local(p.detach()) for p in self.params], self.split, self.piece)
         for group in self.groups:
             diff, fisher = self._diff(params, group)
             total += self._weighted_sum(diff, fisher)
@@ -87,10 +92,10 @@ class EWCPenalty:
         for p, split in zip(self.params, self.split):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            elif split and not p.grad.is_contiguous():  # its flat pieces must be views of the real .grad
+            elif split and not local(p.grad).is_contiguous():  # its flat pieces must be views of the real .grad
                 p.grad = p.grad.contiguous()
-        grads = _pieces([p.grad for p in self.params], self.split, self.piece)
-        params = _pieces([p.detach() for p in self.params], self.split, self.piece)
+        grads = _pieces([local(p.grad) for p in self.params], self.split, self.piece)
+        params = _pieces([local(p.detach()) for p in self.params], self.split, self.piece)
         for group in self.groups:
             diff, fisher = self._diff(params, group)
             torch._foreach_addcmul_(grads[group], fisher, diff, value=2 * self.lam)
@@ -100,7 +105,7 @@ class EWCPenalty:
         return total * self.lam if with_value else None
 
     def _zero(self) -> torch.Tensor:
-        return torch.zeros((), dtype=torch.float32, device=self.params[0].device if self.params else "cpu")
+        return torch.zeros((), dtype=torch.float32, device=local(self.params[0]).device if self.params else "cpu")
 
     @staticmethod
     def _weighted_sum(diff: list[torch.Tensor], fisher: list[torch.Tensor]) -> torch.Tensor:
@@ -116,29 +121,50 @@ class LoraPenalty:
     The adapter's update is the whole change to W (the frozen base weight is the anchor, so no copy
     of theta* exists). The gradient is written out by hand, one adapted layer at a time, so only one
     layer's delta W exists at once:  G = 2 lambda F * delta W,  dB = s G A^T,  dA = s B^T G.
+
+    Under FSDP a process holds some rows of B, hence of delta W and G, and F for those rows: dB of
+    its rows is exact locally; dA sums over every row of W, so the processes' parts are added up
+    (one all-reduce for all layers) before each keeps its own rows of A's gradient.
     """
 
     def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]], lam: float):
-        # (A [r, in], B [out, r], F [out, in], scale s); a convolution's adapter is the same product
-        # with A [r, in, kh, kw] flattened to [r, in * kh * kw] (B is its 1x1 convolution).
+        # (A [r, in], B [out, r], F [out, in] (this process's rows of B), scale s); a convolution's
+        # adapter is the same product with A [r, in, kh, kw] flattened to [r, in * kh * kw].
         self.layers, self.lam = layers, lam
+        self.sharded = any(rows(a) is not None for a, *_ in layers)
 
     @torch.no_grad()
     def add_grad_(self, with_value: bool = False) -> torch.Tensor | None:
-        total = torch.zeros((), dtype=torch.float32, device=self.layers[0][0].device) if with_value else None
+        total = torch.zeros((), dtype=torch.float32, device=local(self.layers[0][0]).device) if with_value else None
         if self.lam == 0:
             return total
+        partial_da = []
         for a, b, fisher, scale in self.layers:
-            a32, b32 = a.float().flatten(1), b.float().flatten(1)
+            a32 = (a.full_tensor() if self.sharded else a).float().flatten(1)  # all of A: r rows, small
+            b32 = local(b).float().flatten(1)
             delta = (b32 @ a32).mul_(scale)
             weighted = delta.mul_(fisher.float().flatten(1))  # F * delta W (delta W is not needed alone again)
             if with_value:
                 total += (weighted * (b32 @ a32)).sum() * scale
             g = weighted.mul_(2 * self.lam)
-            for p, grad in ((b, (g @ a32.T).mul_(scale).view(b.shape)), (a, (b32.T @ g).mul_(scale).view(a.shape))):
-                if p.grad is None:
-                    p.grad = grad.to(p.dtype)
-                else:
-                    p.grad.add_(grad)
+            _add_grad(b, (g @ a32.T).mul_(scale))
+            da = (b32.T @ g).mul_(scale)
+            if self.sharded:
+                partial_da.append(da)
+            else:
+                _add_grad(a, da)
             del delta, weighted, g
+        if partial_da:
+            flat = torch.cat([d.reshape(-1) for d in partial_da])
+            torch.distributed.all_reduce(flat)
+            for (a, *_), da in zip(self.layers, flat.split([d.numel() for d in partial_da])):
+                _add_grad(a, da.view(a.shape[0], -1)[rows(a)])
         return total * self.lam if with_value else None
+
+
+def _add_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
+    """Add `grad` (this process's rows, flattened after dim 0) to p's gradient."""
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    target = local(p.grad)
+    target.add_(grad.view(target.shape).to(target.dtype))

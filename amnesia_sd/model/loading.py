@@ -192,7 +192,62 @@ def make_accelerator(mixed_precision: str = "no", **kwargs):
     # forms a (gloo) process group when told to use the CPU; otherwise each process runs alone.
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     cpu = several and not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kwargs)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kwargs)
+    if cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        _fsdp_on_cpu(accelerator, mixed_precision)
+    if sharded(accelerator) and mixed_precision in ("bf16", "fp16"):
+        # Computing in 16 bits, gradients reduced in float32 (accelerate's default reduces in 16
+        # bits): the Fisher squares the sum of the processes' shares of a sample's gradient, and
+        # the EWC gradient is added to the reduced one, so they are summed as one process would.
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=DTYPES[mixed_precision], reduce_dtype=torch.float32)
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator, mixed_precision: str) -> None:
+    """`accelerate launch` with an FSDP config on machines without accelerators (CPU clusters, CI):
+    accelerate selects FSDP only for accelerator devices and would fall back to DDP over gloo. Its
+    FSDP2 code (prepare, state dicts, sharded checkpoints) runs on the CPU as it is (torch's
+    fully_shard works over gloo), so the state is set as accelerate sets it on a GPU, with the
+    plugin it reads from the launcher's FSDP_* variables."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def sharded(accelerator) -> bool:
+    return accelerator.distributed_type.value == "FSDP"
+
+
+def check_sharding(accelerator, command: str) -> None:
+    """What `command` (fim, forget) trains or differentiates under: DDP, or accelerate's FSDP2 with
+    full shards; DeepSpeed and FSDP1 are refused before any work, in one line."""
+    kind = accelerator.distributed_type.value
+    if kind == "DEEPSPEED":
+        raise UserError(f"{command} does not run under DeepSpeed: ZeRO keeps gradients in flat partitioned buffers "
+                        "that its own optimizer step consumes, so the EWC gradient 2 lambda F (theta - theta*) cannot "
+                        "be added to each weight's slice exactly; use an FSDP config (distributed_type: FSDP, "
+                        "fsdp_version: 2) or MULTI_GPU, see docs/multi-gpu.md")
+    if kind != "FSDP":
+        return
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise UserError(f"{command} runs under FSDP version 2 (per-parameter shards that the EWC penalty reads): set "
+                        f"fsdp_version: 2 in the accelerate config (it is {plugin.fsdp_version})")
+    if accelerator.mixed_precision == "fp16":
+        raise UserError(f"{command} under FSDP takes --mixed-precision bf16 or no: fp16 needs a loss scale agreed "
+                        "across shards, which it does not keep; bf16 needs none")
+    if plugin.cpu_ram_efficient_loading:
+        raise UserError(f"{command} under FSDP needs fsdp_cpu_ram_efficient_loading: false: the model is already "
+                        "loaded on every process (its text encoders and VAE encode the sets there)")
 
 
 def load_on_device(spec: str, accelerator, dtype: torch.dtype = torch.float32):

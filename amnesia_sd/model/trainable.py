@@ -12,7 +12,8 @@ import torch
 from amnesia_sd.core.errors import UserError
 from amnesia_sd.core.io import usual_mode
 from amnesia_sd.model.ewc import EWCPenalty, LoraPenalty
-from amnesia_sd.model.loading import DTYPES, LORA_WEIGHTS
+from amnesia_sd.model.loading import DTYPES, LORA_WEIGHTS, sharded
+from amnesia_sd.model.shards import local, rows
 
 # What maps the timestep, SDXL's pooled text and time ids in, and features out: frozen by noxattn.
 NOXATTN_FROZEN = ("time_embedding.", "add_embedding.", "conv_norm_out.", "conv_out.")
@@ -71,71 +72,96 @@ def check_rank(unet, modules: list[str], rank: int) -> None:
 class FullWeights:
     """Full fine-tuning of the parameters --train-method selects; the anchor theta* is a copy."""
 
-    def __init__(self, unet, config, load_fisher, device):
-        names = set(trainable_names(unet, config.train_method))
+    def __init__(self, unet, config):
+        self.config, self.names = config, set(trainable_names(unet, config.train_method))
         unet.requires_grad_(False)
-        named = [(n, p) for n, p in unet.named_parameters() if n in names]
-        for _, p in named:
+        self.params = [p for n, p in unet.named_parameters() if n in self.names]
+        for p in self.params:
             p.requires_grad_(True)
+        store = 2 if config.fim_dtype != "fp32" else 4
+        self.penalty_bytes = 2 * store * sum(p.numel() for p in self.params)  # F and theta*, whole
+        self.penalty = None
+
+    def anchor(self, unet, read_fisher, device) -> None:
+        """The penalty, from the weights as they train (after accelerate's prepare: under FSDP their
+        shards): theta* copies them, and `read_fisher({name: rows})` gives F for the same rows."""
+        config = self.config
+        named = [(n, p) for n, p in unet.named_parameters() if n in self.names]
         self.params = [p for _, p in named]
         # fp16 anchors are lossless for fp16 checkpoints, but Fisher values overflow fp16: bf16 then.
         anchor_dtype = DTYPES[config.fim_dtype]
         fisher_dtype = torch.bfloat16 if config.fim_dtype == "fp16" else anchor_dtype
-        fisher = load_fisher([n for n, _ in named])
+        fisher = read_fisher({n: rows(p) for n, p in named})
         self.penalty = EWCPenalty(self.params, [fisher.pop(n).to(device, fisher_dtype) for n, _ in named],
-                                  [p.detach().to(anchor_dtype, copy=True) for p in self.params], config.lambda_ewc)
+                                  [local(p).detach().to(anchor_dtype, copy=True) for p in self.params],
+                                  config.lambda_ewc)
         with torch.no_grad():  # start exactly at the stored anchor (a no-op in fp32): the penalty starts at zero
             for p, anchor in zip(self.params, self.penalty.anchors):
-                p.copy_(anchor)
-        store = 2 if config.fim_dtype != "fp32" else 4
-        self.penalty_bytes = 2 * store * sum(p.numel() for p in self.params)  # F and theta*
+                local(p).copy_(anchor)
+        self.held_bytes = held(self.penalty.fisher + self.penalty.anchors)
 
     def register_checkpointing(self, accelerator, unet) -> None:
         """accelerate saves and loads the whole UNet itself."""
 
-    def save(self, unet, work: Path, family) -> None:
-        """The result's UNet is written with the pipeline (result.py)."""
+    def save(self, unet, work: Path, family, state: dict | None = None) -> None:
+        """The result's UNet is written with the pipeline (record.py)."""
 
 
 class LoraAdapters:
     """LoRA adapters (peft, as diffusers' LoRA training) on the selected Linear layers; only they
     train. Only the Fisher entries of adapted weights are loaded, and no anchor is copied."""
 
-    def __init__(self, unet, config, load_fisher, device):
+    def __init__(self, unet, config):
         from peft import LoraConfig
 
+        self.config = config
         self.modules = lora_modules(unet, config.train_method, config.lora_target_list())
         self.scale = config.lora_alpha_value() / config.lora_rank
-        fisher = load_fisher([f"{m}.weight" for m in self.modules])  # named as in the UNet without adapters
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha_value(),
                                     init_lora_weights="gaussian", target_modules=self.modules))
-        layers = dict(unet.named_modules())
-        fisher_dtype = torch.float32 if config.fim_dtype == "fp32" else torch.bfloat16
-        entries = []
-        for name in self.modules:
-            layer = layers[name]
-            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-            entries.append((a, b, fisher.pop(f"{name}.weight").to(device, fisher_dtype), self.scale))
-        self.params = [p for entry in entries for p in entry[:2]]
+        self.params = self._adapters(unet)
         with torch.no_grad():  # adapters (and their optimizer) in float32 on a 16-bit frozen base (base_dtype)
             for p in self.params:
                 p.data = p.data.float()
-        self.penalty = LoraPenalty(entries, config.lambda_ewc)
-        self.penalty_bytes = (2 if config.fim_dtype != "fp32" else 4) * sum(e[2].numel() for e in entries)
+        layers = dict(unet.named_modules())
+        self.penalty_bytes = (2 if config.fim_dtype != "fp32" else 4) * sum(layers[m].weight.numel()
+                                                                             for m in self.modules)
+        self.penalty = None
 
-    def lora_state(self, unet) -> dict[str, torch.Tensor]:
+    def _adapters(self, unet) -> list[torch.Tensor]:
+        layers = dict(unet.named_modules())
+        return [p for m in self.modules for p in (layers[m].lora_A["default"].weight, layers[m].lora_B["default"].weight)]
+
+    def anchor(self, unet, read_fisher, device) -> None:
+        """The penalty, from the adapters as they train (after accelerate's prepare: under FSDP their
+        shards); F of each adapted weight for the rows of B (of delta W) this process holds, named as
+        in the UNet without adapters."""
+        self.params = self._adapters(unet)
+        pairs = list(zip(self.params[::2], self.params[1::2]))
+        fisher = read_fisher({f"{m}.weight": rows(b) for m, (_, b) in zip(self.modules, pairs)})
+        fisher_dtype = torch.float32 if self.config.fim_dtype == "fp32" else torch.bfloat16
+        entries = [(a, b, fisher.pop(f"{m}.weight").to(device, fisher_dtype), self.scale)
+                   for m, (a, b) in zip(self.modules, pairs)]
+        self.penalty = LoraPenalty(entries, self.config.lambda_ewc)
+        self.held_bytes = held([e[2] for e in entries])
+
+    def lora_state(self, unet, state: dict | None = None) -> dict[str, torch.Tensor]:
         """The adapters in peft's layout (<layer>.lora_A/lora_B.weight), with the scale folded into B
-        (so alpha = rank: every loader applies it the same way, whatever it assumes about alpha).
+        (so alpha = rank: every loader applies it the same way, whatever it assumes about alpha);
+        from `state`, the whole denoiser's state dict, when given (gathered from FSDP's shards).
         Not diffusers' convert_state_dict_to_diffusers: it renames only attention layers' keys (to
         lora.down/up), and diffusers' loader then drops those of a file that also has conv layers."""
         from peft.utils import get_peft_model_state_dict
 
         return {k: (v * self.scale if ".lora_B." in k else v).detach().float().cpu().contiguous()
-                for k, v in get_peft_model_state_dict(unet).items()}
+                for k, v in get_peft_model_state_dict(unet, state_dict=state).items()}
 
     def register_checkpointing(self, accelerator, unet) -> None:
-        """Checkpoints hold the adapters only (megabytes, not the whole UNet)."""
+        """Checkpoints hold the adapters only (megabytes, not the whole UNet). Under FSDP accelerate
+        saves every process's shard of the whole denoiser itself (sharded checkpoints), base included."""
+        if sharded(accelerator):
+            return
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
         from safetensors.torch import load_file, save_file
 
@@ -152,8 +178,8 @@ class LoraAdapters:
         accelerator.register_save_state_pre_hook(save_hook)
         accelerator.register_load_state_pre_hook(load_hook)
 
-    def save(self, unet, work: Path, family) -> None:
-        family.pipeline_class().save_lora_weights(str(work), **{family.lora_layers: self.lora_state(unet)},
+    def save(self, unet, work: Path, family, state: dict | None = None) -> None:
+        family.pipeline_class().save_lora_weights(str(work), **{family.lora_layers: self.lora_state(unet, state)},
                                                   safe_serialization=True)
         usual_mode(work / LORA_WEIGHTS)
 
@@ -165,6 +191,10 @@ def base_dtype(lora: bool, mixed_precision: str) -> torch.dtype:
     return DTYPES[mixed_precision] if lora else torch.float32
 
 
-def make_trainable(unet, config, load_fisher, device):
-    """`load_fisher(names)` returns the Fisher's entries of those parameter names."""
-    return (LoraAdapters if config.lora_rank else FullWeights)(unet, config, load_fisher, device)
+def held(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def make_trainable(unet, config):
+    """What trains, before accelerate's prepare; its penalty comes after, with anchor()."""
+    return (LoraAdapters if config.lora_rank else FullWeights)(unet, config)
