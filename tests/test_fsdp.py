@@ -15,7 +15,6 @@ from helpers import ENV, run_command, unet_weights
 from launching import assert_same_update, command, forget_args, launch, shared_sets
 
 STEPS = ["--max-train-steps", "4"]
-MODES = {"full": [], "lora-accumulation": ["--lora-rank", "2", "--gradient-accumulation-steps", "2"]}
 
 
 @pytest.fixture(scope="module")
@@ -37,27 +36,22 @@ def test_fim_under_fsdp_equals_one_process(tiny_model, work):
                                                                       rel=1e-5)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_forget_under_fsdp_equals_one_process(tiny_model, work, mode):
-    extra = MODES[mode]
-    one_dir, fsdp_dir = f"{mode}-one", f"{mode}-fsdp"
-    run_command(*forget_args(str(tiny_model), one_dir, 2, *extra, *STEPS), cwd=work)
-    launch("fsdp", 2, *forget_args(str(tiny_model), fsdp_dir, 1, *extra, *STEPS), cwd=work)
+def assert_same_run(work, one_dir: str, fsdp_dir: str, model, lora: bool) -> None:
+    """An FSDP run and a one-process run of the same global batch: the same losses (the penalty's
+    value summed over the processes' parts), the same update (of the weights, or the adapters), each process holding half of what one process holds of F (and theta*), and a
+    result plain diffusers reads."""
     one, fsdp = (json.loads((work / d / "amnesia.json").read_text()) for d in (one_dir, fsdp_dir))
     assert (one["distributed"], fsdp["distributed"]) == ("NO", "FSDP")
-    assert one["global_batch_size"] == fsdp["global_batch_size"] and fsdp["steps"] == one["steps"] == 4
+    assert one["global_batch_size"] == fsdp["global_batch_size"] and fsdp["steps"] == one["steps"]
     assert one["final_losses"]["ewc"] > 1e-3  # past step 1, where the penalty is zero by construction
-    for term in ("surrogate", "replay", "ewc"):  # the penalty's value is the sum of the processes' parts
+    for term in ("surrogate", "replay", "ewc"):
         assert fsdp["final_losses"][term] == pytest.approx(one["final_losses"][term], rel=1e-4)
-    # What each process held of F (and theta*): its rows, half of one process's, to the row rounding.
     (whole,), halves = one["penalty_bytes_per_process"], fsdp["penalty_bytes_per_process"]
-    assert len(halves) == 2 and sum(halves) == whole and max(halves) <= 0.52 * whole
-    lora = mode != "full"
-    assert_same_update(work / one_dir, work / fsdp_dir, None if lora else unet_weights(tiny_model))
-    # The same kind of result, read by plain diffusers.
+    assert len(halves) == 2 and sum(halves) == whole and max(halves) <= 0.52 * whole  # rows, rounded per tensor
+    assert_same_update(work / one_dir, work / fsdp_dir, None if lora else unet_weights(model))
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model if lora else work / fsdp_dir, safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(model if lora else work / fsdp_dir, safety_checker=None,
                                                    requires_safety_checker=False)
     if lora:
         pipe.load_lora_weights(work / fsdp_dir)
@@ -65,6 +59,13 @@ def test_forget_under_fsdp_equals_one_process(tiny_model, work, mode):
     else:
         assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], unet_weights(work / fsdp_dir)["conv_in.weight"])
         assert not (work / fsdp_dir / "checkpoints").exists()
+
+
+def test_lora_forget_under_fsdp_equals_one_process(tiny_model, work):
+    extra = ["--lora-rank", "2", "--gradient-accumulation-steps", "2", *STEPS]
+    run_command(*forget_args(str(tiny_model), "lora-one", 2, *extra), cwd=work)
+    launch("fsdp", 2, *forget_args(str(tiny_model), "lora-fsdp", 1, *extra), cwd=work)
+    assert_same_run(work, "lora-one", "lora-fsdp", tiny_model, lora=True)
 
 
 def test_lora_on_a_bf16_base_under_fsdp_agrees_with_one_process_to_bf16_precision(tiny_model, work):
@@ -86,7 +87,7 @@ def test_lora_on_a_bf16_base_under_fsdp_agrees_with_one_process_to_bf16_precisio
     assert one_b.abs().max() > 1e-4 and (fsdp_b - one_b).norm() <= 0.1 * one_b.norm()
 
 
-def test_forget_under_fsdp_resumes_after_a_kill(tiny_model, work):
+def test_full_weight_forget_under_fsdp_killed_and_resumed_equals_one_process(tiny_model, work):
     args = forget_args(str(tiny_model), "killed", 1, "--max-train-steps", "16", "--checkpointing-steps", "4")
     run = subprocess.Popen(command("fsdp", 2, *args), cwd=work, env=ENV, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
@@ -105,25 +106,34 @@ def test_forget_under_fsdp_resumes_after_a_kill(tiny_model, work):
     assert kept and kept[-1] >= 8
     # Sharded: each process wrote its own part of the weights and of the optimizer state.
     assert list((checkpoints / f"checkpoint-{kept[-1]}").glob("pytorch_model_fsdp_0/__1_*.distcp"))
+    # Its shards are read only by an FSDP run of as many processes: DDP is refused in one line.
+    ddp = launch("accelerate", 2, *args, "--resume-from-checkpoint", "latest", cwd=work, check=False)
+    errors = [line for line in ddp.stderr.splitlines() if line.startswith("error: ")]
+    assert ddp.returncode != 0 and len(errors) == 1 and "fsdp: True -> None" in errors[0], ddp.stderr[-2000:]
     launch("fsdp", 2, *args, "--resume-from-checkpoint", "latest", cwd=work)
     run_command(*forget_args(str(tiny_model), "straight", 2, "--max-train-steps", "16"), cwd=work)
-    assert_same_update(work / "killed", work / "straight", unet_weights(tiny_model))
-    records = [json.loads((work / d / "amnesia.json").read_text()) for d in ("killed", "straight")]
-    assert records[0]["steps"] == records[1]["steps"] == 16
-    assert records[0]["final_losses"]["ewc"] > 1e-3
-    assert records[0]["final_losses"]["ewc"] == pytest.approx(records[1]["final_losses"]["ewc"], rel=1e-4)
+    assert_same_run(work, "straight", "killed", tiny_model, lora=False)
 
 
 def test_fsdp_refusals_are_one_line_before_any_work(tiny_model, work):
+    import dataclasses
+
+    from amnesia_sd.commands.forget import check_fsdp
+    from amnesia_sd.core.config import ForgetConfig
+    from amnesia_sd.core.errors import UserError
+
     args = forget_args(str(tiny_model), "refused", 1, *STEPS)
     without_fim = args[:args.index("--fim")] + args[args.index("--fim") + 2:]
-    for given, says in ((args + ["--ema-decay", "0.999"], "--ema-decay"), (without_fim, "--fim")):
-        done = launch("fsdp", 2, *given, cwd=work, check=False)
-        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-        assert done.returncode != 0 and len(errors) == 1 and says in errors[0], done.stderr[-2000:]
-        assert "FSDP" in errors[0]
-        assert not [line for line in done.stderr.splitlines() if line.strip().startswith('File "') and "amnesia_sd" in line]
-        assert not (work / "refused").exists() and not (work / "refused.partial").exists()
+    done = launch("fsdp", 2, *without_fim, cwd=work, check=False)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode != 0 and len(errors) == 1 and "under FSDP without --fim" in errors[0], done.stderr[-2000:]
+    assert not [line for line in done.stderr.splitlines() if line.strip().startswith('File "') and "amnesia_sd" in line]
+    assert not (work / "refused").exists() and not (work / "refused.partial").exists()
+    given = ForgetConfig(model="m", concept="c", surrogate="s", output_dir="o", fim="f.safetensors")
+    check_fsdp(given)
+    for change, says in (({"ema_decay": 0.999}, "with --ema-decay"), ({"adversarial": True}, "with --adversarial")):
+        with pytest.raises(UserError, match=says):
+            check_fsdp(dataclasses.replace(given, **change))
 
 
 def test_deepspeed_fsdp1_and_fp16_are_refused_in_one_line():

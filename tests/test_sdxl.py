@@ -292,8 +292,9 @@ def test_sd2_v_prediction_flow(tiny_vpred_model, tmp_path):
 
 
 def test_docs_memory_table_is_what_the_preflight_computes(monkeypatch, capsys):
-    """docs/families.md's SDXL memory and parameter tables come from benchmarks/memory.py, which uses
-    forget's own memory_parts and trainable_names on the real SDXL base and SD v1.4 UNet configs."""
+    """docs/families.md's SDXL memory and parameter tables, and the per-GPU FSDP table, come from
+    benchmarks/memory.py, which uses forget's own memory_parts, trainable_names and training_peak on
+    the real SDXL base, SD v1.4 UNet and FLUX.1 transformer configs."""
     import runpy
 
     root = Path(__file__).resolve().parent.parent
@@ -313,6 +314,14 @@ def test_docs_memory_table_is_what_the_preflight_computes(monkeypatch, capsys):
         gb = [sdxl[method][s]["gb"] for s in ("fp32 Fisher, AdamW", "bf16 Fisher, AdamW", "bf16 Fisher, 8-bit AdamW")]
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{method}` | {gb[0]} ("))
         assert [float(cell.split()[0]) for cell in row.strip("|").split("|")[1:]] == gb, row
+    # The per-GPU table of full-weight forgetting under FSDP, in the README and docs/multi-gpu.md.
+    for page in (root / "README.md", root / "docs" / "multi-gpu.md"):
+        lines = page.read_text().splitlines()
+        for model, title in (("sdxl", "SDXL base UNet"), ("flux1_dev", "FLUX.1-dev transformer")):
+            for stored, label in (("fp32", "fp32"), ("bf16", "`--fim-dtype bf16`")):
+                row = next(line for line in lines if line.startswith(f"| {title}") and f"| {label} |" in line)
+                peaks = plan["fsdp"][model]["per_gpu_peak_gb"][f"{stored} Fisher, AdamW"]
+                assert [float(c) for c in row.strip("|").split("|")[2:]] == [peaks[g] for g in ("1", "2", "4", "8")], row
 
 
 def test_lora_forgetting_on_sdxl_loads_in_plain_diffusers(tiny_sdxl_model, sdxl_replay_fim, tmp_path):

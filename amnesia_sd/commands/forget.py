@@ -124,7 +124,7 @@ def check(config: ForgetConfig) -> Run:
     check_sharding(accelerator, "forget")
     if sharded(accelerator):
         check_fsdp(config)
-    settings = training_settings(config, accelerator.num_processes)
+    settings = training_settings(config, accelerator.num_processes, sharded(accelerator))
     checkpoint = find_checkpoint(work, config.resume_from_checkpoint)
     if checkpoint is not None:
         check_digest(checkpoint)  # before anything in it is read

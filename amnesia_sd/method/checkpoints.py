@@ -38,10 +38,11 @@ STATE_TENSORS, STATE_JSON = "amnesia-state.safetensors", "amnesia-state.json"  #
 DIGEST = "amnesia-digest.json"  # sha256 of every other file, written last
 
 
-def training_settings(config: ForgetConfig, num_processes: int) -> dict:
-    """What shapes the training trajectory: a resumed run must match it."""
+def training_settings(config: ForgetConfig, num_processes: int, fsdp: bool = False) -> dict:
+    """What shapes the training trajectory, and (FSDP) how its checkpoints are laid out: a resumed
+    run must match it."""
     settings = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
-    return {**settings, "num_processes": num_processes}
+    return {**settings, "num_processes": num_processes, **({"fsdp": True} if fsdp else {})}
 
 
 def result_output(out: Path) -> Output:
