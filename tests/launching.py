@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -83,6 +84,27 @@ def shared_sets(model: Path, root: Path) -> Path:
     compute_fim(FimConfig(model=str(model), output=str(root / "fim.safetensors"), replay_dir=str(root / "replay"),
                           num_timesteps=8, timestep_batch_size=4))
     return root
+
+
+def kill_at_checkpoint(launcher: str, args: list[str], work: Path, out: str, step: int = 8) -> list[int]:
+    """Preemption: run forget with 2 processes and, once checkpoint-`step` is saved, kill the whole
+    launcher and its workers at once, mid-run. Returns the steps of the checkpoints kept."""
+    import psutil
+
+    run = subprocess.Popen(command(launcher, 2, *args), cwd=work, env=ENV, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    checkpoints = work / f"{out}.partial" / "checkpoints"  # the run works in OUT.partial until it finishes
+    deadline = time.time() + 240
+    while not (checkpoints / f"checkpoint-{step}").is_dir() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    launcher_process = psutil.Process(run.pid)
+    workers = launcher_process.children(recursive=True)  # they may sit in sessions of their own
+    for process in [launcher_process, *workers]:
+        process.kill()
+    run.wait()
+    psutil.wait_procs(workers, timeout=30)
+    assert not (work / out / "amnesia.json").exists(), "the run finished before it could be killed"
+    return sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
 
 
 def forget_args(model, out, batch, *extra):

@@ -2,15 +2,14 @@
 torchrun): results must equal a single process's."""
 
 import json
-import subprocess
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ENV, run_command, unet_weights
-from launching import QUICK, assert_same_update, command, forget_args, launch, shared_sets, worker_exit_codes
+from helpers import run_command, unet_weights
+from launching import (QUICK, assert_same_update, forget_args, kill_at_checkpoint, launch, shared_sets,
+                       worker_exit_codes)
 
 @pytest.fixture(scope="module")
 def work(tiny_model, tmp_path_factory):
@@ -99,23 +98,7 @@ def test_forget_two_processes_of_batch_b_equal_one_process_of_batch_2b(tiny_mode
 def test_forget_with_two_processes_resumes_after_a_kill(tiny_model, work):
     model = str(tiny_model)
     args = forget_args(model, "killed", 1, "--max-train-steps", "24", "--checkpointing-steps", "4")
-    # Preemption: the whole launcher and its workers die at once, mid-run.
-    run = subprocess.Popen(command("torchrun", 2, *args), cwd=work, env=ENV, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    checkpoints = work / "killed.partial" / "checkpoints"  # the run works in OUT.partial until it finishes
-    deadline = time.time() + 240
-    while not (checkpoints / "checkpoint-8").is_dir() and run.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    import psutil
-
-    launcher = psutil.Process(run.pid)
-    workers = launcher.children(recursive=True)  # they may sit in sessions of their own
-    for process in [launcher, *workers]:
-        process.kill()
-    run.wait()
-    psutil.wait_procs(workers, timeout=30)
-    assert not (work / "killed" / "amnesia.json").exists(), "the run finished before it could be killed"
-    kept = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    kept = kill_at_checkpoint("torchrun", args, work, "killed")
     assert kept and kept[-1] >= 8
 
     refused = launch("torchrun", 2, *args, cwd=work, check=False)  # neither resumed nor overwritten: refused

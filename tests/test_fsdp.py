@@ -3,16 +3,13 @@ docs/multi-gpu.md gives users, as 2 processes on the CPU over gloo: the same Fis
 weights as one process, each process holding half of F and theta*, and an exact resume after a kill."""
 
 import json
-import subprocess
-import time
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ENV, run_command, unet_weights
-from launching import assert_same_update, command, forget_args, launch, shared_sets
+from helpers import run_command, unet_weights
+from launching import assert_same_update, forget_args, kill_at_checkpoint, launch, shared_sets
 
 STEPS = ["--max-train-steps", "4"]
 
@@ -89,21 +86,9 @@ def test_lora_on_a_bf16_base_under_fsdp_agrees_with_one_process_to_bf16_precisio
 
 def test_full_weight_forget_under_fsdp_killed_and_resumed_equals_one_process(tiny_model, work):
     args = forget_args(str(tiny_model), "killed", 1, "--max-train-steps", "16", "--checkpointing-steps", "4")
-    run = subprocess.Popen(command("fsdp", 2, *args), cwd=work, env=ENV, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    checkpoints = work / "killed.partial" / "checkpoints"
-    deadline = time.time() + 240
-    while not (checkpoints / "checkpoint-8").is_dir() and run.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    launcher = psutil.Process(run.pid)
-    workers = launcher.children(recursive=True)
-    for process in [launcher, *workers]:
-        process.kill()
-    run.wait()
-    psutil.wait_procs(workers, timeout=30)
-    assert not (work / "killed" / "amnesia.json").exists(), "the run finished before it could be killed"
-    kept = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    kept = kill_at_checkpoint("fsdp", args, work, "killed")
     assert kept and kept[-1] >= 8
+    checkpoints = work / "killed.partial" / "checkpoints"
     # Sharded: each process wrote its own part of the weights and of the optimizer state.
     assert list((checkpoints / f"checkpoint-{kept[-1]}").glob("pytorch_model_fsdp_0/__1_*.distcp"))
     # Its shards are read only by an FSDP run of as many processes: DDP is refused in one line.
