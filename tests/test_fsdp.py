@@ -130,7 +130,7 @@ def test_deepspeed_fsdp1_and_fp16_are_refused_in_one_line():
     from amnesia_sd.model.loading import check_sharding
 
     def accelerator(kind, version=2, precision="no"):
-        plugin = SimpleNamespace(fsdp_version=version, cpu_ram_efficient_loading=False)
+        plugin = SimpleNamespace(fsdp_version=version)
         return SimpleNamespace(distributed_type=kind, mixed_precision=precision, state=SimpleNamespace(fsdp_plugin=plugin))
 
     for made, says in ((accelerator(DistributedType.DEEPSPEED), "ZeRO keeps gradients in flat partitioned buffers"),

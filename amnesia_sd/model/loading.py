@@ -181,7 +181,8 @@ def image_size(pipe, resolution: int | None) -> int:
 
 
 def make_accelerator(mixed_precision: str = "no", **kwargs):
-    """One Accelerator per command: a single process here, DDP under `accelerate launch`."""
+    """One Accelerator per command: a single process here; under `accelerate launch` DDP, or FSDP2
+    with an FSDP config (also on machines without accelerators)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -194,7 +195,7 @@ def make_accelerator(mixed_precision: str = "no", **kwargs):
     cpu = several and not torch.cuda.is_available() and not torch.backends.mps.is_available()
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kwargs)
     if cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        _fsdp_on_cpu(accelerator, mixed_precision)
+        _fsdp_on_cpu(accelerator)
     if sharded(accelerator) and mixed_precision in ("bf16", "fp16"):
         # Computing in 16 bits, gradients reduced in float32 (accelerate's default reduces in 16
         # bits): the Fisher squares the sum of the processes' shares of a sample's gradient, and
@@ -206,7 +207,7 @@ def make_accelerator(mixed_precision: str = "no", **kwargs):
     return accelerator
 
 
-def _fsdp_on_cpu(accelerator, mixed_precision: str) -> None:
+def _fsdp_on_cpu(accelerator) -> None:
     """`accelerate launch` with an FSDP config on machines without accelerators (CPU clusters, CI):
     accelerate selects FSDP only for accelerator devices and would fall back to DDP over gloo. Its
     FSDP2 code (prepare, state dicts, sharded checkpoints) runs on the CPU as it is (torch's
@@ -215,10 +216,7 @@ def _fsdp_on_cpu(accelerator, mixed_precision: str) -> None:
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    plugin = FullyShardedDataParallelPlugin()
-    if mixed_precision != "no":
-        plugin.set_mixed_precision(mixed_precision)
-    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # its mixed precision: below
     accelerator.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
@@ -228,8 +226,8 @@ def sharded(accelerator) -> bool:
 
 
 def check_sharding(accelerator, command: str) -> None:
-    """What `command` (fim, forget) trains or differentiates under: DDP, or accelerate's FSDP2 with
-    full shards; DeepSpeed and FSDP1 are refused before any work, in one line."""
+    """What `command` (fim, forget) trains or differentiates under: DDP, or accelerate's FSDP2;
+    DeepSpeed, FSDP1 and FSDP with fp16 are refused before any work, in one line."""
     kind = accelerator.distributed_type.value
     if kind == "DEEPSPEED":
         raise UserError(f"{command} does not run under DeepSpeed: ZeRO keeps gradients in flat partitioned buffers "
@@ -245,9 +243,6 @@ def check_sharding(accelerator, command: str) -> None:
     if accelerator.mixed_precision == "fp16":
         raise UserError(f"{command} under FSDP takes --mixed-precision bf16 or no: fp16 needs a loss scale agreed "
                         "across shards, which it does not keep; bf16 needs none")
-    if plugin.cpu_ram_efficient_loading:
-        raise UserError(f"{command} under FSDP needs fsdp_cpu_ram_efficient_loading: false: the model is already "
-                        "loaded on every process (its text encoders and VAE encode the sets there)")
 
 
 def load_on_device(spec: str, accelerator, dtype: torch.dtype = torch.float32):
