@@ -69,7 +69,7 @@ def fsdp_config() -> Path:
     return path
 
 
-def shared_sets(model: Path, root: Path) -> Path:
+def shared_sets(model: Path, root: Path, images: int = 5, timesteps: int = 8, timestep_batch: int = 4) -> Path:
     """A replay set, its Fisher and a surrogate set in `root`, made by one process (this one)."""
     from amnesia_sd.core.config import FimConfig, SetConfig
     from amnesia_sd.commands.fim import compute_fim
@@ -77,12 +77,12 @@ def shared_sets(model: Path, root: Path) -> Path:
     from amnesia_sd.data.prompts import replay_prompts
 
     quick = {"model": str(model), "num_inference_steps": 2, "batch_size": 2}
-    make_image_set(SetConfig(output_dir=str(root / "replay"), kind="replay", prompts=replay_prompts(), num_images=5,
+    make_image_set(SetConfig(output_dir=str(root / "replay"), kind="replay", prompts=replay_prompts(), num_images=images,
                              **quick))
     make_image_set(SetConfig(output_dir=str(root / "surrogate"), kind="surrogate", prompts=["a middle aged man"],
-                             num_images=4, **quick))
+                             num_images=min(images, 4), **quick))
     compute_fim(FimConfig(model=str(model), output=str(root / "fim.safetensors"), replay_dir=str(root / "replay"),
-                          num_timesteps=8, timestep_batch_size=4))
+                          num_timesteps=timesteps, timestep_batch_size=timestep_batch))
     return root
 
 

@@ -161,3 +161,27 @@ def test_a_sharded_checkpoint_index_naming_anything_else_is_refused_unread(tmp_p
     index.write_bytes(pickle.dumps(os.system))  # names a callable: loading it would hand it over
     with pytest.raises(UserError, match=r"\.metadata is not a torch\.distributed\.checkpoint index.*posix\.system"):
         check_sharded_index(tmp_path / "checkpoint-4")
+
+
+def test_flux_under_fsdp_fisher_and_forget_equal_one_process(tiny_flux_model, tmp_path):
+    """What FSDP is for (FLUX.1's 12B do not fit one GPU for full-weight forgetting), on a tiny Flux
+    transformer: the sharded Fisher and a full-weight forget equal one process's."""
+    model = str(tiny_flux_model)
+    shared_sets(tiny_flux_model, tmp_path, images=2, timesteps=4, timestep_batch=2)  # and the one-process Fisher
+    launch("fsdp", 2, "fim", "--model", model, "--replay-dir", "replay", "--output", "fim-fsdp.safetensors",
+           "--num-timesteps", "4", "--timestep-batch-size", "2", cwd=tmp_path)
+    one, fsdp = load_file(str(tmp_path / "fim.safetensors")), load_file(str(tmp_path / "fim-fsdp.safetensors"))
+    assert one.keys() == fsdp.keys() and len(one) > 50
+    for k in one:
+        torch.testing.assert_close(fsdp[k], one[k], rtol=1e-4, atol=1e-5 * one[k].abs().max().item())
+    run_command(*forget_args(model, "one", 2, *STEPS), cwd=tmp_path)
+    launch("fsdp", 2, *forget_args(model, "fsdp", 1, *STEPS), cwd=tmp_path)
+    records = [json.loads((tmp_path / d / "amnesia.json").read_text()) for d in ("one", "fsdp")]
+    assert records[0]["final_losses"]["ewc"] > 1e-3
+    for term in ("surrogate", "replay", "ewc"):
+        assert records[1]["final_losses"][term] == pytest.approx(records[0]["final_losses"][term], rel=1e-4)
+    base, a, b = (load_file(str(next((d / "transformer").glob("*.safetensors"))))
+                  for d in (tiny_flux_model, tmp_path / "one", tmp_path / "fsdp"))
+    update_one = torch.cat([(a[k] - base[k]).flatten() for k in a])
+    update_fsdp = torch.cat([(b[k] - base[k]).flatten() for k in a])
+    assert update_one.abs().max() > 1e-4 and (update_fsdp - update_one).norm() <= 1e-3 * update_one.norm()
