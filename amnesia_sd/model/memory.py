@@ -15,6 +15,7 @@ nothing for backward: there the tensors alive at once are counted, op by op.
 from __future__ import annotations
 
 import contextlib
+import json
 import weakref
 
 import torch
@@ -67,10 +68,22 @@ def meta_copy(unet):
         return type(unet).from_config(unet.config)
 
 
+_SAVED: dict[tuple, int] = {}  # the same architecture and shapes save the same bytes: counted once
+
+
 def saved_bytes(family, meta_unet, batch: int, latent: tuple[int, int], dtype: torch.dtype,
                 gradient_checkpointing: bool) -> int:
     """Bytes autograd keeps for backward over one forward of `batch` latents of size `latent`; with
     gradient checkpointing, those it keeps plus the largest block's, recomputed in the backward."""
+    key = (family.name, type(meta_unet).__name__, json.dumps(dict(meta_unet.config), sort_keys=True, default=str),
+           batch, tuple(latent), dtype, gradient_checkpointing)
+    if key not in _SAVED:
+        _SAVED[key] = _count_saved(family, meta_unet, batch, latent, dtype, gradient_checkpointing)
+    return _SAVED[key]
+
+
+def _count_saved(family, meta_unet, batch: int, latent: tuple[int, int], dtype: torch.dtype,
+                 gradient_checkpointing: bool) -> int:
     meta_unet.to(dtype).train()
     weights = {p.untyped_storage()._cdata for p in meta_unet.parameters()}
     seen: dict[int, int] = {}
