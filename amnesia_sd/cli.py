@@ -39,18 +39,23 @@ class _Commands(typer.core.TyperGroup):
         except typer.Abort:
             _say("interrupted")
             code = 130
-        _release_processes()
         code = code if isinstance(code, int) else 0
         if standalone_mode:
+            _leave_launched(code)
             sys.exit(code)
         return code
 
-def _release_processes() -> None:
-    """End the process group a launched command formed: left to the interpreter's exit, gloo's
-    threads can abort a process (SIGABRT) after its work is saved, and the launcher reports a failure."""
+def _leave_launched(code: int) -> None:
+    """A process of several (torchrun, accelerate launch) exits without tearing its process group
+    down. Every command has passed its last barrier by now and its outputs are written, but gloo's
+    teardown at exit can abort the process (SIGABRT: its threads outlive the interpreter) or hang it
+    (the group's destructor, called with the GIL held, joins a worker thread that waits for the
+    GIL), and the launcher then reports a failure or waits forever."""
     torch = sys.modules.get("torch")  # a command that never loaded torch formed no group
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 app = typer.Typer(

@@ -587,7 +587,6 @@ def write(run: Run, sets: Sets, fim: Fisher, trainer: Trainer) -> Path:
         write_result(work, run.ref, accelerator.unwrap_model(trainer.unet), trainer.trainable, config, summary, state)
         publish(work, run.out, FINISHED)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return run.out
 
 
