@@ -61,7 +61,7 @@ def write_result(work: Path, ref: ModelRef, unet, trainable, config: ForgetConfi
         if state is None:
             base.register_modules(**{family.denoiser: unet.to("cpu")})  # fp32 master weights
         else:
-            family.denoiser_of(base).load_state_dict(state)
+            family.denoiser_of(base).load_state_dict(state, assign=True)  # takes the gathered tensors: no second copy
     if not config.lora_rank or config.fuse:
         base.save_pretrained(str(work), safe_serialization=True)
     pairs = summary["pairs"]
