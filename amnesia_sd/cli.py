@@ -45,6 +45,7 @@ class _Commands(typer.core.TyperGroup):
             sys.exit(code)
         return code
 
+
 def _leave_launched(code: int) -> None:
     """A process of several (torchrun, accelerate launch) exits without tearing its process group
     down. Every command has passed its last barrier by now and its outputs are written, but gloo's
