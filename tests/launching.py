@@ -60,9 +60,12 @@ def launch(launcher: str, processes: int, *args, cwd, check: bool = True):
 
 
 def fsdp_config() -> Path:
-    """The `# fsdp.yaml` block of docs/multi-gpu.md, written to a file."""
-    text = (Path(__file__).parents[1] / "docs" / "multi-gpu.md").read_text()
-    block = re.search(r"```yaml\n(# fsdp\.yaml\n.*?)```", text, re.S).group(1)
+    """The `# fsdp.yaml` block users are given (the README's, the same in docs/multi-gpu.md), written
+    to a file."""
+    root = Path(__file__).parents[1]
+    block, *same = (re.search(r"```yaml\n(# fsdp\.yaml\n.*?)```", (root / page).read_text(), re.S).group(1)
+                    for page in ("README.md", "docs/multi-gpu.md"))
+    assert same == [block], "the README's and docs/multi-gpu.md's fsdp.yaml differ"
     path = Path(tempfile.gettempdir()) / f"amnesia-test-fsdp-{hashlib.sha256(block.encode()).hexdigest()[:12]}.yaml"
     if not path.is_file():
         path.write_text(block)
