@@ -237,13 +237,25 @@ def fisher_problem(value: torch.Tensor) -> str | None:
     return None
 
 
+def weights_dtype(pipe) -> str:
+    """The dtype the denoiser's weights had while their Fisher was computed ('float32', 'bfloat16')."""
+    return str(family_of(pipe).denoiser_of(pipe).dtype).removeprefix("torch.")
+
+
+def lora_metadata(pipe, lora: tuple[str, list[str]]) -> dict[str, str]:
+    """What the Fisher of a LoRA run's adapted layers records beside fisher_metadata: what it
+    covers (--lora-targets, the number of layers), on a base of which dtype."""
+    return {"covers": "lora", "lora_targets": lora[0], "lora_layers": str(len(lora[1])),
+            "weights_dtype": weights_dtype(pipe)}
+
+
 def fisher_metadata(pipe, scheduler, base_model: str, num_samples: int, timesteps, seed: int, replay: str,
                     mixed_precision: str) -> dict:
     family = family_of(pipe)
     return {
         # The precision of its forward and backward passes ('no': float32; 'fp16' with loss scaling).
         "mixed_precision": mixed_precision,
-        "weights_dtype": str(family.denoiser_of(pipe).dtype).removeprefix("torch."),
+        "weights_dtype": weights_dtype(pipe),
         "base_model": base_model,
         "architecture": family.name,
         "unet_config_hash": unet_config_hash(family.denoiser_of(pipe)),
@@ -315,7 +327,7 @@ def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None
         accelerator.mixed_precision, max_memory, accelerator.device, covered, shared[1] if shared else 1)
     say(said)
     if gradient_checkpointing:  # activations of a whole timestep batch: trade compute for memory
-        family.denoiser_of(pipe).enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
     indices = None if shared else list(range(accelerator.process_index, count, accelerator.num_processes))
     if shared:
         denoiser = accelerator.prepare(denoiser)  # in place: every process keeps its rows of each weight
@@ -328,7 +340,7 @@ def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None
               + ("" if gradient_checkpointing else " or --gradient-checkpointing"))
     with out_of_memory("the Fisher", predicted, advice):
         fisher = fisher_diagonal(
-            family, family.denoiser_of(pipe), scheduler, replay.latents[:count], embed,
+            family, denoiser, scheduler, replay.latents[:count], embed,
             timesteps, seed, timestep_batch_size, indices, autocast=accelerator.autocast,
             progress=accelerator.is_main_process,
             loss_scale=FP16_LOSS_SCALE if accelerator.mixed_precision == "fp16" else None, shared=shared,
@@ -346,7 +358,7 @@ def write_fisher_of_set(pipe, ref, replay, count: int, num_timesteps: int | None
         meta = fisher_metadata(pipe, scheduler, ref.identity, count, timesteps, seed, str(replay.path),
                                accelerator.mixed_precision)
         if covered is not None:
-            meta.update(covers="lora", lora_targets=lora[0], lora_layers=str(len(lora[1])))
+            meta.update(lora_metadata(pipe, lora))
         save_fisher(output, fisher, dtype, meta)
     denoiser.requires_grad_(True)
     accelerator.wait_for_everyone()

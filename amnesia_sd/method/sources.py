@@ -22,7 +22,7 @@ from amnesia_sd.data.imageset import (MANIFEST, ImageSet, encode_image_folder, g
 from amnesia_sd.data.prompts import (concept_prompts, neighbor_names, repeat_to, replay_prompts, spread,
                                      with_unconditional)
 from amnesia_sd.method.checkpoints import result_output
-from amnesia_sd.method.fisher import fisher_cost, replay_cost, timestep_set, write_fisher_of_set
+from amnesia_sd.method.fisher import fisher_cost, lora_metadata, replay_cost, timestep_set, write_fisher_of_set
 from amnesia_sd.model.families import family_of
 from amnesia_sd.model.loading import ModelRef, model_path, origin, origin_mismatches
 from amnesia_sd.model.trainable import lora_weights
@@ -182,9 +182,7 @@ class Plan:
         lora = lora_layers(self.pipe, config)
         candidates = [wanted]
         if lora is not None:
-            candidates.append({**wanted, "covers": "lora", "lora_targets": lora[0], "lora_layers": str(len(lora[1])),
-                               "weights_dtype": str(family_of(self.pipe).denoiser_of(self.pipe).dtype).removeprefix(
-                                   "torch.")})
+            candidates.append({**wanted, **lora_metadata(self.pipe, lora)})  # as write_fisher_of_set records it
         for settings in candidates:
             path = self.entry / f"fim-{digest(settings)}.safetensors"
             if path.is_file():

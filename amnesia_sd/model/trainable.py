@@ -55,7 +55,12 @@ def lora_modules(unet, method: str, targets: list[str]) -> list[str]:
 def lora_weights(unet, method: str, targets: list[str]) -> list[str]:
     """The weights of the layers LoRA adapts, named as in the UNet without adapters: the Fisher
     entries a LoRA run reads (and all that a LoRA run's own Fisher computes)."""
-    return [f"{m}.weight" for m in lora_modules(unet, method, targets)]
+    return weight_names(lora_modules(unet, method, targets))
+
+
+def weight_names(modules: list[str]) -> list[str]:
+    """The Fisher entries of adapted layers: their weights' names in the denoiser without adapters."""
+    return [f"{m}.weight" for m in modules]
 
 
 def check_rank(unet, modules: list[str], rank: int) -> None:
@@ -139,10 +144,10 @@ class LoraAdapters:
         in the UNet without adapters."""
         self.params = self._adapters(unet)
         pairs = list(zip(self.params[::2], self.params[1::2]))
-        fisher = read_fisher({f"{m}.weight": rows(b) for m, (_, b) in zip(self.modules, pairs)})
+        names = weight_names(self.modules)
+        fisher = read_fisher({name: rows(b) for name, (_, b) in zip(names, pairs)})
         fisher_dtype = torch.float32 if self.config.fim_dtype == "fp32" else torch.bfloat16
-        entries = [(a, b, fisher.pop(f"{m}.weight").to(device, fisher_dtype), self.scale)
-                   for m, (a, b) in zip(self.modules, pairs)]
+        entries = [(a, b, fisher.pop(name).to(device, fisher_dtype), self.scale) for name, (a, b) in zip(names, pairs)]
         self.penalty = LoraPenalty(entries, self.config.lambda_ewc)
         self.held_bytes = held([e[2] for e in entries])
 
